@@ -40,3 +40,20 @@ def he_png(data_dir: Path) -> Path:
     if not path.is_file():
         pytest.fail(f"{path} missing: the sample image must lie in GPFM_DATA_DIR")
     return path
+
+
+@pytest.fixture(scope="session")
+def small_pyramid(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
+    """A generated 4096×3072 Aperio-style pyramidal TIFF (0.25 µm/px, levels 1/2/4/8)."""
+    from gpfm_core.synth import make_synthetic_slide
+
+    out = tmp_path_factory.mktemp("pyramid") / "small_pyramid.svs"
+    return make_synthetic_slide(
+        out,
+        width=4096,
+        height=3072,
+        mpp=0.25,
+        tile=512,
+        sources=[data_dir / "cmu_small_region.svs", data_dir / "he_patch_1000.png"],
+        seed=1,
+    )

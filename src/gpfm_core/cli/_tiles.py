@@ -1,0 +1,117 @@
+"""``gpfm tiles``: tissue detection and the tile grid of a slide, optionally saved to HDF5."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from gpfm_core.errors import GpfmError
+
+HELP = "detect tissue and lay a tile grid at a physical resolution; save coords to HDF5"
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``gpfm tiles SLIDE --mpp --tile-px [--overlap] [--min-tissue] [--out]``."""
+    p = subparsers.add_parser("tiles", help=HELP, description=HELP)
+    p.add_argument("slide", help="slide file")
+    p.add_argument("--mpp", type=float, default=0.5, help="tile resolution, µm/px (0.5)")
+    p.add_argument("--tile-px", type=int, default=224, help="tile side in pixels (224)")
+    p.add_argument("--overlap", type=int, default=0, help="overlap between tiles, px (0)")
+    p.add_argument(
+        "--min-tissue", type=float, default=0.25, help="keep tiles with this tissue fraction (0.25)"
+    )
+    p.add_argument("--no-tissue", action="store_true", help="keep every tile, skip detection")
+    p.add_argument("--mask-mpp", type=float, default=8.0, help="tissue-mask µm/px (8)")
+    p.add_argument("--slide-mpp", type=float, default=None, metavar="X", help="µm/px override")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    p.add_argument("--out", type=Path, default=None, help="write coords + attributes to this .h5")
+    return p
+
+
+def write_coords_h5(path: Path, grid: Any, *, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``coords`` (N, 2) int64, ``grid_rc``, ``tissue_fraction`` and attributes atomically."""
+    import h5py
+
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise GpfmError(f"folder {path.parent} does not exist; create it or choose another --out")
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        with h5py.File(tmp, "w") as f:
+            ds = f.create_dataset("coords", data=grid.coords)
+            ds.attrs.update(grid.attrs())
+            f.create_dataset("grid_rc", data=grid.grid_rc)
+            f.create_dataset("tissue_fraction", data=grid.tissue_fraction)
+            f.attrs.update(grid.attrs())
+            f.attrs.update(extra or {})
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    """Detect tissue, build the grid, print a summary, optionally save; returns 0."""
+    from gpfm_core.slide import open_slide
+    from gpfm_core.tiling import check_grid_args, make_tile_grid
+    from gpfm_core.tissue import detect_tissue
+
+    if not args.mask_mpp > 0:
+        raise GpfmError(f"--mask-mpp {args.mask_mpp} must be positive, e.g. 8")
+    check_grid_args(
+        mpp=args.mpp, tile_px=args.tile_px, overlap_px=args.overlap, min_tissue=args.min_tissue
+    )
+    with open_slide(args.slide, mpp=args.slide_mpp) as slide:
+        _ = slide.mpp  # fail early, before tissue detection, when µm/px is unknown
+        mask = None if args.no_tissue else detect_tissue(slide, mask_mpp=args.mask_mpp)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            grid = make_tile_grid(
+                slide,
+                mpp=args.mpp,
+                tile_px=args.tile_px,
+                overlap_px=args.overlap,
+                min_tissue=args.min_tissue,
+                tissue=False if mask is None else mask,
+            )
+        name = slide.path.name
+    for w in caught:
+        print(f"gpfm tiles: warning: {w.message}", file=sys.stderr)
+    summary: dict[str, Any] = {
+        "slide": str(args.slide),
+        "tissue_fraction": None if mask is None else round(mask.tissue_fraction, 4),
+        "n_tissue_regions": None if mask is None else mask.n_regions,
+        **grid.attrs(),
+    }
+    if args.out is not None:
+        extra = {} if mask is None else {"slide_tissue_fraction": mask.tissue_fraction}
+        summary["out"] = str(write_coords_h5(args.out, grid, extra=extra))
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    rows, cols = grid.grid_shape
+    if mask is None:
+        tf = "not used"
+    else:
+        n = mask.n_regions
+        tf = f"{mask.tissue_fraction:.1%} of the slide ({n} region{'s' if n != 1 else ''})"
+    print(f"slide      {name}")
+    print(f"tissue     {tf}")
+    print(
+        f"tiles      {len(grid)} of {rows * cols} ({rows} x {cols} grid) with >= "
+        f"{grid.min_tissue:g} tissue"
+    )
+    print(
+        f"geometry   {grid.tile_px} px @ {grid.effective_mpp:.4g} µm/px = {grid.tile_size_level0} "
+        f"level-0 px, stride {grid.stride_level0}, read level {grid.read_level} "
+        f"({grid.read_size} px)"
+    )
+    if args.out is not None:
+        print(f"wrote      {summary['out']}")
+    return 0

@@ -1,0 +1,320 @@
+"""The backend-independent :class:`Slide` base class and its :class:`SlideInfo`."""
+
+from __future__ import annotations
+
+import logging
+import math
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, ClassVar
+
+import numpy as np
+
+from gpfm_core.errors import SlideError
+
+__all__ = ["Slide", "SlideInfo", "rgba_to_rgb"]
+
+log = logging.getLogger(__name__)
+
+#: Source pixels per strip when a whole level is read for a thumbnail (bounds memory).
+_STRIP_PIXELS = 1 << 23
+
+
+@dataclass(frozen=True)
+class SlideInfo:
+    """Metadata of an opened slide (JSON-ready through :meth:`to_dict`).
+
+    Attributes
+    ----------
+    path : str
+        Absolute path of the slide file.
+    slide_id : str
+        16-hex content hash (see :func:`gpfm_core.slide._ids.compute_slide_id`).
+    vendor : str
+        OpenSlide vendor (``"aperio"``, ``"generic-tiff"`` ...) or ``"image"``.
+    level_dimensions : tuple of (int, int)
+        ``(width, height)`` of every level, level 0 first.
+    level_downsamples : tuple of float
+        Level-0 pixels per level pixel, ``1.0`` first.
+    mpp : (float, float) or None
+        µm per level-0 pixel ``(x, y)``; None when unknown.
+    mpp_source : {"metadata", "override", None}
+        Where :attr:`mpp` comes from.
+    objective_power : float or None
+        Scanner objective magnification (``openslide.objective-power``).
+    tile_sizes : tuple of (int, int)
+        Native tile ``(width, height)`` of every level (256 when the file is not tiled).
+    properties : dict of str to str
+        All key/value metadata the backend reports.
+    backend : str
+        ``"openslide"`` or ``"image"``.
+    """
+
+    path: str
+    slide_id: str
+    vendor: str
+    level_dimensions: tuple[tuple[int, int], ...]
+    level_downsamples: tuple[float, ...]
+    mpp: tuple[float, float] | None
+    mpp_source: str | None
+    objective_power: float | None
+    tile_sizes: tuple[tuple[int, int], ...]
+    properties: dict[str, str] = field(default_factory=dict)
+    backend: str = "openslide"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-serialisable dict (tuples become lists)."""
+        d = asdict(self)
+        d["level_dimensions"] = [list(x) for x in self.level_dimensions]
+        d["level_downsamples"] = list(self.level_downsamples)
+        d["tile_sizes"] = [list(x) for x in self.tile_sizes]
+        d["mpp"] = list(self.mpp) if self.mpp is not None else None
+        d["properties"] = dict(self.properties)
+        return d
+
+
+def rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
+    """Composite ``(h, w, 4)`` uint8 straight-alpha RGBA onto white -> ``(h, w, 3)`` uint8."""
+    alpha = rgba[..., 3]
+    if alpha.size == 0 or alpha.min() == 255:
+        return np.ascontiguousarray(rgba[..., :3])
+    a = alpha[..., None].astype(np.uint16)
+    rgb = (rgba[..., :3].astype(np.uint16) * a + 255 * (255 - a) + 127) // 255
+    return rgb.astype(np.uint8)
+
+
+class Slide(ABC):
+    """A whole-slide image opened through one backend; use :func:`open_slide` to get one.
+
+    Subclasses implement :meth:`_read` (and :meth:`_close`); everything else (argument
+    checks, thumbnails, level choice, µm/px, context manager) lives here.
+    """
+
+    backend: ClassVar[str] = ""
+
+    def __init__(self, info: SlideInfo) -> None:
+        self._info = info
+        self._closed = False
+
+    # -- metadata ---------------------------------------------------------------------
+    @property
+    def info(self) -> SlideInfo:
+        """The slide's :class:`SlideInfo`."""
+        return self._info
+
+    @property
+    def path(self) -> Path:
+        """Path of the slide file."""
+        return Path(self._info.path)
+
+    @property
+    def slide_id(self) -> str:
+        """16-hex content hash of the slide."""
+        return self._info.slide_id
+
+    @property
+    def mpp(self) -> tuple[float, float]:
+        """µm per level-0 pixel ``(x, y)``.
+
+        Raises
+        ------
+        SlideError
+            When neither the metadata nor an override gives µm/px.
+        """
+        if self._info.mpp is None:
+            raise SlideError(
+                f"{self.path.name} has no µm/px in its metadata; pass mpp=... (CLI: --slide-mpp)"
+            )
+        return self._info.mpp
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        """Level-0 ``(width, height)``."""
+        return self._info.level_dimensions[0]
+
+    @property
+    def level_count(self) -> int:
+        """Number of pyramid levels."""
+        return len(self._info.level_dimensions)
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        """``(width, height)`` of every level."""
+        return self._info.level_dimensions
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        """Level-0 pixels per pixel of every level."""
+        return self._info.level_downsamples
+
+    @property
+    def tile_sizes(self) -> tuple[tuple[int, int], ...]:
+        """Native tile ``(width, height)`` of every level."""
+        return self._info.tile_sizes
+
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close`."""
+        return self._closed
+
+    def best_level_for_downsample(self, downsample: float) -> int:
+        """Coarsest level whose downsample is ``<= downsample + 1e-3`` (0 if none)."""
+        best = 0
+        for i, ds in enumerate(self._info.level_downsamples):
+            if ds <= downsample + 1e-3:
+                best = i
+        return best
+
+    # -- pixels -----------------------------------------------------------------------
+    def read_region(
+        self, location: tuple[int, int], level: int, size: tuple[int, int]
+    ) -> np.ndarray:
+        """Read a region like OpenSlide, as RGB.
+
+        Parameters
+        ----------
+        location
+            Level-0 ``(x, y)`` of the top-left corner.
+        level
+            Pyramid level to read from.
+        size
+            ``(width, height)`` in pixels of ``level``.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(height, width, 3)`` uint8 RGB; pixels outside the slide or transparent are
+            white.
+        """
+        if self._closed:
+            raise SlideError(f"{self.path.name} is closed; open it again with open_slide()")
+        if not 0 <= int(level) < self.level_count:
+            raise SlideError(
+                f"level {level} does not exist in {self.path.name} (levels 0..{self.level_count - 1})"
+            )
+        w, h = int(size[0]), int(size[1])
+        if w <= 0 or h <= 0:
+            raise SlideError(f"region size must be positive, got {tuple(size)}")
+        return self._read(int(location[0]), int(location[1]), int(level), w, h)
+
+    def read_scaled(self, size: tuple[int, int]) -> np.ndarray:
+        """The whole slide resampled to exactly ``size``.
+
+        Reads the coarsest level at or finer than the wanted scale, strip by strip, so
+        memory stays bounded even for a one-level gigapixel image.
+
+        Parameters
+        ----------
+        size
+            Output ``(width, height)``.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(height, width, 3)`` uint8 RGB.
+        """
+        from PIL import Image
+
+        w, h = max(1, int(size[0])), max(1, int(size[1]))
+        w0, h0 = self.dimensions
+        level = self.best_level_for_downsample(min(w0 / w, h0 / h))
+        lw, lh = self.level_dimensions[level]
+        lds = self.level_downsamples[level]
+        sy = lh / h  # level rows per output row
+        pad = math.ceil(sy) + 2
+        rows_per_strip = max(1, int(max(64.0, _STRIP_PIXELS / lw) / sy))
+        out = np.empty((h, w, 3), np.uint8)
+        for r0 in range(0, h, rows_per_strip):
+            r1 = min(h, r0 + rows_per_strip)
+            y0f, y1f = r0 * sy, r1 * sy
+            ys = max(0, math.floor(y0f) - pad)
+            ye = min(lh, math.ceil(y1f) + pad)
+            region = self.read_region((0, round(ys * lds)), level, (lw, ye - ys))
+            if (lw, ye - ys) == (w, r1 - r0) and ys == y0f:
+                out[r0:r1] = region
+                continue
+            img = Image.fromarray(region).resize(
+                (w, r1 - r0),
+                Image.Resampling.BILINEAR,
+                box=(0.0, y0f - ys, lw * 1.0, y1f - ys),
+            )
+            out[r0:r1] = np.asarray(img)
+        return out
+
+    def get_thumbnail(self, max_size: int | tuple[int, int] = 1024) -> np.ndarray:
+        """A thumbnail fitting in ``max_size`` with the slide's aspect ratio.
+
+        Parameters
+        ----------
+        max_size
+            Largest ``(width, height)``, or one number for both.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(h, w, 3)`` uint8 RGB with ``w <= max_w`` and ``h <= max_h``.
+        """
+        mw, mh = (max_size, max_size) if isinstance(max_size, (int, float)) else max_size
+        w0, h0 = self.dimensions
+        scale = min(mw / w0, mh / h0, 1.0)
+        return self.read_scaled((max(1, round(w0 * scale)), max(1, round(h0 * scale))))
+
+    @property
+    def associated_names(self) -> tuple[str, ...]:
+        """Names of the associated images (``"label"``, ``"macro"``, ``"thumbnail"`` ...)."""
+        return ()
+
+    def read_associated(self, name: str) -> np.ndarray:
+        """An associated image as ``(h, w, 3)`` uint8 RGB.
+
+        Labels and macro images may show patient identifiers: do not publish them.
+
+        Raises
+        ------
+        SlideError
+            When the slide has no associated image called ``name``.
+        """
+        if name not in self.associated_names:
+            have = ", ".join(self.associated_names) or "none"
+            raise SlideError(f"{self.path.name} has no associated image {name!r} (has: {have})")
+        return self._read_associated(name)
+
+    def _read_associated(self, name: str) -> np.ndarray:
+        raise NotImplementedError
+
+    # -- lifecycle --------------------------------------------------------------------
+    def close(self) -> None:
+        """Release the file handle; further reads raise :class:`SlideError`."""
+        if not self._closed:
+            self._closed = True
+            self._close()
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        w, h = self.dimensions
+        mpp = "unknown" if self._info.mpp is None else f"{self._info.mpp[0]:.4g}"
+        state = " closed" if self._closed else ""
+        return (
+            f"<{type(self).__name__} {self.path.name!r} {w}x{h} levels={self.level_count} "
+            f"mpp={mpp} vendor={self._info.vendor}{state}>"
+        )
+
+    # -- backend hooks ----------------------------------------------------------------
+    @abstractmethod
+    def _read(self, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
+        """Return ``(h, w, 3)`` uint8 RGB for a checked request."""
+
+    def _close(self) -> None:  # noqa: B027 - optional hook
+        """Release backend resources."""

@@ -1,0 +1,303 @@
+"""Tile grids at a physical resolution (µm/px), filtered by tissue.
+
+A grid of ``tile_px`` × ``tile_px`` tiles at ``mpp`` µm/px covers
+``tile_size_level0 = round(tile_px * mpp / slide_mpp_x)`` level-0 pixels per tile, placed
+every ``stride_level0 = tile_size_level0 - overlap_level0`` pixels from the slide's origin,
+entirely inside the slide. Each tile is read from ``read_level``, the coarsest level at or
+finer than the requested resolution, as ``read_size`` × ``read_size`` pixels, and
+resampled to ``tile_px`` when the two differ.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from gpfm_core.errors import GpfmError, SlideError
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from gpfm_core.slide import Slide
+    from gpfm_core.tissue import TissueMask
+
+__all__ = ["TileGrid", "check_grid_args", "make_tile_grid", "read_tiles"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """Tiles of one slide at one resolution (see the module docstring for the geometry).
+
+    Attributes
+    ----------
+    coords : numpy.ndarray
+        ``(N, 2)`` int64 level-0 ``(x, y)`` top-left corners, row-major order.
+    grid_rc : numpy.ndarray
+        ``(N, 2)`` int64 ``(row, col)`` of each tile in the full grid.
+    grid_shape : (int, int)
+        ``(rows, cols)`` of the full grid (before the tissue filter).
+    tissue_fraction : numpy.ndarray
+        ``(N,)`` float32 fraction of each tile on tissue (1.0 without a mask).
+    requested_mpp, effective_mpp : float
+        Asked µm/px and the µm/px the rounded level-0 tile size gives.
+    tile_px, tile_size_level0, stride_level0, overlap_px : int
+        Output tile side, its level-0 side, the level-0 step, the overlap in output px.
+    read_level, read_size : int
+        Level read from and side in pixels of that level.
+    level0_size : (int, int)
+        Slide ``(width, height)``.
+    slide_mpp : (float, float)
+        Slide µm per level-0 pixel.
+    slide_id : str
+        :attr:`SlideInfo.slide_id` of the slide the grid belongs to.
+    min_tissue : float
+        Tissue-fraction filter used (0 when tissue was not used).
+    """
+
+    coords: np.ndarray
+    grid_rc: np.ndarray
+    grid_shape: tuple[int, int]
+    tissue_fraction: np.ndarray
+    requested_mpp: float
+    effective_mpp: float
+    tile_px: int
+    tile_size_level0: int
+    stride_level0: int
+    overlap_px: int
+    read_level: int
+    read_size: int
+    level0_size: tuple[int, int]
+    slide_mpp: tuple[float, float]
+    slide_id: str
+    min_tissue: float = 0.0
+
+    def __len__(self) -> int:
+        return int(self.coords.shape[0])
+
+    def attrs(self) -> dict[str, Any]:
+        """Scalars describing the grid, for HDF5 attributes (TRIDENT-style names too)."""
+        return {
+            "requested_mpp": float(self.requested_mpp),
+            "effective_mpp": float(self.effective_mpp),
+            "tile_px": int(self.tile_px),
+            "tile_size_level0": int(self.tile_size_level0),
+            "stride_level0": int(self.stride_level0),
+            "overlap_px": int(self.overlap_px),
+            "read_level": int(self.read_level),
+            "read_size": int(self.read_size),
+            "level0_width": int(self.level0_size[0]),
+            "level0_height": int(self.level0_size[1]),
+            "slide_mpp_x": float(self.slide_mpp[0]),
+            "slide_mpp_y": float(self.slide_mpp[1]),
+            "slide_id": str(self.slide_id),
+            "grid_rows": int(self.grid_shape[0]),
+            "grid_cols": int(self.grid_shape[1]),
+            "min_tissue": float(self.min_tissue),
+            "n_tiles": len(self),
+            # TRIDENT / CLAM names
+            "patch_size": int(self.tile_px),
+            "patch_size_level0": int(self.tile_size_level0),
+        }
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> TileGrid:
+        """A grid holding only the tiles at ``indices`` (same geometry)."""
+        from dataclasses import replace
+
+        idx = _check_indices(self, indices)
+        return replace(
+            self,
+            coords=self.coords[idx],
+            grid_rc=self.grid_rc[idx],
+            tissue_fraction=self.tissue_fraction[idx],
+        )
+
+
+def make_tile_grid(
+    slide: Slide,
+    *,
+    mpp: float | None = 0.5,
+    tile_px: int = 224,
+    overlap_px: int = 0,
+    min_tissue: float = 0.25,
+    tissue: TissueMask | Literal[False] | None = None,
+) -> TileGrid:
+    """Lay a tile grid over a slide at ``mpp`` µm/px and keep the tiles on tissue.
+
+    Parameters
+    ----------
+    slide
+        An open slide with µm/px (metadata or override).
+    mpp
+        Output µm/px; None means the slide's own resolution.
+    tile_px
+        Output tile side in pixels.
+    overlap_px
+        Overlap between neighbouring tiles, output pixels (``0 <= overlap < tile_px``).
+    min_tissue
+        Keep tiles whose tissue fraction is ``>= min_tissue`` (ignored when
+        ``tissue=False``).
+    tissue
+        None: run :func:`~gpfm_core.tissue.detect_tissue`; a :class:`TissueMask` (e.g.
+        edited by the user); False: keep every tile.
+
+    Returns
+    -------
+    TileGrid
+        Possibly empty (a warning says why).
+    """
+    slide_mpp = slide.mpp  # raises SlideError naming the override
+    w0, h0 = slide.dimensions
+    req = float(slide_mpp[0] if mpp is None else mpp)
+    check_grid_args(mpp=req, tile_px=tile_px, overlap_px=overlap_px, min_tissue=min_tissue)
+    tile_px, overlap_px = int(tile_px), int(overlap_px)
+    if abs(slide_mpp[1] - slide_mpp[0]) > 0.01 * slide_mpp[0]:
+        warnings.warn(
+            f"{slide.path.name} has non-square pixels {slide_mpp}; tiles use the x µm/px",
+            stacklevel=2,
+        )
+    size0 = max(1, round(tile_px * req / slide_mpp[0]))
+    overlap0 = round(overlap_px * req / slide_mpp[0])
+    stride0 = size0 - overlap0
+    if stride0 < 1:
+        raise GpfmError(f"overlap_px={overlap_px} leaves no stride; use a smaller overlap")
+    if req < slide_mpp[0] * 0.99:
+        warnings.warn(
+            f"{req:g} µm/px is finer than {slide.path.name}'s {slide_mpp[0]:g} µm/px; "
+            "tiles will be upsampled",
+            stacklevel=2,
+        )
+    level = slide.best_level_for_downsample(size0 / tile_px)
+    read_size = max(1, round(size0 / slide.level_downsamples[level]))
+    cols = (w0 - size0) // stride0 + 1 if w0 >= size0 else 0
+    rows = (h0 - size0) // stride0 + 1 if h0 >= size0 else 0
+    rr, cc = np.meshgrid(
+        np.arange(rows, dtype=np.int64), np.arange(cols, dtype=np.int64), indexing="ij"
+    )
+    grid_rc = np.column_stack([rr.ravel(), cc.ravel()])
+    coords = grid_rc[:, ::-1] * stride0
+    if tissue is False:
+        frac = np.ones(len(coords), np.float32)
+        min_tissue = 0.0
+    else:
+        if tissue is None:
+            from gpfm_core.tissue import detect_tissue
+
+            tissue = detect_tissue(slide)
+        if tuple(tissue.level0_size) != (w0, h0):
+            raise SlideError(
+                f"the tissue mask covers {tissue.level0_size} px but {slide.path.name} is "
+                f"{w0}x{h0}; make the mask from this slide"
+            )
+        frac = tissue.box_fractions(coords, size0)
+        keep = frac >= min_tissue if min_tissue > 0 else np.ones(len(frac), bool)
+        coords, grid_rc, frac = coords[keep], grid_rc[keep], frac[keep]
+    if len(coords) == 0:
+        why = (
+            "the slide is smaller than one tile"
+            if rows * cols == 0
+            else "no tile has enough tissue"
+        )
+        warnings.warn(
+            f"{slide.path.name}: 0 tiles at {req:g} µm/px, {tile_px} px ({why}); "
+            "lower min_tissue, edit the tissue mask or pass tissue=False",
+            stacklevel=2,
+        )
+    log.info("%s: %d of %d tiles kept", slide.path.name, len(coords), rows * cols)
+    return TileGrid(
+        coords=np.ascontiguousarray(coords, np.int64).reshape(-1, 2),
+        grid_rc=np.ascontiguousarray(grid_rc, np.int64).reshape(-1, 2),
+        grid_shape=(int(rows), int(cols)),
+        tissue_fraction=np.asarray(frac, np.float32),
+        requested_mpp=req,
+        effective_mpp=size0 * slide_mpp[0] / tile_px,
+        tile_px=tile_px,
+        tile_size_level0=int(size0),
+        stride_level0=int(stride0),
+        overlap_px=overlap_px,
+        read_level=int(level),
+        read_size=int(read_size),
+        level0_size=(int(w0), int(h0)),
+        slide_mpp=(float(slide_mpp[0]), float(slide_mpp[1])),
+        slide_id=slide.slide_id,
+        min_tissue=float(min_tissue),
+    )
+
+
+def check_grid_args(*, mpp: float | None, tile_px: int, overlap_px: int, min_tissue: float) -> None:
+    """Raise :class:`GpfmError` for grid arguments that cannot work (before slow work)."""
+    if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
+        raise GpfmError(f"mpp={mpp!r} must be a positive number of µm per pixel, e.g. 0.5")
+    if int(tile_px) != tile_px or tile_px < 1:
+        raise GpfmError(f"tile_px={tile_px!r} must be a positive integer, e.g. 224")
+    if int(overlap_px) != overlap_px or not 0 <= overlap_px < tile_px:
+        raise GpfmError(f"overlap_px={overlap_px!r} must be an integer in [0, tile_px={tile_px})")
+    if not 0.0 <= min_tissue <= 1.0:
+        raise GpfmError(f"min_tissue={min_tissue!r} must lie in [0, 1]")
+
+
+def read_tiles(
+    slide: Slide, grid: TileGrid, indices: Sequence[int] | np.ndarray | None = None
+) -> np.ndarray:
+    """Read tiles of ``grid`` from ``slide`` in the order of ``indices``.
+
+    Parameters
+    ----------
+    slide
+        The slide the grid was made for.
+    grid
+        The tile grid.
+    indices
+        ``(B,)`` tile indices into ``grid``; None reads every tile.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(B, tile_px, tile_px, 3)`` uint8 RGB; resampled with antialiased bicubic
+        when ``read_size != tile_px``.
+    """
+    idx = _check_indices(grid, np.arange(len(grid)) if indices is None else indices)
+    out = np.empty((len(idx), grid.tile_px, grid.tile_px, 3), np.uint8)
+    for k, i in enumerate(idx):
+        out[k] = read_one_tile(slide, grid, int(i))
+    return out
+
+
+def read_one_tile(slide: Slide, grid: TileGrid, index: int) -> np.ndarray:
+    """One tile -> ``(tile_px, tile_px, 3)`` uint8."""
+    x, y = grid.coords[index]
+    rs = grid.read_size
+    region = slide.read_region((int(x), int(y)), grid.read_level, (rs, rs))
+    if rs == grid.tile_px:
+        return region
+    from PIL import Image
+
+    img = Image.fromarray(region).resize((grid.tile_px, grid.tile_px), Image.Resampling.BICUBIC)
+    return np.asarray(img)
+
+
+def __getattr__(name: str) -> Any:
+    """``TileBatchReader`` lives in :mod:`gpfm_core.reader`; re-exported here lazily."""
+    if name == "TileBatchReader":
+        from gpfm_core.reader import TileBatchReader
+
+        return TileBatchReader
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _check_indices(grid: TileGrid, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+    idx = np.asarray(indices)
+    if idx.size == 0:
+        return np.zeros(0, np.int64)
+    if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
+        raise GpfmError(f"tile indices must be a 1-D integer array, got {idx.dtype} {idx.shape}")
+    n = len(grid)
+    if idx.min() < -n or idx.max() >= n:
+        raise GpfmError(f"tile index out of range for a grid of {n} tiles")
+    return idx.astype(np.int64) % max(n, 1)
