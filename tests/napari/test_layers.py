@@ -1,0 +1,206 @@
+"""Tissue / tile-grid layers: exact placement over the slide, editing drives tiling."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpfm_core.slide import Slide, open_slide
+from gpfm_core.tiling import make_tile_grid
+from gpfm_core.tissue import detect_tissue
+from napari_gpfm._layers import (
+    GRID_LAYER,
+    TISSUE_LAYER,
+    add_analysis_layers,
+    add_tile_grid_layer,
+    add_tissue_layer,
+    grid_to_labels,
+    tile_layer_transform,
+    tissue_from_layer,
+)
+from napari_gpfm._reader import slide_for_layer
+
+
+@pytest.fixture
+def cmu_view(make_napari_viewer, cmu_svs: Path):
+    viewer = make_napari_viewer()
+    (layer,) = viewer.open(str(cmu_svs), plugin="napari-gpfm")
+    slide = slide_for_layer(layer)
+    assert slide is not None
+    return viewer, layer, slide
+
+
+def _slide_extent(layer, r0: float, c0: float, r1: float, c1: float) -> np.ndarray:
+    """World corners of level-0 pixels [r0..r1] x [c0..c1] (pixel edges at -0.5 / +0.5)."""
+    a = layer.data_to_world([r0 - 0.5, c0 - 0.5])
+    b = layer.data_to_world([r1 + 0.5, c1 + 0.5])
+    return np.array([a, b], float)
+
+
+@pytest.mark.parametrize(
+    ("stride", "mpp", "origin"),
+    [(224, (0.499, 0.499), (0, 0)), (37, (0.25, 0.3), (5, 11)), (1, (0.5, 0.5), (0, 0))],
+)
+def test_tile_transform_formula(
+    stride: int, mpp: tuple[float, float], origin: tuple[int, int]
+) -> None:
+    t = tile_layer_transform(stride, mpp, origin=origin)
+    mx, my = mpp
+    assert t["scale"] == pytest.approx((stride * my, stride * mx))
+    assert t["translate"] == pytest.approx(
+        (((stride - 1) / 2 + origin[1]) * my, ((stride - 1) / 2 + origin[0]) * mx)
+    )
+
+
+def test_tile_labels_layer_is_pixel_exact_over_slide(cmu_view) -> None:
+    viewer, slide_layer, slide = cmu_view
+    grid = make_tile_grid(slide, mpp=0.5, tile_px=224, tissue=False)
+    s = grid.stride_level0
+    labels = viewer.add_labels(grid_to_labels(grid), **tile_layer_transform(grid, slide.mpp))
+    rows, cols = grid.grid_shape
+    for r, c in [(0, 0), (3, 5), (rows - 1, cols - 1)]:
+        tile_world = np.array(
+            [labels.data_to_world([r - 0.5, c - 0.5]), labels.data_to_world([r + 0.5, c + 0.5])]
+        )
+        want = _slide_extent(slide_layer, r * s, c * s, (r + 1) * s - 1, (c + 1) * s - 1)
+        np.testing.assert_allclose(tile_world, want, rtol=0, atol=1e-9)
+        # and back: the slide pixel at the tile's centre maps into tile (r, c)
+        centre = slide_layer.data_to_world([r * s + s / 2, c * s + s / 2])
+        np.testing.assert_array_equal(np.round(labels.world_to_data(centre)), [r, c])
+
+
+def test_grid_with_offset_origin_lands_on_its_tiles(cmu_view) -> None:
+    viewer, slide_layer, slide = cmu_view
+    grid = make_tile_grid(slide, mpp=0.5, tile_px=224, tissue=detect_tissue(slide))
+    assert len(grid) > 0 and tuple(grid.grid_rc[0]) != (0, 0)
+    sub = grid.subset(np.arange(3, len(grid)))  # origin inferred from any tile of the grid
+    labels = viewer.add_labels(grid_to_labels(grid), **tile_layer_transform(sub, slide.mpp))
+    x, y = grid.coords[5]
+    r, c = grid.grid_rc[5]
+    corner = labels.data_to_world([r - 0.5, c - 0.5])
+    np.testing.assert_allclose(corner, _slide_extent(slide_layer, y, x, y, x)[0], atol=1e-9)
+
+
+def test_tile_rectangles_cover_exactly_their_level0_pixels(cmu_view) -> None:
+    viewer, slide_layer, slide = cmu_view
+    grid = make_tile_grid(slide, mpp=0.5, tile_px=224, tissue=False)
+    layer = add_tile_grid_layer(viewer, grid, mpp=slide.mpp)
+    assert layer._type_string == "shapes" and len(layer.data) == len(grid)
+    i = len(grid) // 2
+    x, y = grid.coords[i]
+    size = grid.tile_size_level0
+    verts = layer.data[i]
+    lo = layer.data_to_world(verts.min(axis=0))
+    hi = layer.data_to_world(verts.max(axis=0))
+    want = _slide_extent(slide_layer, y, x, y + size - 1, x + size - 1)
+    np.testing.assert_allclose([lo, hi], want, atol=1e-9)
+
+
+def test_large_grid_becomes_tile_resolution_labels(cmu_view) -> None:
+    viewer, _, slide = cmu_view
+    grid = make_tile_grid(slide, mpp=0.5, tile_px=16, tissue=False)  # 185 x 138 tiles
+    layer = add_tile_grid_layer(viewer, grid, mpp=slide.mpp, max_shapes=5000)
+    assert len(grid) > 5000 and layer._type_string == "labels"
+    assert layer.data.shape == grid.grid_shape
+    assert set(np.unique(layer.data)) == {1, 2}
+    assert layer.name == GRID_LAYER
+
+
+def test_rendered_tile_overlay_lands_on_its_tile(make_napari_viewer, cmu_svs: Path) -> None:
+    viewer = make_napari_viewer(show=True)
+    (slide_layer,) = viewer.open(str(cmu_svs), plugin="napari-gpfm")
+    slide = slide_for_layer(slide_layer)
+    grid = make_tile_grid(slide, mpp=0.5, tile_px=224, tissue=False)
+    marks = np.zeros(grid.grid_shape, np.uint8)
+    marks[6, 4] = 1
+    from napari.utils.colormaps import DirectLabelColormap
+
+    viewer.add_labels(
+        marks,
+        colormap=DirectLabelColormap(color_dict={0: "transparent", 1: "red", None: "transparent"}),
+        units=("µm", "µm"),
+        **tile_layer_transform(grid, slide.mpp),
+    )
+    s = grid.stride_level0
+    # zoom so the marked tile and its neighbours fill the canvas
+    viewer.camera.center = tuple(slide_layer.data_to_world([6.5 * s, 4.5 * s]))
+    viewer.camera.zoom = 600 / (3 * s * 0.499)
+    shot = viewer.screenshot(canvas_only=True, flash=False)[..., :3].astype(int)
+    red = (shot[..., 0] > 200) & (shot[..., 1] < 60) & (shot[..., 2] < 60)
+    rows, cols = np.nonzero(red)
+    h, w = red.shape
+    # the red square is one tile (~s * zoom * mpp px wide) centred on the canvas centre
+    side = s * 0.499 * viewer.camera.zoom
+    assert abs((cols.max() - cols.min() + 1) - side) <= 3
+    assert abs((rows.max() - rows.min() + 1) - side) <= 3
+    assert abs((cols.min() + cols.max()) / 2 - (w - 1) / 2) <= 2
+    assert abs((rows.min() + rows.max()) / 2 - (h - 1) / 2) <= 2
+
+
+def _grid(slide: Slide, tissue) -> set[tuple[int, int]]:
+    g = make_tile_grid(slide, mpp=0.5, tile_px=224, tissue=tissue)
+    return {tuple(map(int, xy)) for xy in g.coords}
+
+
+def test_unedited_tissue_layer_round_trips_to_same_tiles(cmu_view) -> None:
+    viewer, _, slide = cmu_view
+    tissue = detect_tissue(slide)
+    layer = add_tissue_layer(viewer, tissue, mpp=slide.mpp)
+    n_holes = sum(len(p.holes) for p in tissue.polygons)
+    assert len(layer.data) == len(tissue.polygons) + n_holes
+    assert list(layer.features["kind"]).count("hole") == n_holes
+    back = tissue_from_layer(layer, slide)
+    assert back.mask.shape == tissue.mask.shape
+    # polygons are simplified outlines: the raster agrees on nearly every mask pixel
+    assert (back.mask != tissue.mask).mean() < 0.02
+    assert _grid(slide, back) == _grid(slide, tissue)
+
+
+def test_editing_tissue_layer_changes_tile_grid(cmu_view) -> None:
+    viewer, _, slide = cmu_view
+    tissue = detect_tissue(slide)
+    layer = add_tissue_layer(viewer, tissue, mpp=slide.mpp)
+    before = _grid(slide, tissue_from_layer(layer, slide))
+    # user deletes the biggest tissue outline ...
+    areas = [p.area for p in tissue.polygons]
+    big = int(np.argmax(areas))
+    shape_index = sum(1 + len(p.holes) for p in tissue.polygons[:big])
+    layer.selected_data = {shape_index}
+    layer.remove_selected()
+    after_delete = _grid(slide, tissue_from_layer(layer, slide))
+    assert len(after_delete) < len(before) / 2
+    # ... and draws a rectangle over empty glass at the top left (level-0 y, x)
+    layer.add_rectangles(np.array([[[0, 0], [700, 500]]], float))
+    after_add = _grid(slide, tissue_from_layer(layer, slide))
+    new = after_add - after_delete
+    assert new and all(x + 224 <= 500 + 1 and y + 224 <= 700 + 1 for x, y in new)
+    assert not any(x < 450 and y < 650 for x, y in before)
+
+
+def test_tissue_labels_layer_converts_too(cmu_view) -> None:
+    viewer, _, slide = cmu_view
+    tissue = detect_tissue(slide)
+    labels = viewer.add_labels(
+        tissue.mask.astype(np.uint8), **tile_layer_transform(tissue.downsample, slide.mpp)
+    )
+    labels.data[:] = 0
+    labels.data[:20, :20] = 1
+    back = tissue_from_layer(labels, slide)
+    assert back.mask.sum() == 400 and back.mask.shape == tissue.mask.shape
+
+
+def test_no_tissue_gives_empty_layers_and_one_notice(
+    make_napari_viewer, blank_png: Path, notes: Callable[[], list[str]]
+) -> None:
+    viewer = make_napari_viewer()
+    slide = open_slide(blank_png)
+    tissue, grid, tl, gl = add_analysis_layers(viewer, slide)
+    assert tissue.is_empty and len(grid) == 0
+    assert len(tl.data) == 0 and len(gl.data) == 0
+    assert tl.name == TISSUE_LAYER and gl.name == GRID_LAYER
+    msgs = [m for m in notes() if "blank.png" in m]
+    assert len(msgs) == 1 and "no tissue" in msgs[0]
+    slide.close()
