@@ -1,0 +1,329 @@
+"""Slide -> one embedding per tile, streamed into an HDF5 file.
+
+Tile grid -> :class:`~gpfm_core.tiling.TileBatchReader` (threads, one slide handle each,
+bounded prefetch, so reading batch i+1 overlaps computing batch i) -> ``preprocess`` (on the
+model's device) -> encoder -> :class:`~gpfm_core.embed.storage.EmbeddingWriter`. On CUDA:
+bf16 autocast, channels-last, pinned host memory with non-blocking copies, results of
+batch i fetched only after batch i+1 is queued, optional ``torch.compile``, and the batch
+halves after an out-of-memory error. Memory stays bounded by a few batches whatever the
+slide size.
+
+:func:`iter_embed_slide` is a generator yielding :class:`EmbedProgress` after each batch
+(the napari dock paints coverage from it) and returning an :class:`EmbedResult`;
+:func:`embed_slide` drives it synchronously.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import warnings
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from gpfm_core.embed._attrs import file_attrs, mpp_key, tissue_source
+from gpfm_core.embed._loop import embed_batches
+from gpfm_core.embed.device import OomBackoff, resolve_device, resolve_precision
+from gpfm_core.embed.loading import find_embeddings, read_attrs
+from gpfm_core.embed.storage import EmbeddingWriter, embeddings_path, remove_stale_partial
+from gpfm_core.errors import GpfmError
+
+if TYPE_CHECKING:
+    import torch
+
+    from gpfm_core.tissue import TissueMask
+
+log = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike[str]
+
+
+class EmbedCancelled(GpfmError):
+    """The run was cancelled through its ``cancel`` event; no file was written."""
+
+
+class NoTissueWarning(UserWarning):
+    """A slide had no tile with enough tissue; an empty embeddings file was written."""
+
+
+@dataclass(frozen=True)
+class EmbedProgress:
+    """Sent after each batch: ``done`` of ``total`` tiles embedded.
+
+    Attributes
+    ----------
+    done, total : int
+        Tiles finished so far and in the grid.
+    indices : np.ndarray
+        (B,) int64 rows of the tile grid finished by this batch.
+    features : np.ndarray
+        (B, D) float32 their embeddings.
+    """
+
+    done: int
+    total: int
+    indices: np.ndarray
+    features: np.ndarray
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    """What :func:`iter_embed_slide` returns.
+
+    ``reused`` is True when an existing file matched and nothing was computed.
+    """
+
+    path: Path
+    n_tiles: int
+    reused: bool
+    encoder: str
+    weights_hash: str
+    device: str
+    precision: str
+    seconds: float
+    batch_size: int
+
+    @property
+    def tiles_per_s(self) -> float:
+        """Tiles per second over the whole call (0 when reused)."""
+        return 0.0 if self.reused or self.seconds <= 0 else self.n_tiles / self.seconds
+
+
+def resolve_encoder(encoder: Any, device: torch.device) -> Any:
+    """An Encoder on ``device`` from ``"default"``, a registry name, a path, or an Encoder.
+
+    Raises
+    ------
+    EncoderError
+        Unknown name or unreadable weights (the registry lists the known names).
+    """
+    from gpfm_core.encoders import create_encoder
+
+    if isinstance(encoder, str | os.PathLike):
+        enc = create_encoder(encoder, device=str(device))  # "default" is resolved there
+    elif hasattr(encoder, "meta") and callable(encoder):
+        enc = encoder.to(device)
+    else:
+        raise GpfmError(
+            f"encoder must be a name, a path or an Encoder, not {type(encoder).__name__}"
+        )
+    enc.eval()
+    return enc
+
+
+def iter_embed_slide(
+    slide_path: PathLike,
+    *,
+    encoder: Any = "default",
+    out_dir: PathLike,
+    mpp: float | None = None,
+    tile_px: int | None = None,
+    overlap_px: int = 0,
+    min_tissue: float = 0.25,
+    tissue: TissueMask | bool | None = None,
+    slide_mpp: float | tuple[float, float] | None = None,
+    device: str = "auto",
+    batch_size: int = 64,
+    workers: int = 2,
+    dtype: str = "float32",
+    precision: str = "auto",
+    compile: bool = False,
+    cancel: threading.Event | None = None,
+    reuse: bool = True,
+) -> Generator[EmbedProgress, None, EmbedResult]:
+    """Embed every tissue tile of a slide into ``<out_dir>/<slide_stem>.h5``.
+
+    Parameters
+    ----------
+    slide_path
+        Any slide :func:`gpfm_core.slide.open_slide` reads.
+    encoder
+        ``"default"``, a registry name, a checkpoint path, or an Encoder module.
+    out_dir
+        Output folder (created); the file is ``<out_dir>/<slide_stem>.h5``.
+    mpp, tile_px
+        Tiling resolution (µm/px) and tile side; None takes the encoder's
+        ``meta.tile_mpp`` / ``meta.tile_px``.
+    overlap_px, min_tissue
+        Overlap between tiles (px at ``mpp``) and the least tissue fraction kept.
+    tissue
+        A :class:`~gpfm_core.tissue.TissueMask` to use (e.g. edited by the user), None to
+        detect tissue, False for every tile.
+    slide_mpp
+        µm/px override for slides without (or with wrong) metadata.
+    device, precision
+        ``"auto"`` / ``"cpu"`` / ``"cuda[:N]"``; ``"auto"`` precision is bf16 on CUDA, fp32 on CPU.
+    batch_size, workers
+        Tiles per batch and reader threads.
+    dtype
+        ``"float32"`` or ``"float16"`` features on disk.
+    compile
+        Wrap the model in ``torch.compile``.
+    cancel
+        Set it to stop after the current batch; raises :class:`EmbedCancelled`.
+    reuse
+        Return an existing file made from the same slide, encoder, weights and tiling.
+
+    Yields
+    ------
+    EmbedProgress
+        After each batch: ``done``, ``total``, ``indices`` (B,), ``features`` (B, D).
+
+    Returns
+    -------
+    EmbedResult
+        ``path`` of the file, ``n_tiles``, ``reused`` ...
+
+    Raises
+    ------
+    SlideError, EncoderError, GpfmError, EmbedCancelled
+        Bad slide, unknown encoder, CUDA asked for but missing, cancelled.
+    """
+    from gpfm_core.slide import open_slide
+    from gpfm_core.tiling import make_tile_grid
+
+    t0 = time.perf_counter()
+    if dtype not in ("float32", "float16"):
+        raise GpfmError(f"dtype must be 'float32' or 'float16', not {dtype!r}")
+    if batch_size < 1 or workers < 0:
+        raise GpfmError(f"batch_size must be >= 1 and workers >= 0 (got {batch_size}, {workers})")
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    enc = resolve_encoder(encoder, dev)
+    meta = enc.meta
+    weights_hash = str(getattr(enc, "weights_hash", None) or "none")
+    slide_path = Path(slide_path)
+    out_dir = Path(out_dir)
+    out = embeddings_path(slide_path, out_dir)
+    key: dict[str, Any] = {
+        "encoder": str(meta.name),
+        "weights_hash": weights_hash,
+        "requested_mpp": float(mpp if mpp is not None else meta.tile_mpp),
+        "tile_px": int(tile_px if tile_px is not None else meta.tile_px),
+        "overlap_px": int(overlap_px),
+        "min_tissue": float(min_tissue),
+        "tissue_source": tissue_source(tissue),
+        "slide_mpp_override": mpp_key(slide_mpp),
+        "features_dtype": dtype,
+    }
+
+    def result(path: Path, n: int, reused: bool, bs: int) -> EmbedResult:
+        return EmbedResult(
+            path,
+            n,
+            reused,
+            str(meta.name),
+            weights_hash,
+            str(dev),
+            prec,
+            time.perf_counter() - t0,
+            bs,
+        )
+
+    with open_slide(slide_path, mpp=slide_mpp) as slide:
+        info = slide.info
+        if (
+            reuse
+            and find_embeddings(slide_path, out_dir, slide_id=info.slide_id, **key) is not None
+        ):
+            n = int(read_attrs(out).get("n_tiles", -1))
+            log.info("reusing %s (%d tiles, same slide, encoder and tiling)", out, n)
+            return result(out, n, True, batch_size)
+        grid = make_tile_grid(
+            slide,
+            mpp=key["requested_mpp"],
+            tile_px=key["tile_px"],
+            overlap_px=overlap_px,
+            min_tissue=min_tissue,
+            tissue=tissue,
+        )
+    root, coords_attrs, features_attrs = file_attrs(
+        grid, meta, weights_hash, key, slide_path, out_dir, info
+    )
+    root.update(compute_device=str(dev), compute_precision=prec)
+    remove_stale_partial(out)
+    n = len(grid)
+    with EmbeddingWriter(
+        out,
+        coords=grid.coords,
+        grid_rc=grid.grid_rc,
+        tissue_fraction=grid.tissue_fraction,
+        embed_dim=int(meta.embed_dim),
+        dtype=dtype,
+        attrs=root,
+        coords_attrs=coords_attrs,
+        features_attrs=features_attrs,
+    ) as writer:
+        backoff = OomBackoff(batch_size)
+        if n == 0:
+            warnings.warn(
+                f"{slide_path.name}: no tile has >= {min_tissue:g} tissue; wrote an empty embeddings "
+                f"file {out.name} (lower min_tissue or check the tissue mask)",
+                NoTissueWarning,
+                stacklevel=2,
+            )
+        else:
+            batches = embed_batches(
+                slide_path,
+                grid,
+                enc,
+                dev,
+                prec,
+                backoff,
+                workers=workers,
+                slide_mpp=slide_mpp,
+                compile=compile,
+            )
+            done = 0
+            try:
+                for indices, feats in batches:
+                    if cancel is not None and cancel.is_set():
+                        raise EmbedCancelled(
+                            f"embedding of {slide_path.name} cancelled; no file written"
+                        )
+                    writer.write(indices, feats)
+                    done += len(indices)
+                    yield EmbedProgress(done, n, indices, feats)
+                    if cancel is not None and cancel.is_set() and done < n:
+                        raise EmbedCancelled(
+                            f"embedding of {slide_path.name} cancelled; no file written"
+                        )
+            finally:
+                batches.close()  # stops the reader threads, also when the caller closes us
+        writer.set_attrs(
+            {"seconds": time.perf_counter() - t0, "final_batch_size": backoff.batch_size}
+        )
+        path = writer.commit()
+    return result(path, n, False, backoff.batch_size)
+
+
+def embed_slide(
+    slide_path: PathLike,
+    *,
+    out_dir: PathLike,
+    progress: Callable[[int, int], None] | None = None,
+    **kwargs: Any,
+) -> Path:
+    """Synchronous :func:`iter_embed_slide`; returns the path of the ``.h5`` file.
+
+    Parameters
+    ----------
+    slide_path, out_dir, **kwargs
+        As :func:`iter_embed_slide`.
+    progress
+        Called as ``progress(done, total)`` after each batch.
+    """
+    gen = iter_embed_slide(slide_path, out_dir=out_dir, **kwargs)
+    while True:
+        try:
+            ev = next(gen)
+        except StopIteration as stop:
+            return stop.value.path
+        if progress is not None:
+            progress(ev.done, ev.total)
