@@ -1,0 +1,356 @@
+"""The training loop, as small functions: ``build`` -> (``train_step`` -> ``log_step`` ->
+``save``)* ; ``train`` runs them. Single process or torchrun (DDP, gloo on CPU)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from gpfm_core.errors import ConfigError, GpfmError
+from gpfm_core.train.augment import MultiCropAugment
+from gpfm_core.train.checkpoint import (
+    get_rng_state,
+    load_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+)
+from gpfm_core.train.config import dump_config
+from gpfm_core.train.data import TileDataset, build_dataset, make_batch
+from gpfm_core.train.distributed import DistInfo, init_distributed
+from gpfm_core.train.logging_csv import MetricsLogger
+from gpfm_core.train.meta_arch import UnifiedDistillation
+from gpfm_core.train.models import load_expert
+from gpfm_core.train.optim import apply_schedules, build_optimizer, scaled_lr
+from gpfm_core.train.schedules import Schedules
+
+__all__ = ["TrainState", "TrainingDivergedError", "build", "save", "train", "train_step"]
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+class TrainingDivergedError(GpfmError):
+    """A loss or the gradient norm became NaN/inf; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainState:
+    """Everything a step needs."""
+
+    cfg: dict[str, Any]
+    out_dir: Path
+    dist: DistInfo
+    model: UnifiedDistillation
+    wrapped: nn.Module  # DDP(model) under torchrun, else model
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    schedules: Schedules
+    dataset: TileDataset
+    augment: MultiCropAugment
+    amp_dtype: torch.dtype | None
+    step: int = 0
+    last_checkpoint: Path | None = None
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out_dir / CHECKPOINT_NAME
+
+    @property
+    def global_batch(self) -> int:
+        o = self.cfg["optim"]
+        return o["batch_size"] * o["accum_steps"] * self.dist.world_size
+
+
+def _amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def build(
+    cfg: dict[str, Any], out_dir: str | os.PathLike[str], *, resume: bool = False
+) -> TrainState:
+    """Create (or restore with ``resume``) the whole training state.
+
+    Raises
+    ------
+    ConfigError
+        ``resume`` without a checkpoint in ``out_dir``, or a bad config value.
+    EncoderError
+        An expert cannot be loaded.
+    """
+    out = Path(out_dir)
+    ckpt = None
+    if resume:
+        if not (out / CHECKPOINT_NAME).is_file():
+            raise ConfigError(
+                f"--resume: no {CHECKPOINT_NAME} in {out}; run without --resume first"
+            )
+        ckpt = load_checkpoint(out / CHECKPOINT_NAME)
+    dist = init_distributed(str(cfg["device"]))
+    if cfg["deterministic"]:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    _seed_all(int(cfg["seed"]))  # identical initial weights on every rank
+    experts = [load_expert(spec, device=dist.device) for spec in cfg["experts"]]
+    model = UnifiedDistillation(cfg, experts).to(dist.device)
+    o = cfg["optim"]
+    optimizer = build_optimizer(model.student, cfg, num_layers=model.backbone.num_layers)
+    amp = _amp_dtype(cfg["train"]["precision"], dist.device)
+    scaler = torch.amp.GradScaler(dist.device.type, enabled=amp is torch.float16)
+    lr = scaled_lr(
+        o["base_lr"], o["batch_size"] * o["accum_steps"] * dist.world_size, o["lr_ref_batch"]
+    )
+    dataset = build_dataset(cfg["data"])
+    state = TrainState(
+        cfg=cfg,
+        out_dir=out,
+        dist=dist,
+        model=model,
+        wrapped=model,
+        optimizer=optimizer,
+        scaler=scaler,
+        schedules=Schedules.from_config(cfg, lr=lr),
+        dataset=dataset,
+        augment=MultiCropAugment.from_config(cfg["crops"]),
+        amp_dtype=amp,
+    )
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        state.step = int(ckpt["step"])
+        state.last_checkpoint = out / CHECKPOINT_NAME
+        if int(ckpt.get("world_size", 1)) == dist.world_size:
+            set_rng_state(ckpt["rng"][dist.rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
+        log.info("resumed from %s at step %d", out / CHECKPOINT_NAME, state.step)
+    else:
+        torch.manual_seed(int(cfg["seed"]) + dist.rank)  # per-rank drop-path noise
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [dist.device.index] if dist.device.type == "cuda" else None
+        state.wrapped = DDP(model, device_ids=ids, broadcast_buffers=False)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_text_atomic(out / "config.yaml", dump_config(cfg))
+    log.info(
+        "student %s (%.1fM params), %d experts, %d tiles, global batch %d, lr %.2e",
+        cfg["student"]["arch"],
+        sum(p.numel() for p in model.student.parameters()) / 1e6,
+        len(experts),
+        len(dataset),
+        state.global_batch,
+        lr,
+    )
+    return state
+
+
+def batches(state: TrainState, start_micro: int) -> Iterator[dict[str, Any]]:
+    """Micro-batches from micro-step ``start_micro`` on, prefetched by ``data.num_workers`` threads."""
+    c, o = state.cfg, state.cfg["optim"]
+    kw = {
+        "seed": int(c["seed"]),
+        "batch_size": o["batch_size"],
+        "rank": state.dist.rank,
+        "world_size": state.dist.world_size,
+        "patch_size": state.model.backbone.patch_size,
+        "mask_probability": c["ibot"]["mask_sample_probability"],
+        "mask_ratio": tuple(c["ibot"]["mask_ratio_min_max"]),
+    }
+    workers = int(c["data"]["num_workers"])
+    micro = start_micro
+    if workers <= 0:
+        while True:
+            yield make_batch(state.dataset, state.augment, step=micro, **kw)
+            micro += 1
+    with ThreadPoolExecutor(workers) as pool:
+        queue: list[Future[dict[str, Any]]] = []
+        while True:
+            while len(queue) < 2 * workers:
+                queue.append(
+                    pool.submit(make_batch, state.dataset, state.augment, step=micro, **kw)
+                )
+                micro += 1
+            yield queue.pop(0).result()
+
+
+def _check_finite(state: TrainState, name: str, value: float, terms: dict[str, float]) -> None:
+    if math.isfinite(value):
+        return
+    bad = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
+    kept = (
+        f"last good checkpoint {state.last_checkpoint} kept"
+        if state.last_checkpoint
+        else "no checkpoint written yet"
+    )
+    raise TrainingDivergedError(
+        f"{name} is not finite at step {state.step + 1} ({bad}); {kept}: lower optim.base_lr or raise optim.warmup_steps, then --resume"
+    )
+
+
+def train_step(state: TrainState, data: Iterator[dict[str, Any]]) -> dict[str, float]:
+    """One optimiser step (``accum_steps`` micro-batches), EMA update; returns logged values."""
+    cfg = state.cfg
+    accum = int(cfg["optim"]["accum_steps"])
+    values = state.schedules.at(state.step)
+    apply_schedules(state.optimizer, values)
+    state.model.train()
+    sums: dict[str, float] = {}
+    state.optimizer.zero_grad(set_to_none=True)
+    dev = state.dist.device
+    for a in range(accum):
+        batch = {
+            k: (v.to(dev, non_blocking=True) if torch.is_tensor(v) else v)
+            for k, v in next(data).items()
+        }
+        sync = (
+            contextlib.nullcontext()
+            if (a == accum - 1 or not state.dist.enabled)
+            else state.wrapped.no_sync()
+        )
+        with sync:
+            with torch.autocast(
+                dev.type,
+                dtype=state.amp_dtype or torch.float32,
+                enabled=state.amp_dtype is not None,
+            ):
+                losses = state.wrapped(batch, teacher_temp=values["teacher_temp"])
+            if cfg["debug"]["nan_at_step"] is not None and state.step + 1 == int(
+                cfg["debug"]["nan_at_step"]
+            ):
+                losses["total"] = losses["total"] * float("nan")
+            terms = {k: float(v.detach()) for k, v in losses.items()}
+            _check_finite(state, "the loss", terms["total"], terms)
+            state.scaler.scale(losses["total"] / accum).backward()
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + v / accum
+    state.scaler.unscale_(state.optimizer)
+    params = [p for p in state.model.student.parameters() if p.grad is not None]
+    clip = cfg["optim"]["clip_grad"]
+    norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
+    _check_finite(state, "the gradient norm", float(norm), sums)
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    state.model.update_teacher(values["momentum"])
+    state.step += 1
+    return {
+        **sums,
+        **{k: values[k] for k in ("lr", "wd", "momentum", "teacher_temp")},
+        "grad_norm": float(norm),
+    }
+
+
+def save(state: TrainState) -> Path | None:
+    """Atomically write ``checkpoint.pt`` (rank 0; RNG states of every rank are gathered)."""
+    rng = get_rng_state()
+    if state.dist.enabled:
+        import torch.distributed as tdist
+
+        gathered: list[Any] = [None] * state.dist.world_size
+        tdist.all_gather_object(gathered, rng)
+        rng_all: Any = gathered
+    else:
+        rng_all = rng
+    path = None
+    if state.dist.is_main:
+        payload = {
+            "model": state.model.state_dict(),
+            "optimizer": state.optimizer.state_dict(),
+            "scaler": state.scaler.state_dict(),
+            "step": state.step,
+            "world_size": state.dist.world_size,
+            "rng": rng_all,
+            "config": dump_config(state.cfg),
+        }
+        path = save_checkpoint(state.checkpoint_path, payload)
+        state.last_checkpoint = path
+    return path
+
+
+def log_columns(state: TrainState) -> list[str]:
+    """CSV columns: step, every loss term, total, schedules, grad norm, throughput."""
+    names = list(state.model.loss_weights())
+    return [
+        "step",
+        *names,
+        "total",
+        "lr",
+        "wd",
+        "momentum",
+        "teacher_temp",
+        "grad_norm",
+        "tiles_per_s",
+    ]
+
+
+def train(
+    cfg: dict[str, Any], out_dir: str | os.PathLike[str], *, resume: bool = False
+) -> TrainState:
+    """Run (or continue) training until ``optim.total_steps`` (or ``train.stop_after`` more steps).
+
+    Raises
+    ------
+    TrainingDivergedError
+        A loss or gradient became NaN/inf (the last good checkpoint is kept).
+    CheckpointError
+        A checkpoint could not be written (the previous one is intact).
+    """
+    state = build(cfg, out_dir, resume=resume)
+    t = cfg["train"]
+    end = cfg["optim"]["total_steps"]
+    if t["stop_after"] is not None:
+        end = min(end, state.step + int(t["stop_after"]))
+    logger = (
+        MetricsLogger(state.out_dir, log_columns(state), resume_step=state.step if resume else None)
+        if state.dist.is_main
+        else None
+    )
+    data = batches(state, state.step * cfg["optim"]["accum_steps"])
+    try:
+        while state.step < end:
+            t0 = time.perf_counter()
+            values = train_step(state, data)
+            values["tiles_per_s"] = state.global_batch / max(time.perf_counter() - t0, 1e-9)
+            if logger is not None and (state.step % t["log_every"] == 0 or state.step == end):
+                logger.log({"step": state.step, **values})
+                log.info(
+                    "step %d total %.4f lr %.2e %.1f tiles/s",
+                    state.step,
+                    values["total"],
+                    values["lr"],
+                    values["tiles_per_s"],
+                )
+            if state.step % t["checkpoint_every"] == 0 or state.step == end:
+                save(state)
+    finally:
+        if logger is not None:
+            logger.close()
+        state.dataset.close()
+    return state

@@ -1,0 +1,183 @@
+"""The student backbone (a timm ViT with an iBOT mask token) and the frozen experts."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gpfm_core.errors import ConfigError, EncoderError, GpfmError
+
+__all__ = ["Expert", "StudentBackbone", "load_expert", "normalise"]
+
+log = logging.getLogger(__name__)
+
+
+def normalise(x: torch.Tensor, mean: Any, std: Any) -> torch.Tensor:
+    """(B, 3, H, W) RGB in [0, 1] -> normalised with per-channel ``mean`` / ``std``."""
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+class StudentBackbone(nn.Module):
+    """A timm ViT (``dynamic_img_size`` so global and local crops share it) plus a mask token.
+
+    ``forward(x (B, 3, H, W) normalised, masks (B, N) bool or None)`` returns
+    ``{"cls": (B, D), "patch": (B, N, D)}`` after the final norm; masked patch embeddings are
+    replaced by the learnt mask token before the position embedding (iBOT).
+    """
+
+    def __init__(
+        self,
+        arch: str,
+        kwargs: dict[str, Any],
+        *,
+        drop_path_rate: float = 0.0,
+        pretrained: bool = False,
+        with_mask_token: bool = True,
+    ) -> None:
+        super().__init__()
+        import timm
+
+        if not timm.is_model(arch):
+            raise ConfigError(
+                f"student.arch {arch!r} is not a timm model: pick one from timm.list_models('vit*')"
+            )
+        self.arch = arch
+        self.model_kwargs = {**kwargs, "dynamic_img_size": True}
+        try:
+            self.model = timm.create_model(
+                arch,
+                pretrained=pretrained,
+                num_classes=0,
+                drop_path_rate=drop_path_rate,
+                **self.model_kwargs,
+            )
+        except (TypeError, RuntimeError) as exc:
+            msg = " ".join(str(exc).split())[:200]
+            raise ConfigError(
+                f"cannot build student {arch} with {kwargs} ({msg}): fix student.kwargs"
+            ) from exc
+        if not hasattr(self.model, "blocks") or not hasattr(self.model, "patch_embed"):
+            raise ConfigError(
+                f"student.arch {arch!r} is not a ViT with blocks/patch_embed: use a timm ViT"
+            )
+        self.embed_dim = int(self.model.embed_dim)
+        ps = self.model.patch_embed.patch_size
+        self.patch_size = int(ps[0] if isinstance(ps, (tuple, list)) else ps)
+        self.num_prefix_tokens = int(getattr(self.model, "num_prefix_tokens", 1))
+        self.mask_token = nn.Parameter(torch.zeros(1, self.embed_dim)) if with_mask_token else None
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.model.blocks)
+
+    def forward(
+        self, x: torch.Tensor, masks: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        m = self.model
+        tok = m.patch_embed(x)  # (B, h, w, D) with dynamic_img_size
+        if masks is not None and self.mask_token is not None:
+            b, h, w, d = tok.shape
+            tok = torch.where(
+                masks.view(b, h, w, 1), self.mask_token.to(tok.dtype).view(1, 1, 1, d), tok
+            )
+        tok = m._pos_embed(tok)
+        tok = m.patch_drop(tok)
+        tok = m.norm_pre(tok)
+        tok = m.blocks(tok)
+        tok = m.norm(tok)
+        return {"cls": tok[:, 0], "patch": tok[:, self.num_prefix_tokens :]}
+
+
+@dataclass
+class Expert:
+    """A frozen expert encoder and its distillation weights."""
+
+    name: str
+    encoder: nn.Module
+    cls_weight: float
+    patch_weight: float
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.encoder.meta.embed_dim)
+
+    @torch.no_grad()
+    def targets(
+        self, crops: torch.Tensor, grid: tuple[int, int], *, want_patch: bool
+    ) -> dict[str, torch.Tensor | None]:
+        """Expert features of student crops.
+
+        Parameters
+        ----------
+        crops : (B, 3, H, W) float RGB in [0, 1]
+            The student's (unmasked) global crops.
+        grid : (rows, cols)
+            The student's patch grid; the expert's patch grid is resized to it (bicubic).
+
+        Returns
+        -------
+        dict
+            ``cls`` (B, E); ``patch`` (B, rows*cols, E) or None.
+        """
+        meta = self.encoder.meta
+        x = crops
+        if x.shape[-1] != meta.input_px or x.shape[-2] != meta.input_px:
+            x = F.interpolate(
+                x,
+                size=(meta.input_px, meta.input_px),
+                mode="bicubic",
+                align_corners=False,
+                antialias=True,
+            )
+        x = normalise(x.clamp(0, 1), meta.mean, meta.std)
+        out = self.encoder.forward_tokens(x)
+        patch = out.get("patch") if want_patch else None
+        if patch is not None:
+            b, n, e = patch.shape
+            side = round(n**0.5)
+            if side * side != n:
+                raise EncoderError(
+                    f"expert {self.name}: {n} patch tokens do not form a square grid; set its patch weight to 0"
+                )
+            p = patch.transpose(1, 2).reshape(b, e, side, side).float()
+            if (side, side) != tuple(grid):
+                p = F.interpolate(p, size=grid, mode="bicubic", align_corners=False)
+            patch = p.flatten(2).transpose(1, 2)
+        return {"cls": out["cls"].float(), "patch": patch}
+
+
+def load_expert(spec: dict[str, Any], *, device: torch.device) -> Expert:
+    """Build one frozen expert from an ``experts`` config item.
+
+    Raises
+    ------
+    EncoderError
+        The expert cannot be built or its weights are unavailable (one line naming it).
+    """
+    name = spec["name"]
+    try:
+        from gpfm_core.encoders import create_encoder
+    except ImportError as exc:
+        raise EncoderError(f"expert {name!r}: the encoder registry is unavailable ({exc})") from exc
+    try:
+        enc = create_encoder(name, pretrained=spec["pretrained"], device=str(device))
+    except GpfmError as exc:
+        raise EncoderError(f"expert {name!r} cannot be loaded: {exc}") from None
+    except (OSError, RuntimeError, ValueError) as exc:
+        msg = " ".join(str(exc).split())[:300]
+        raise EncoderError(
+            f"expert {name!r} cannot be loaded ({msg}): fix or remove it in 'experts'"
+        ) from None
+    enc.eval().requires_grad_(False)
+    w = spec["weights"]
+    if w["patch"] > 0 and getattr(enc.meta, "patch_size", None) is None:
+        raise EncoderError(f"expert {name!r} has no patch tokens: set its patch weight to 0")
+    log.info("expert %s: dim %d, input %d px", name, enc.meta.embed_dim, enc.meta.input_px)
+    return Expert(name=name, encoder=enc, cls_weight=w["cls"], patch_weight=w["patch"])
