@@ -1,0 +1,346 @@
+"""Dimensionality reduction of tile embeddings: PCA and UMAP.
+
+Progress
+--------
+umap-learn (>= 0.5) draws its epoch bar with ``tqdm(range(n_epochs), **tqdm_kwds)``. We pass
+``tqdm_kwds={"file": sink, "bar_format": "{n}/{total}", "disable": False, ...}`` where ``sink``
+is a small file-like object that parses ``"<done>/<total>"`` from what tqdm writes and calls
+``progress("optimise", done / total)``. No monkeypatching, no chunked epochs (results are
+identical with or without a callback; a test checks it). The stages reported are
+``("pca", 0.0 .. 1.0)``, ``("knn", 0.0)`` (neighbour graph + spectral init, no finer grain is
+exposed by umap-learn) and ``("optimise", epoch fraction)`` ending at 1.0. Under an IPython
+kernel ``tqdm.auto`` may pick the notebook bar, which ignores ``file``: the callback then only
+sees the stage boundaries.
+
+Reproducibility and threads
+---------------------------
+With an int ``seed`` umap-learn runs single-threaded (``random_state`` disables its parallel
+SGD); we pass ``n_jobs=1`` explicitly so it does not warn. ``seed=None`` uses every core and is
+not reproducible. Measured for 100,000 x 1024 on 2 cores (load average ~1.5, pynndescent
+already compiled): seed=0 84 s, seed=None 81 s; both spend ~70 s in the 200 epochs of the
+layout, which umap-learn's parallel SGD does not speed up on 2 cores. Default: ``seed=0``
+(reproducible: the same picture every time the pathologist reopens a slide, at no real
+cost). ``n_epochs=100`` roughly halves the layout time for a coarser picture.
+
+Neighbour graph
+---------------
+Below 4,096 tiles umap-learn computes all pairwise distances, but through sklearn with its
+numba distance as a Python callable (~50 s for 3,000 tiles): we hand it the BLAS distances
+as ``metric="precomputed"`` instead (same graph, milliseconds). Up to 30,000 tiles the graph
+is exact (:func:`exact_knn`, blocked brute force in torch, O(N^2): measured 17 s at 50,000
+and 55 s at 100,000, so ~6 s at 30,000) and passed as ``precomputed_knn``. Above that
+umap-learn's NN-descent (pynndescent) runs: its numba kernels recompile once per process
+(43 s on the benchmark machine, not cacheable, see :func:`exact_knn`), then 7-12 s per
+100,000 tiles. So the first UMAP above 30,000 tiles in a session pays ~45 s extra.
+
+numba cache
+-----------
+umap-learn / pynndescent compile numba kernels on first use. pynndescent's kernels are
+``cache=True`` and land in ``NUMBA_CACHE_DIR`` (the Makefile sets ``.cache/numba``); umap-learn's
+own kernels (layout SGD, fuzzy simplicial set, distances) are plain ``@numba.njit``.
+:func:`enable_umap_numba_cache` (called by :func:`umap_embed` right after importing umap)
+calls ``Dispatcher.enable_caching()`` on every not-yet-compiled numba dispatcher defined in
+``umap.layouts``, ``umap.umap_``, ``umap.utils``, ``umap.distances`` and ``umap.sparse``, so
+they are cached in ``NUMBA_CACHE_DIR`` too and a later process loads them instead of
+compiling. Failures (another umap-learn or numba version, an unwritable cache) are logged
+and ignored: the kernels are then simply compiled as before. ``benchmarks/bench_analysis.py``
+measures a cold and a cached first call in fresh subprocesses.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+
+from gpfm_core.analysis._util import as_features
+from gpfm_core.errors import GpfmError
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[str, float], None]
+_COUNT = re.compile(r"(\d+)/(\d+)")
+
+
+class _TqdmSink:
+    """File-like object handed to tqdm; turns ``"n/total"`` writes into progress calls."""
+
+    def __init__(self, progress: ProgressFn) -> None:
+        self._progress = progress
+        self.last = -1.0
+
+    def write(self, text: str) -> int:
+        found = _COUNT.findall(text)
+        if found:
+            done, total = (int(v) for v in found[-1])
+            if total > 0:
+                frac = min(done / total, 1.0)
+                if frac > self.last:
+                    self.last = frac
+                    self._progress("optimise", frac)
+        return len(text)
+
+    def flush(self) -> None:
+        """Nothing buffered."""
+
+
+#: Below this many tiles umap-learn computes exact pairwise distances (we hand it BLAS ones).
+_UMAP_SMALL_DATA = 4096
+#: Up to this many tiles the neighbour graph is exact (:func:`exact_knn`), above it NN-descent.
+_EXACT_KNN_MAX = 30_000
+_UMAP_NUMBA_MODULES = ("umap.layouts", "umap.umap_", "umap.utils", "umap.distances", "umap.sparse")
+_numba_cache_state: dict[str, int] | None = None
+
+
+def enable_umap_numba_cache() -> dict[str, int]:
+    """Make umap-learn's numba kernels cache their machine code across sessions.
+
+    Idempotent; must run before the kernels' first compile in this process (those already
+    compiled are skipped). Never raises: any failure is logged and caching is left off.
+
+    Returns
+    -------
+    dict
+        ``{"enabled": n, "skipped": m, "failed": f}`` counts of dispatchers.
+    """
+    global _numba_cache_state
+    if _numba_cache_state is not None:
+        return _numba_cache_state
+    state = {"enabled": 0, "skipped": 0, "failed": 0}
+    try:
+        import importlib
+
+        from numba.core.caching import NullCache
+        from numba.core.registry import CPUDispatcher
+
+        for mod_name in _UMAP_NUMBA_MODULES:
+            try:
+                mod = importlib.import_module(mod_name)
+            except Exception as exc:  # an optional speed-up only
+                log.info("numba cache: cannot import %s (%s)", mod_name, exc)
+                continue
+            for name, obj in vars(mod).items():
+                if not isinstance(obj, CPUDispatcher) or obj.__module__ != mod_name:
+                    continue
+                if not isinstance(getattr(obj, "_cache", None), NullCache) or obj.overloads:
+                    state["skipped"] += 1  # already cached, or compiled in this process
+                    continue
+                try:
+                    obj.enable_caching()
+                    state["enabled"] += 1
+                except Exception as exc:  # not cacheable: compiled as before
+                    state["failed"] += 1
+                    log.debug("numba cache: %s.%s not cacheable (%s)", mod_name, name, exc)
+    except Exception as exc:  # numba internals moved: compile as before
+        log.warning(
+            "numba cache for umap-learn not enabled (%s): kernels compile each session", exc
+        )
+    log.debug("numba cache for umap-learn: %s", state)
+    _numba_cache_state = state
+    return state
+
+
+def exact_knn(x: np.ndarray, k: int, *, block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest neighbours (euclidean, each point its own first neighbour).
+
+    Blocked brute force in torch: one float32 GEMM per block of rows for candidate
+    selection (``k + 8`` smallest by the dot-product expansion), then the candidates'
+    distances recomputed from differences (no cancellation) and sorted, ties by index.
+    No numba compile: pynndescent's NN-descent kernels are recompiled in every process
+    despite ``cache=True`` (they take the distance function as an argument), 43 s on the
+    2-core benchmark machine. But the cost is O(N^2): the (N, N) distances stream through
+    memory, 17 s for 50,000 and 55 s for 100,000 tiles there, so :func:`umap_embed` uses it
+    only up to ``_EXACT_KNN_MAX`` (30,000) tiles and NN-descent above (compile paid once
+    per process, then 7-12 s per 100,000).
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        indices (N, k) int64 and distances (N, k) float32, nearest first.
+    """
+    import torch
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n = x.shape[0]
+    k = min(int(k), n)
+    kk = min(n, k + 8)
+    xt = torch.from_numpy(x)
+    sq = (xt * xt).sum(dim=1)
+    indices = np.empty((n, k), dtype=np.int64)
+    dists = np.empty((n, k), dtype=np.float32)
+    with torch.no_grad():
+        for start in range(0, n, block):
+            stop = min(start + block, n)
+            rows = torch.arange(start, stop)
+            d2 = torch.addmm(sq[None, :], xt[start:stop], xt.T, alpha=-2.0)
+            d2 += sq[start:stop, None]
+            d2[rows - start, rows] = -1.0  # the point itself always comes first
+            cand = torch.topk(d2, kk, dim=1, largest=False, sorted=False).indices
+            diff = xt[cand] - xt[start:stop, None, :]
+            exact = torch.sqrt((diff * diff).sum(dim=2)).numpy()
+            cand_np = cand.numpy()
+            exact[cand_np == rows.numpy()[:, None]] = -1.0
+            order = np.lexsort((cand_np, exact), axis=1)[:, :k]
+            indices[start:stop] = np.take_along_axis(cand_np, order, axis=1)
+            dists[start:stop] = np.maximum(np.take_along_axis(exact, order, axis=1), 0.0)
+    return indices, dists
+
+
+def pca_reduce(
+    features: np.ndarray, *, n_components: int = 50, seed: int = 0, fit_rows: int | None = 20_000
+) -> np.ndarray:
+    """Project features onto their first principal components.
+
+    Parameters
+    ----------
+    features
+        (N, D) float array, one embedding per tile.
+    n_components
+        Wanted output width; the result has ``k = min(n_components, N, D)`` columns.
+    seed
+        Seed of the randomized SVD and of the row subsample.
+    fit_rows
+        Fit the components on this many randomly chosen rows (then project every row);
+        ``None`` fits on all rows. 20,000 tiles pin down 50 components of a slide well and
+        make PCA of 100,000 x 1024 several times faster.
+
+    Returns
+    -------
+    numpy.ndarray
+        (N, k) float32 scores.
+    """
+    x = as_features(features)
+    if isinstance(n_components, bool) or int(n_components) < 1:
+        raise GpfmError(f"n_components must be >= 1, got {n_components!r}")
+    n, d = x.shape
+    k = min(int(n_components), n, d)
+    from sklearn.decomposition import PCA
+
+    # randomized SVD is far faster than a full SVD when k << min(N, D)
+    solver = "randomized" if k < 0.8 * min(n, d) else "full"
+    pca = PCA(n_components=k, svd_solver=solver, random_state=seed)
+    if fit_rows is not None and n > int(fit_rows) >= k:
+        rows = np.random.default_rng(seed).choice(n, int(fit_rows), replace=False)
+        pca.fit(x[np.sort(rows)])
+        out = pca.transform(x)
+    else:
+        out = pca.fit_transform(x)
+    log.debug("PCA %s -> %d components (%s, fit_rows=%s)", x.shape, k, solver, fit_rows)
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def umap_embed(
+    features: np.ndarray,
+    *,
+    n_neighbors: int = 15,
+    min_dist: float = 0.1,
+    pca_dim: int | None = 50,
+    seed: int | None = 0,
+    progress: ProgressFn | None = None,
+    low_memory: bool = True,
+    n_epochs: int | None = None,
+) -> np.ndarray:
+    """Embed tiles in 2-D with UMAP (optionally after PCA).
+
+    Parameters
+    ----------
+    features
+        (N, D) float array, N >= 3.
+    n_neighbors
+        UMAP neighbourhood size; lowered to N - 1 (with a warning) on tiny inputs.
+    min_dist
+        UMAP ``min_dist``.
+    pca_dim
+        Reduce to this many PCA components first when D is larger; ``None`` skips PCA.
+    seed
+        int: reproducible, single-threaded. ``None``: all cores, not reproducible.
+    progress
+        Called as ``progress(stage, fraction)`` with stage "pca", "knn", "optimise".
+    low_memory
+        umap-learn's ``low_memory`` (slower nearest-neighbour descent, less RAM).
+    n_epochs
+        Optimisation epochs; None = umap-learn's default (200 above 10,000 tiles, else 500).
+        The optimisation dominates the run time on large slides: 100 halves it.
+
+    Returns
+    -------
+    numpy.ndarray
+        (N, 2) float32 coordinates.
+    """
+    x = as_features(features)
+    n = x.shape[0]
+    if n < 3:
+        raise GpfmError(f"UMAP needs at least 3 tiles, got {n}: embed a larger region")
+    if isinstance(n_neighbors, bool) or int(n_neighbors) < 2:
+        raise GpfmError(f"n_neighbors must be >= 2, got {n_neighbors!r}")
+    if not 0.0 <= float(min_dist) <= 1.0:
+        raise GpfmError(f"min_dist must lie in [0, 1], got {min_dist!r}")
+    n_neighbors = int(n_neighbors)
+    if n_epochs is not None and (isinstance(n_epochs, bool) or int(n_epochs) < 1):
+        raise GpfmError(f"n_epochs must be a positive integer or None, got {n_epochs!r}")
+    if n_neighbors >= n:
+        warnings.warn(
+            f"n_neighbors={n_neighbors} >= number of tiles {n}; using {n - 1}",
+            stacklevel=2,
+        )
+        n_neighbors = n - 1
+    report: ProgressFn = progress if progress is not None else (lambda _s, _f: None)
+
+    if pca_dim is not None and x.shape[1] > int(pca_dim):
+        report("pca", 0.0)
+        x = pca_reduce(x, n_components=int(pca_dim), seed=0 if seed is None else seed)
+        report("pca", 1.0)
+
+    import umap  # lazy: pulls numba / pynndescent
+
+    enable_umap_numba_cache()
+
+    sink = _TqdmSink(report)
+    tqdm_kwds = {
+        "file": sink,
+        "bar_format": "{n}/{total}",
+        "disable": progress is None,
+        "mininterval": 0.1,
+        "ascii": True,
+        "leave": False,
+    }
+    report("knn", 0.0)
+    # umap-learn computes all pairwise distances below 4096 points (its "small data" path), but
+    # through sklearn with its numba distance as a Python callable: one Python call per pair
+    # (~50 s for 3,000 tiles). The same distances from BLAS, passed as "precomputed", take
+    # milliseconds and give the same neighbour graph.
+    precomputed = n < _UMAP_SMALL_DATA
+    if precomputed:
+        from sklearn.metrics import pairwise_distances
+
+        x = pairwise_distances(x, metric="euclidean").astype(np.float32)
+        np.fill_diagonal(x, 0.0)
+    # Above that, umap-learn runs pynndescent, whose kernels recompile in every process
+    # (43 s measured); exact blocked kNN in torch is faster up to ~30,000 tiles (see exact_knn).
+    knn: tuple[np.ndarray, np.ndarray] | tuple[None, None, None] = (None, None, None)
+    if not precomputed and n <= _EXACT_KNN_MAX:
+        knn = exact_knn(x, n_neighbors)
+    reducer = umap.UMAP(
+        precomputed_knn=knn,
+        metric="precomputed" if precomputed else "euclidean",
+        n_neighbors=n_neighbors,
+        min_dist=float(min_dist),
+        n_components=2,
+        random_state=seed,
+        n_jobs=1 if seed is not None else -1,
+        low_memory=low_memory,
+        n_epochs=None if n_epochs is None else int(n_epochs),
+        tqdm_kwds=tqdm_kwds,
+        verbose=False,
+    )
+    with warnings.catch_warnings():
+        # belt and braces: n_jobs=1 with a seed already avoids umap-learn's n_jobs warning
+        warnings.filterwarnings("ignore", message=".*n_jobs value.*")
+        warnings.filterwarnings("ignore", message=".*precomputed metric.*")
+        out = reducer.fit_transform(x)
+    report("optimise", 1.0)
+    log.info("UMAP of %d tiles done (n_neighbors=%d, seed=%s)", n, n_neighbors, seed)
+    return np.ascontiguousarray(out, dtype=np.float32)

@@ -1,0 +1,146 @@
+"""Cosine similarity, click-to-tile lookup, neighbourhood queries and top-k."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gpfm_core.analysis import (
+    SimilarityIndex,
+    cosine_similarity,
+    neighbourhood_indices,
+    neighbourhood_query,
+    normalize_rows,
+    query_from_point,
+    top_k,
+    top_k_multi,
+)
+from gpfm_core.errors import GpfmError
+
+
+def test_normalize_rows_unit_norm_and_zero_rows() -> None:
+    x = np.array([[3, 4, 0], [0, 0, 0], [1, 1, 1]], np.float32)
+    n = normalize_rows(x)
+    assert n.dtype == np.float32 and n.flags.c_contiguous
+    assert np.allclose(np.linalg.norm(n, axis=1), [1, 0, 1], atol=1e-6)
+    assert np.allclose(n[0], [0.6, 0.8, 0])
+    x[2, 1] = np.inf
+    with pytest.raises(GpfmError, match="NaN or inf"):
+        normalize_rows(x)
+    x[2, 1] = np.nan
+    with pytest.raises(GpfmError, match="NaN or inf"):
+        SimilarityIndex(x)
+
+
+def test_cosine_matches_definition() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(50, 16)).astype(np.float32)
+    q = rng.normal(size=16).astype(np.float32)
+    expected = (x @ q) / (np.linalg.norm(x, axis=1) * np.linalg.norm(q))
+    got = cosine_similarity(x, q)
+    assert got.dtype == np.float32 and got.shape == (50,)
+    assert np.allclose(got, expected, atol=1e-5)
+    # scale invariance, and a tile is maximally similar to itself
+    assert np.allclose(cosine_similarity(x * 7.0, q * 0.1), expected, atol=1e-5)
+    assert np.isclose(cosine_similarity(x, x[3])[3], 1.0, atol=1e-5)
+
+
+def test_multi_query_averages_unit_vectors() -> None:
+    x = np.array([[1, 0], [0, 1], [1, 1], [-1, 0]], np.float32)
+    index = SimilarityIndex(x)
+    # (1, 0) and (0, 5) as unit vectors average to the 45° direction
+    s = index.query(np.array([[1, 0], [0, 5]], np.float32))
+    assert np.isclose(s[2], 1.0, atol=1e-6) and np.isclose(s[3], -np.sqrt(0.5), atol=1e-6)
+    assert np.allclose(index.query_tiles([0, 1]), s)
+    with pytest.raises(GpfmError, match="2-d"):
+        index.query(np.ones(3, np.float32))
+    with pytest.raises(GpfmError, match="zero"):
+        index.query(np.array([[1, 0], [-1, 0]], np.float32))
+    with pytest.raises(GpfmError, match="indices"):
+        index.query_tiles(4)
+    assert not index.normalized.flags.writeable
+
+
+def test_query_from_point() -> None:
+    coords = np.array([[0, 0], [100, 0], [0, 100], [300, 300]], np.int64)
+    assert query_from_point(50, 50, coords, 100) == 0
+    assert query_from_point(99.4, 0, coords, 100) == 0  # pixel 99 is still tile 0
+    assert query_from_point(99.6, 0, coords, 100) == 1  # pixel 100 belongs to tile 1
+    assert query_from_point(-0.5, 10, coords, 100) == 0
+    assert query_from_point(-0.6, 10, coords, 100) is None
+    assert query_from_point(150, 150, coords, 100) is None  # tile (100, 100) was not embedded
+    assert query_from_point(350, 399, coords, 100) == 3
+    assert query_from_point(np.nan, 0, coords, 100) is None
+
+
+def test_query_from_point_overlap_prefers_nearest_centre() -> None:
+    coords = np.array([[0, 0], [50, 0]], np.int64)  # 100-px tiles, 50-px stride
+    assert query_from_point(60, 50, coords, 100) == 0  # centre 50 is nearer than 100
+    assert query_from_point(80, 50, coords, 100) == 1
+
+
+def test_neighbourhood_query_averages_existing_neighbours() -> None:
+    grid_rc = np.array([[0, 0], [0, 1], [1, 0], [1, 1], [5, 5]], np.int64)
+    feats = np.eye(5, dtype=np.float32) * np.arange(1, 6, dtype=np.float32)[:, None]
+    assert neighbourhood_indices(0, grid_rc, radius=1).tolist() == [0, 1, 2, 3]
+    assert neighbourhood_indices(4, grid_rc, radius=1).tolist() == [4]
+    q = neighbourhood_query(0, grid_rc, feats, radius=1)
+    assert np.allclose(q, [0.5, 0.5, 0.5, 0.5, 0], atol=1e-6)  # unit vectors averaged
+    assert np.allclose(neighbourhood_query(3, grid_rc, feats, radius=0), [0, 0, 0, 1, 0])
+    with pytest.raises(GpfmError, match="outside"):
+        neighbourhood_query(9, grid_rc, feats)
+
+
+def test_top_k_sorted_ties_nan_exclude() -> None:
+    s = np.array([0.1, 0.9, np.nan, 0.5, 0.9, 0.7], np.float32)
+    idx, val = top_k(s, 3)
+    assert idx.tolist() == [1, 4, 5] and np.allclose(val, [0.9, 0.9, 0.7])
+    idx, _ = top_k(s, 2, exclude=np.array([1]))
+    assert idx.tolist() == [4, 5]
+    mask = np.zeros(6, bool)
+    mask[[4, 5]] = True
+    assert top_k(s, 2, exclude=mask)[0].tolist() == [1, 3]
+    assert top_k(s, 100)[0].tolist() == [1, 4, 5, 3, 0]  # NaN never returned
+    assert top_k(s, 1)[0].dtype == np.int64
+    with pytest.raises(GpfmError, match="k must"):
+        top_k(s, 0)
+
+
+def test_top_k_matches_full_sort_on_random_scores() -> None:
+    s = np.random.default_rng(2).random(10_000).astype(np.float32)
+    idx, val = top_k(s, 25)
+    ref = np.argsort(-s, kind="stable")[:25]
+    assert idx.tolist() == ref.tolist() and np.array_equal(val, s[ref])
+
+
+def test_top_k_multi_merges_slides() -> None:
+    scores = {"b": np.array([0.2, 0.95, 0.4]), "a": np.array([0.95, 0.1]), "c": np.array([])}
+    hits = top_k_multi(scores, 3)
+    assert hits == [
+        ("a", 0, pytest.approx(0.95)),
+        ("b", 1, pytest.approx(0.95)),
+        ("b", 2, pytest.approx(0.4)),
+    ]
+    assert len(top_k_multi(scores, 99)) == 5
+
+
+@pytest.mark.parametrize(("precision", "max_err"), [("float16", 3e-4), ("bfloat16", 2e-3)])
+def test_half_precision_index_close_to_exact(precision: str, max_err: float) -> None:
+    rng = np.random.default_rng(5)
+    centres = rng.normal(scale=0.6, size=(8, 1024))
+    x = (centres[rng.integers(0, 8, 5000)] + rng.normal(size=(5000, 1024))).astype(np.float32)
+    exact = SimilarityIndex(x)
+    half = SimilarityIndex(x, precision=precision)
+    assert half.n == 5000 and half.dim == 1024 and half.precision == precision
+    for tile in (0, 17, 4999):
+        ref, got = exact.query_tiles(tile), half.query_tiles(tile)
+        assert got.dtype == np.float32 and got.shape == (5000,)
+        assert np.abs(got - ref).max() <= max_err
+        top_ref = set(top_k(ref, 100)[0].tolist())
+        top_half = set(top_k(got, 100)[0].tolist())
+        assert len(top_ref & top_half) >= 95
+    q = x[[3, 9]]
+    assert np.abs(half.query(q) - exact.query(q)).max() <= max_err
+    assert np.abs(half.normalized - exact.normalized).max() <= 4 * max_err
+    with pytest.raises(GpfmError, match="precision"):
+        SimilarityIndex(x, precision="int8")
