@@ -22,6 +22,12 @@ def _parser() -> argparse.ArgumentParser:
         help="render the viewer to this PNG and exit (no person needed)",
     )
     demo.add_argument("--slide", default=None, help="slide to show instead of the sample")
+    demo.add_argument(
+        "--no-analysis",
+        action="store_true",
+        help="only the slide, tissue and tile grid (no embedding, clusters or similarity)",
+    )
+    demo.add_argument("--encoder", default=None, help="encoder for the demo (default: default)")
     demo.add_argument("-v", "--verbose", action="store_true", help="log progress")
     return parser
 
@@ -45,7 +51,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     from napari_gpfm._demo import run_demo
 
-    return run_demo(out_dir=args.out, screenshot=args.screenshot, slide_path=args.slide)
+    return run_demo(
+        out_dir=args.out,
+        screenshot=args.screenshot,
+        slide_path=args.slide,
+        analysis=not args.no_analysis,
+        encoder=args.encoder,
+    )
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from typing import Any
 from gpfm_core.errors import GpfmError
 from gpfm_core.slide import Slide
 
-__all__ = ["DemoState", "build_demo", "run_demo"]
+__all__ = ["DemoState", "add_analysis_dock", "build_demo", "run_demo"]
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,8 @@ def build_demo(
     *,
     out_dir: str | os.PathLike[str] = "demo_out",
     slide_path: str | os.PathLike[str] | None = None,
-    tile_mpp: float = 0.5,
-    tile_px: int = 224,
+    tile_mpp: float | None = None,
+    tile_px: int | None = None,
 ) -> DemoState:
     """Open the sample slide in ``viewer`` with tissue and tile-grid layers.
 
@@ -73,7 +73,8 @@ def build_demo(
     slide_path
         Slide to show (default: the CMU-1 small region sample, found or downloaded).
     tile_mpp, tile_px
-        Tile grid resolution (µm/px) and tile side (px).
+        Tile grid resolution (µm/px) and tile side (px); default: the default
+        encoder's tiling, so the grid shown is the grid the dock embeds.
 
     Returns
     -------
@@ -89,6 +90,12 @@ def build_demo(
     from napari_gpfm._reader import ensure_close_hook, slide_layer_data
     from napari_gpfm._sample import find_cmu_small_region
 
+    if tile_mpp is None or tile_px is None:
+        from gpfm_core.encoders import default_encoder_name, get_encoder_meta
+
+        meta = get_encoder_meta(default_encoder_name())
+        tile_mpp = meta.tile_mpp if tile_mpp is None else tile_mpp
+        tile_px = meta.tile_px if tile_px is None else tile_px
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = Path(slide_path) if slide_path is not None else find_cmu_small_region()
@@ -114,13 +121,46 @@ def build_demo(
     )
 
 
+def add_analysis_dock(viewer: Any, state: DemoState, *, encoder: str | None = None) -> Any:
+    """Add the GPFM dock and run its demo steps: embed, cluster, query, probe ready.
+
+    The slide is embedded with ``encoder`` (default: :func:`default_encoder_name`, the
+    shipped student when no GPFM weights are present) into ``state.out_dir/embeddings``,
+    reusing that cache on later runs. The dock is stored in ``state.extras["dock"]`` and
+    the slide's session in ``state.extras["session"]``.
+    """
+    from napari_gpfm._widget import GpfmDock
+    from napari_gpfm._widget._demo_hook import populate_demo
+
+    dock = GpfmDock(viewer)
+    viewer.window.add_dock_widget(dock, name="GPFM slide analysis", area="right")
+    session = populate_demo(
+        viewer,
+        dock,
+        out_dir=state.out_dir / "embeddings",
+        encoder=encoder,
+        slide_layer=state.slide_layer.name,
+    )
+    state.extras.update(dock=dock, session=session)
+    print(
+        f"napari-gpfm demo: {session.n_tiles} tiles embedded by {session.encoder!s}",
+        flush=True,
+    )
+    return dock
+
+
 def run_demo(
     *,
     out_dir: str | os.PathLike[str] = "demo_out",
     screenshot: str | os.PathLike[str] | None = None,
     slide_path: str | os.PathLike[str] | None = None,
+    analysis: bool = True,
+    encoder: str | None = None,
 ) -> int:
     """Open napari with the demo; with ``screenshot`` render it to PNG and exit.
+
+    With ``analysis`` (the default) the dock embeds the slide, shows the clusters and a
+    similarity heatmap for a preset query, and leaves the probe ready.
 
     Returns
     -------
@@ -139,7 +179,9 @@ def run_demo(
 
     viewer = napari.Viewer(title="napari-gpfm demo", show=True)
     try:
-        build_demo(viewer, out_dir=out_dir, slide_path=path)
+        state = build_demo(viewer, out_dir=out_dir, slide_path=path)
+        if analysis:
+            add_analysis_dock(viewer, state, encoder=encoder)
     except GpfmError as exc:
         print(f"napari-gpfm demo: {exc}", flush=True)
         viewer.close()

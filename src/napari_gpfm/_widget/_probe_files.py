@@ -1,0 +1,141 @@
+"""File and cross-slide actions of the Probe tab: apply, save / load, export / import."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from napari.utils.notifications import show_info
+from qtpy.QtWidgets import QFileDialog
+
+from gpfm_core.errors import GpfmError
+from napari_gpfm._widget import _overlays as ov
+from napari_gpfm._widget import _probe_io as pio
+from napari_gpfm._widget._session import SlideSession
+from napari_gpfm._widget._workers import notify_error
+
+log = logging.getLogger(__name__)
+
+
+class ProbeFilesMixin:
+    """Methods of :class:`~napari_gpfm._widget._probe_tab.ProbeTab` that touch files or other slides.
+
+    Expects ``viewer``, ``store``, ``session``, ``probe``, ``classes``, ``apply_combo``,
+    ``report_label``, ``timer``, ``ensure_layers``, ``show_prediction`` and ``_recolour``.
+    """
+
+    viewer: Any
+    store: Any
+    session: SlideSession | None
+    probe: Any
+    classes: Any
+    apply_combo: Any
+    report_label: Any
+    timer: Any
+
+    # ------------------------------------------------------------------ apply / files
+    def apply_to(self, session: SlideSession) -> np.ndarray:
+        """Predict every tile of another embedded slide with the current probe."""
+        if self.probe is None:
+            raise GpfmError("no probe yet: annotate and train, or load a saved probe")
+        if self.probe.embed_dim != session.features.shape[1]:
+            raise GpfmError(
+                f"{session.name} was embedded with another encoder: re-embed it with {self.probe.encoder}"
+            )
+        pred, conf = self.probe.predict(session.features)
+        self.show_prediction(session, pred, conf)
+        self.report_label.setText(
+            f"Probe applied to {session.name}: {session.n_tiles} tiles predicted."
+        )
+        return pred
+
+    def apply_to_selected(self) -> None:
+        """Apply the probe to the slide chosen in the combo."""
+        session = self.store.by_name(self.apply_combo.currentText())
+        if session is None:
+            raise GpfmError("choose an embedded slide to apply the probe to")
+        self.apply_to(session)
+
+    def save_probe(self, path: str | Path) -> Path:
+        """Save the trained probe (safetensors + JSON header)."""
+        if self.probe is None:
+            raise GpfmError("no probe to save: annotate two classes and train first")
+        return self.probe.save(path)
+
+    def load_probe(self, path: str | Path) -> None:
+        """Load a saved probe, adopt its classes and apply it to the current slide."""
+        from gpfm_core.analysis import LinearProbe
+
+        dim = self.session.features.shape[1] if self.session is not None else None
+        self.probe = LinearProbe.load(path, embed_dim=dim)
+        self.classes.set_classes(list(self.probe.class_names), self.probe.class_colours)
+        if self.session is not None:
+            self.apply_to(self.session)
+
+    def export_geojson(self, path: str | Path) -> Path:
+        """Annotations and per-tile predictions of the current slide to QuPath GeoJSON."""
+        s = self._need_session()
+        ann = pio.collect(
+            ov.find(self.viewer, ov.ANNOTATIONS), ov.find(self.viewer, ov.ANNOTATION_POINTS)
+        )
+        return pio.export_geojson(
+            path,
+            s,
+            ann,
+            self.classes.names,
+            self.classes.colours,
+            prediction=s.prediction,
+            confidence=s.confidence,
+        )
+
+    def export_csv(self, path: str | Path) -> Path:
+        """Per-tile predictions of the current slide to CSV."""
+        s = self._need_session()
+        if s.prediction is None or s.confidence is None:
+            raise GpfmError("no predictions to export: train or apply a probe first")
+        return pio.export_csv(path, s, self._prediction_names(), s.prediction, s.confidence)
+
+    def import_geojson(self, path: str | Path) -> int:
+        """Add QuPath annotations to ``gpfm: annotations`` (new class names are added)."""
+        self._need_session()
+        polys, names, colours = pio.import_geojson(path)
+        shapes, _ = self.ensure_layers()
+        idx = []
+        for name in names:
+            if name not in self.classes.names:
+                i = self.classes.add_class(name)
+                if name in colours:
+                    self.classes.set_colour(i, colours[name])
+            idx.append(self.classes.names.index(name))
+        if polys:
+            shapes.add_polygons([p[:, ::-1] for p in polys])
+            shapes.features.loc[shapes.features.index[-len(polys) :], "class"] = idx
+            self._recolour()
+            self.timer.start()
+        show_info(f"imported {len(polys)} annotation(s) from {Path(path).name}")
+        return len(polys)
+
+    def _prediction_names(self) -> list[str]:
+        return list(self.probe.class_names) if self.probe is not None else self.classes.names
+
+    def _need_session(self) -> SlideSession:
+        if self.session is None:
+            raise GpfmError("no embedded slide: embed a slide in the Embed tab first")
+        return self.session
+
+    def _guard(self, fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except Exception as exc:
+            notify_error(exc)
+            return None
+
+    def _dialog(self, kind: str, title: str, filt: str, fn: Any) -> None:
+        get = QFileDialog.getSaveFileName if kind == "save" else QFileDialog.getOpenFileName
+        path, _ = get(self, title, str(Path.home()), filt)
+        if path:
+            result = self._guard(fn, path)
+            if result is not None and kind == "save":
+                show_info(f"saved {Path(path).name}")

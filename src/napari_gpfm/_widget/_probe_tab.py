@@ -1,0 +1,356 @@
+"""Probe tab: annotate classes, train a linear probe, show predictions over the slide.
+
+Shapes (polygons, rectangles, ellipses) on ``gpfm: annotations`` and points on
+``gpfm: annotation points`` carry a ``class`` feature. Keys 1-9 on those layers pick the
+current class. Every annotation change retrains after a 500 ms debounce (in a worker) and
+repaints ``gpfm: prediction`` (Labels, label = class index + 1, one colour per class) and
+``gpfm: confidence`` (Image). Annotations that touch no embedded tile are counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Generator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from napari.utils.notifications import show_warning
+from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QGridLayout,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from gpfm_core.errors import GpfmError
+from napari_gpfm._widget import _overlays as ov
+from napari_gpfm._widget import _probe_io as pio
+from napari_gpfm._widget._classes import ClassList
+from napari_gpfm._widget._probe_files import ProbeFilesMixin
+from napari_gpfm._widget._session import SessionStore, SlideSession
+from napari_gpfm._widget._workers import Job, Step, notify_error
+
+if TYPE_CHECKING:
+    import napari
+
+log = logging.getLogger(__name__)
+
+DEBOUNCE_MS = 500
+
+
+def train_job(
+    session: SlideSession, labels: np.ndarray, names: list[str], colours: list[tuple[int, int, int]],
+    *, cancel: threading.Event,
+) -> Generator[Step, None, Any]:  # fmt: skip
+    """Worker body: fit the probe on labelled tiles, predict every tile."""
+    from gpfm_core.analysis import LinearProbe
+
+    yield Step(0, 2, "fitting")
+    probe = LinearProbe(encoder=session.encoder or None, class_colours=colours)
+    report = probe.fit(session.features, labels, class_names=names)
+    if cancel.is_set():
+        return None
+    yield Step(1, 2, "predicting")
+    pred, conf = probe.predict(session.features)
+    return session, probe, report, pred, conf
+
+
+class ProbeTab(ProbeFilesMixin, QWidget):
+    """The Probe tab."""
+
+    def __init__(
+        self, viewer: napari.Viewer, store: SessionStore, parent: QWidget | None = None
+    ) -> None:
+        super().__init__(parent)
+        self.viewer = viewer
+        self.store = store
+        self.session: SlideSession | None = None
+        self.probe: Any = None
+        self.report: Any = None
+        self.n_outside = 0
+        self.trainings = 0
+        self._pending = False
+        self._recolouring = False
+        self.job = Job(train_job, name="GPFM probe", on_done=self._on_done, on_end=self._on_end)
+        self.timer = QTimer(self)
+        self.timer.setSingleShot(True)
+        self.timer.setInterval(DEBOUNCE_MS)
+        self.timer.timeout.connect(lambda: self.train())
+
+        self.classes = ClassList()
+        self.auto_check = QCheckBox("retrain when annotations change")
+        self.auto_check.setChecked(True)
+        self.train_btn = QPushButton("Train now")
+        self.report_label = QLabel(
+            "Embed a slide, then draw shapes or points for two or more classes."
+        )
+        self.report_label.setWordWrap(True)
+        self.apply_combo = QComboBox()
+        buttons = {}
+        for key, text in (("polygon", "Polygon"), ("rectangle", "Rectangle"), ("points", "Points"),
+                          ("apply", "Apply probe"), ("save", "Save probe…"), ("load", "Load probe…"),
+                          ("geojson", "Export GeoJSON…"), ("csv", "Export CSV…"), ("import", "Import GeoJSON…")):  # fmt: skip
+            buttons[key] = QPushButton(text)
+        self.buttons = buttons
+        draw = QHBoxLayout()
+        for key in ("polygon", "rectangle", "points"):
+            draw.addWidget(buttons[key])
+        apply_row = QHBoxLayout()
+        apply_row.addWidget(self.apply_combo, 1)
+        apply_row.addWidget(buttons["apply"])
+        files = QGridLayout()
+        for i, key in enumerate(("save", "load", "geojson", "csv", "import")):
+            files.addWidget(buttons[key], i // 2, i % 2)
+        lay = QVBoxLayout(self)
+        lay.addWidget(QLabel("Classes (keys 1-9 pick one; double-click renames)"))
+        lay.addWidget(self.classes)
+        lay.addLayout(draw)
+        lay.addWidget(self.auto_check)
+        lay.addWidget(self.train_btn)
+        lay.addWidget(self.report_label)
+        lay.addLayout(apply_row)
+        lay.addLayout(files)
+        lay.addStretch(1)
+
+        self.train_btn.clicked.connect(lambda: self.train())
+        buttons["polygon"].clicked.connect(lambda: self.start_drawing("add_polygon"))
+        buttons["rectangle"].clicked.connect(lambda: self.start_drawing("add_rectangle"))
+        buttons["points"].clicked.connect(lambda: self.start_drawing("add"))
+        buttons["apply"].clicked.connect(lambda: self._guard(self.apply_to_selected))
+        buttons["save"].clicked.connect(
+            lambda: self._dialog("save", "Save probe", "Probe (*.safetensors)", self.save_probe)
+        )
+        buttons["load"].clicked.connect(
+            lambda: self._dialog("open", "Load probe", "Probe (*.safetensors)", self.load_probe)
+        )
+        buttons["geojson"].clicked.connect(
+            lambda: self._dialog(
+                "save", "Export GeoJSON", "GeoJSON (*.geojson *.json)", self.export_geojson
+            )
+        )
+        buttons["csv"].clicked.connect(
+            lambda: self._dialog("save", "Export CSV", "CSV (*.csv)", self.export_csv)
+        )
+        buttons["import"].clicked.connect(
+            lambda: self._dialog(
+                "open", "Import QuPath GeoJSON", "GeoJSON (*.geojson *.json)", self.import_geojson
+            )
+        )
+        self.classes.current_changed.connect(self.set_current_class)
+        self.classes.classes_changed.connect(self._classes_changed)
+        self.classes.removed.connect(self._class_removed)
+
+    # ------------------------------------------------------------------ layers
+    def set_session(self, session: SlideSession | None) -> None:
+        """Make ``session`` the slide annotated and predicted."""
+        self.session = session
+        self.apply_combo.clear()
+        self.apply_combo.addItems([s.name for s in self.store])
+        self.report_label.setText(
+            "Draw shapes or points for two or more classes (Polygon / Rectangle / Points)."
+            if session is not None
+            else "Embed a slide first."
+        )
+
+    def _slide_layer(self, session: SlideSession) -> Any:
+        return ov.find(self.viewer, session.name)
+
+    def ensure_layers(self) -> tuple[Any, Any]:
+        """The annotation Shapes and Points layers (created once, wired to retrain)."""
+        if self.session is None:
+            raise GpfmError("no embedded slide: embed a slide in the Embed tab first")
+        fresh = (
+            ov.find(self.viewer, ov.ANNOTATIONS) is None,
+            ov.find(self.viewer, ov.ANNOTATION_POINTS) is None,
+        )
+        shapes = ov.upsert_shapes(
+            self.viewer, ov.ANNOTATIONS, self.session, self._slide_layer(self.session)
+        )
+        points = ov.upsert_points(
+            self.viewer, ov.ANNOTATION_POINTS, self.session, self._slide_layer(self.session)
+        )
+        for layer, new in zip((shapes, points), fresh, strict=True):
+            if new:
+                layer.events.data.connect(self._data_changed)
+                for n in range(1, 10):
+                    layer.bind_key(str(n), self._class_key(n - 1), overwrite=True)
+        self.set_current_class(self.classes.current)
+        return shapes, points
+
+    def _class_key(self, index: int) -> Any:
+        def pick(_layer: Any) -> None:
+            self.classes.set_current(index)
+
+        return pick
+
+    def start_drawing(self, mode: str) -> None:
+        """Select the matching annotation layer in drawing ``mode``."""
+        try:
+            shapes, points = self.ensure_layers()
+        except GpfmError as exc:
+            show_warning(str(exc))
+            return
+        layer = points if mode == "add" else shapes
+        self.viewer.layers.selection.active = layer
+        layer.mode = mode
+
+    def set_current_class(self, index: int) -> None:
+        """Class given to the next shapes / points (number keys call this)."""
+        rgba = self.classes.rgba()
+        if not 0 <= index < len(rgba):
+            return
+        for name in (ov.ANNOTATIONS, ov.ANNOTATION_POINTS):
+            layer = ov.find(self.viewer, name)
+            if layer is None:
+                continue
+            layer.feature_defaults = {"class": index}
+            if name == ov.ANNOTATIONS:
+                layer.current_edge_color = rgba[index]
+            else:
+                layer.current_face_color = rgba[index]
+
+    def _recolour(self) -> None:
+        rgba = self.classes.rgba()
+        self._recolouring = True
+        try:
+            for name in (ov.ANNOTATIONS, ov.ANNOTATION_POINTS):
+                layer = ov.find(self.viewer, name)
+                if layer is None or not len(layer.data):
+                    continue
+                cls = np.clip(pio._classes(layer, len(layer.data)), 0, len(rgba) - 1)
+                if name == ov.ANNOTATIONS:
+                    layer.edge_color = rgba[cls]
+                else:
+                    layer.face_color = rgba[cls]
+        finally:
+            self._recolouring = False
+
+    def _data_changed(self, event: Any) -> None:
+        if self._recolouring or getattr(event, "action", "added") not in (
+            "added",
+            "removed",
+            "changed",
+        ):
+            return
+        self._recolour()
+        if self.auto_check.isChecked():
+            self.timer.start()
+
+    def _classes_changed(self) -> None:
+        self._recolour()
+        self.set_current_class(self.classes.current)
+
+    def _class_removed(self, index: int) -> None:
+        for name in (ov.ANNOTATIONS, ov.ANNOTATION_POINTS):
+            layer = ov.find(self.viewer, name)
+            if layer is None or not len(layer.data):
+                continue
+            cls = np.asarray(pio._classes(layer, len(layer.data)))
+            drop = np.flatnonzero(cls == index)
+            keep_cls = cls[cls != index]
+            if drop.size:
+                layer.selected_data = set(drop.tolist())
+                layer.remove_selected()
+            layer.features["class"] = np.where(keep_cls > index, keep_cls - 1, keep_cls)
+        self._recolour()
+
+    # ------------------------------------------------------------------ training
+    def train(self, *, sync: bool = False) -> bool:
+        """Label tiles from the annotations and fit the probe (threaded unless ``sync``)."""
+        session = self.session
+        if session is None:
+            self.report_label.setText("Embed a slide first.")
+            return False
+        if self.job.running:
+            self._pending = True
+            return False
+        ann = pio.collect(
+            ov.find(self.viewer, ov.ANNOTATIONS), ov.find(self.viewer, ov.ANNOTATION_POINTS)
+        )
+        names = self.classes.names
+        if ann.count == 0:
+            self.report_label.setText(
+                "No annotations yet: draw shapes or points for two or more classes."
+            )
+            return False
+        try:
+            labels, self.n_outside = pio.tile_labels(session, ann)
+        except GpfmError as exc:
+            notify_error(exc)
+            return False
+        counts = {n: int((labels == i).sum()) for i, n in enumerate(names)}
+        used = [n for n, c in counts.items() if c > 0]
+        if len(used) < 2:
+            why = "no annotated tiles" if not used else f"only class '{used[0]}' has tiles"
+            self.report_label.setText(
+                f"Cannot train: {why}. Annotate embedded tissue with at least two classes."
+                + self._outside_text()
+            )
+            return False
+        self.report_label.setText("Training…")
+        self.job.start(session, labels, names, self.classes.colours, sync=sync)
+        return self.job.state == "done" if sync else True
+
+    def _outside_text(self) -> str:
+        return (
+            f" {self.n_outside} annotation(s) outside the embedded tiles were ignored."
+            if self.n_outside
+            else ""
+        )
+
+    def _on_done(self, result: Any) -> None:
+        if result is None:
+            return
+        session, self.probe, self.report, pred, conf = result
+        self.trainings += 1
+        self.show_prediction(session, pred, conf)
+        r = self.report
+        cv = "n/a" if r.cv_balanced_accuracy is None else f"{r.cv_balanced_accuracy:.2f}"
+        counts = ", ".join(f"{k}: {v}" for k, v in r.n_per_class.items())
+        note = f" ({r.note})" if r.note else ""
+        self.report_label.setText(
+            f"Tiles per class: {counts}. CV balanced accuracy: {cv}{note}." + self._outside_text()
+        )
+
+    def _on_end(self, state: str) -> None:
+        if self._pending:
+            self._pending = False
+            self.timer.start()
+
+    def show_prediction(self, session: SlideSession, pred: np.ndarray, conf: np.ndarray) -> None:
+        """Paint ``gpfm: prediction`` / ``gpfm: confidence`` for ``session``."""
+        session.prediction, session.confidence = pred, conf
+        names = self.probe.class_names if self.probe is not None else self.classes.names
+        colours = (
+            self.probe.class_colours if self.probe is not None else None
+        ) or self.classes.colours
+        rgba = np.array([(*(v / 255 for v in c[:3]), 1.0) for c in colours], np.float32)
+        layer = ov.find(self.viewer, ov.PREDICTION)
+        key = (tuple(names), tuple(map(tuple, rgba.round(4).tolist())))
+        cmap = (
+            ov.label_colormap(rgba)
+            if layer is None or layer.metadata.get("gpfm_cmap") != key
+            else None
+        )
+        slide_layer = self._slide_layer(session)
+        raster = session.raster(pred + 1, fill=0, dtype=np.int32)
+        layer = ov.upsert_labels(
+            self.viewer, ov.PREDICTION, raster, session, slide_layer, colormap=cmap, opacity=0.45
+        )
+        layer.metadata["gpfm_cmap"] = key
+        craster = session.raster(conf.astype(np.float32), fill=-1.0)
+        ov.upsert_image(
+            self.viewer, ov.CONFIDENCE, craster, session, slide_layer, colormap="viridis",
+            contrast_limits=(1.0 / max(len(names), 2), 1.0), opacity=0.7,
+            visible=False,  # created hidden (eye icon shows it): it would hide the class colours
+        )  # fmt: skip
+        tiles = ov.find(self.viewer, ov.TILES)
+        if tiles is not None and tiles.metadata.get("gpfm_key") == session.key:
+            tiles.features["prediction"] = pred + 1
+            tiles.features["confidence"] = conf

@@ -1,0 +1,216 @@
+"""Retrieve tab: click a tile -> cosine similarity heatmap + top-k gallery over all slides.
+
+The similarity of every tile of every embedded slide to the query is one matrix-vector
+product per slide on cached unit-norm features (:class:`~gpfm_core.analysis.similarity.SimilarityIndex`).
+The clicked slide's scores are written into a cached raster and ``gpfm: similarity`` is
+updated in place (colormap ``magma`` with transparent bottom, opacity 0.6, contrast from
+the 2nd percentile to the maximum score; the user may change all three). Gallery
+thumbnails are read from the slide files in a worker after the heatmap is shown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Generator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QFormLayout,
+    QLabel,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from gpfm_core.analysis import neighbourhood_query, top_k_multi
+from napari_gpfm._widget import _overlays as ov
+from napari_gpfm._widget._gallery import THUMB_PX, Hit, TileGallery
+from napari_gpfm._widget._session import SessionStore, SlideSession
+from napari_gpfm._widget._workers import Job, Step
+
+if TYPE_CHECKING:
+    import napari
+
+log = logging.getLogger(__name__)
+
+_FILL = -2.0  # below any cosine: drawn with the transparent bottom colour
+
+
+def thumbnails_job(
+    items: list[tuple[str, int, int, int]], *, cancel: threading.Event
+) -> Generator[Step, None, None]:
+    """Worker body: read (slide path, x, y, size) tiles; yields ``Step(payload=(i, rgb))``."""
+    from gpfm_core.slide import open_slide
+
+    slides: dict[str, Any] = {}
+    try:
+        for i, (path, x, y, size) in enumerate(items):
+            if cancel.is_set():
+                return
+            slide = slides.get(path) or slides.setdefault(path, open_slide(path))
+            level = slide.best_level_for_downsample(max(size / THUMB_PX, 1.0))
+            ds = float(slide.level_downsamples[level])
+            side = max(round(size / ds), 1)
+            yield Step(
+                i + 1, len(items), "thumbnails", (i, slide.read_region((x, y), level, (side, side)))
+            )
+    finally:
+        for s in slides.values():
+            s.close()
+
+
+class RetrieveTab(QWidget):
+    """The Retrieve tab."""
+
+    def __init__(
+        self, viewer: napari.Viewer, store: SessionStore, parent: QWidget | None = None
+    ) -> None:
+        super().__init__(parent)
+        self.viewer = viewer
+        self.store = store
+        self.hits: list[Hit] = []
+        self.last_timing: dict[str, float] = {}
+        self.thumbs = Job(thumbnails_job, name="GPFM gallery", on_step=self._on_thumb)
+
+        self.arm_btn = QPushButton("Query by click: on")
+        self.arm_btn.setCheckable(True)
+        self.arm_btn.setChecked(True)
+        self.arm_btn.toggled.connect(
+            lambda on: self.arm_btn.setText(f"Query by click: {'on' if on else 'off'}")
+        )
+        self.k_spin = QSpinBox(minimum=1, maximum=100, value=12)
+        self.neigh_check = QCheckBox("average the 3×3 neighbourhood")
+        self.gallery = TileGallery()
+        self.status = QLabel("Embed a slide, then click on the tissue to find similar tiles.")
+        self.status.setWordWrap(True)
+        form = QFormLayout()
+        form.addRow(self.arm_btn)
+        form.addRow("Top k", self.k_spin)
+        form.addRow(self.neigh_check)
+        lay = QVBoxLayout(self)
+        lay.addLayout(form)
+        lay.addWidget(self.gallery, 1)
+        lay.addWidget(self.status)
+        self.gallery.tile_clicked.connect(self.go_to)
+
+    @property
+    def armed(self) -> bool:
+        """Whether clicks on the slide run a query."""
+        return self.arm_btn.isChecked()
+
+    # ------------------------------------------------------------------ query
+    def query_tile(
+        self, session: SlideSession, index: int, *, thumbnails: bool = True, sync: bool = False
+    ) -> np.ndarray:
+        """Query with tile ``index`` of ``session``; updates the heatmap and gallery.
+
+        Returns
+        -------
+        numpy.ndarray
+            (N,) float32 cosine similarity of the clicked slide's tiles.
+        """
+        t0 = time.perf_counter()
+        index_obj = session.similarity_index()
+        if self.neigh_check.isChecked():
+            vector = neighbourhood_query(index, session.grid_rc, session.features, radius=1)
+        else:
+            vector = index_obj.normalized[index]
+        scores_by: dict[str, np.ndarray] = {}
+        skipped = 0
+        for other in self.store:
+            if other.features.shape[1] != session.features.shape[1]:
+                skipped += 1  # another encoder: not comparable
+                continue
+            scores = other.similarity_index().query(vector)
+            other.similarity = scores
+            scores_by[other.key] = scores
+        t1 = time.perf_counter()
+        session.query_index = index
+        self._show_heatmap(session, scores_by[session.key])
+        t2 = time.perf_counter()
+        ranked = {k: v.copy() for k, v in scores_by.items()}
+        ranked[session.key][index] = np.nan  # the query itself is not a hit
+        k = int(self.k_spin.value())
+        self.hits = [
+            Hit(key, s.name, i, sc)
+            for key, i, sc in top_k_multi(ranked, k)
+            if (s := self.store.get(key)) is not None
+        ]
+        self.gallery.set_hits(self.hits)
+        self.last_timing = {
+            "cosine_ms": 1e3 * (t1 - t0),
+            "layer_ms": 1e3 * (t2 - t1),
+            "total_ms": 1e3 * (time.perf_counter() - t0),
+        }
+        msg = (
+            f"query: tile {index} of {session.name}; best match {self.hits[0].score:.3f}"
+            if self.hits
+            else "no hits"
+        )
+        if skipped:
+            msg += f" ({skipped} slide(s) embedded with another encoder skipped)"
+        self.status.setText(msg)
+        if thumbnails and self.hits:
+            self._load_thumbnails(sync=sync)
+        return scores_by[session.key]
+
+    def _show_heatmap(self, session: SlideSession, scores: np.ndarray) -> None:
+        raster = session.cache.get("sim_raster")
+        if raster is None:
+            raster = session.cache["sim_raster"] = np.full(session.grid_shape, _FILL, np.float32)
+        session.fill_raster(raster, scores)
+        lo = float(np.percentile(scores, 2)) if scores.size > 1 else float(scores.min()) - 1e-3
+        hi = float(scores.max())
+        ov.upsert_image(
+            self.viewer, ov.SIMILARITY, raster, session, ov.find(self.viewer, session.name),
+            colormap="magma", contrast_limits=(lo, hi), opacity=0.6, contrast_range=(-1.0, 1.0),
+        )  # fmt: skip
+        layer = ov.find(self.viewer, ov.SIMILARITY)
+        if layer is not None and not layer.visible:
+            layer.visible = True  # a query shows its answer
+        tiles = ov.find(self.viewer, ov.TILES)
+        if tiles is not None and tiles.metadata.get("gpfm_key") == session.key:
+            tiles.features["similarity"] = scores
+
+    def _load_thumbnails(self, *, sync: bool) -> None:
+        self.thumbs.cancel()
+        items = []
+        for hit in self.hits:
+            s = self.store.get(hit.key)
+            if s is None or s.slide_path is None:
+                continue
+            x, y = (int(v) for v in s.coords[hit.index])
+            items.append((str(s.slide_path), x, y, int(s.tile_size)))
+        if items and not self.thumbs.running:
+            self.thumbs.start(items, sync=sync)
+
+    def _on_thumb(self, step: Step) -> None:
+        i, rgb = step.payload
+        with contextlib.suppress(RuntimeError):  # the dock was closed meanwhile
+            self.gallery.set_thumbnail(i, rgb)
+
+    # ------------------------------------------------------------------ navigation
+    def go_to(self, hit: Hit) -> None:
+        """Centre the view on a hit's tile and zoom so it fills about a quarter of the view."""
+        session = self.store.get(hit.key)
+        if session is None:
+            return
+        x, y = session.tile_center(hit.index)
+        slide_layer = ov.find(self.viewer, session.name)
+        offset = (
+            np.zeros(2) if slide_layer is None else np.asarray(slide_layer.translate, float)[-2:]
+        )
+        wy, wx = y * session.mpp[1] + offset[0], x * session.mpp[0] + offset[1]
+        self.viewer.camera.center = (wy, wx)
+        canvas = getattr(getattr(self.viewer, "canvas", None), "size", (600, 600))
+        width = float(min(canvas))
+        self.viewer.camera.zoom = width / (4.0 * session.tile_size * session.mpp[0])
+        if slide_layer is not None:
+            self.viewer.layers.selection.active = slide_layer
+        self.status.setText(f"{hit.name}: tile {hit.index}, cosine {hit.score:.3f}")

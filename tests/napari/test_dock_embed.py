@@ -1,0 +1,121 @@
+"""Embed tab: threaded embedding with live coverage, cache reuse, cancel, bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from _dock_support import make_dock, open_slide_layer
+from qtpy.QtCore import Qt
+
+from gpfm_core.embed import load_embeddings
+from napari_gpfm._widget import GpfmDock
+from napari_gpfm._widget import _overlays as ov
+
+pytest_plugins = ["_dock_support"]
+
+
+def test_dock_opens_from_the_npe2_manifest(make_napari_viewer: Any) -> None:
+    viewer = make_napari_viewer()
+    _widget, dock = viewer.window.add_plugin_dock_widget("napari-gpfm", "GPFM slide analysis")
+    assert isinstance(dock, GpfmDock)
+    assert [dock.tabs.tabText(i) for i in range(dock.tabs.count())] == [
+        "Embed",
+        "Explore",
+        "Retrieve",
+        "Probe",
+    ]
+    assert dock.embed_tab.encoder_combo.findText("tiny-vit") >= 0
+
+
+def test_threaded_embedding_paints_coverage_then_reuses_the_cache(
+    make_napari_viewer: Any, qtbot: Any, cmu_svs: Path, tmp_path: Path
+) -> None:
+    viewer = make_napari_viewer()
+    slide = open_slide_layer(viewer, cmu_svs)
+    dock = make_dock(viewer, tmp_path, batch_size=32)
+    tab = dock.embed_tab
+    assert tab.slide_combo.currentText() == slide.name
+    embedded_signals: list[Any] = []
+    tab.embedded.connect(embedded_signals.append)
+
+    qtbot.mouseClick(tab.run_btn, Qt.MouseButton.LeftButton)
+    assert tab.job.running and not tab.run_btn.isEnabled() and tab.cancel_btn.isEnabled()
+    qtbot.waitUntil(lambda: tab.job.state != "running", timeout=240_000)
+    assert tab.job.state == "done", tab.status.text()
+
+    files = list(tmp_path.glob("*.h5"))
+    assert [f.name for f in files] == ["cmu_small_region.h5"]
+    emb = load_embeddings(files[0])
+    session = dock.store.active
+    assert embedded_signals == [session] and session.n_tiles == len(emb)
+    np.testing.assert_array_equal(session.features, emb.features)
+    # coverage: one pixel per grid cell, 2 on every embedded tile, nothing elsewhere
+    cov = viewer.layers[ov.COVERAGE]
+    assert cov.data.shape == session.grid_shape
+    assert np.all(cov.data[session.grid_rc[:, 0], session.grid_rc[:, 1]] == 2)
+    assert int((cov.data == 2).sum()) == session.n_tiles
+    assert tab.coverage_refreshes >= 2  # grid + batches (+ final)
+    assert tab.run_btn.isEnabled() and not tab.cancel_btn.isEnabled()
+
+    # second run: the cached file is reused (no rewrite, no batch), same layer object
+    mtime = files[0].stat().st_mtime_ns
+    before = tab.coverage_refreshes
+    qtbot.mouseClick(tab.run_btn, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: tab.job.state != "running", timeout=120_000)
+    assert tab.job.state == "done"
+    assert files[0].stat().st_mtime_ns == mtime
+    assert tab.coverage_refreshes == before + 1  # only the final paint
+    assert viewer.layers[ov.COVERAGE] is cov
+    assert [lay.name for lay in viewer.layers].count(ov.COVERAGE) == 1
+
+
+def test_cancel_keeps_partial_coverage_and_writes_no_file(
+    make_napari_viewer: Any, qtbot: Any, cmu_svs: Path, tmp_path: Path
+) -> None:
+    viewer = make_napari_viewer()
+    open_slide_layer(viewer, cmu_svs)
+    dock = make_dock(viewer, tmp_path, batch_size=2)
+    tab = dock.embed_tab
+    tab.run()
+    # press Cancel as soon as the first batch reached the main thread
+    qtbot.waitUntil(lambda: tab.progress.value() > 0, timeout=240_000)
+    qtbot.mouseClick(tab.cancel_btn, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: tab.job.state != "running", timeout=60_000)
+    assert tab.job.state == "cancelled"
+    assert not list(tmp_path.glob("*.h5")) and not list(tmp_path.glob("*.partial"))
+    assert tab.run_btn.isEnabled() and not tab.cancel_btn.isEnabled()
+    assert "cancelled" in tab.status.text()
+    cov = viewer.layers[ov.COVERAGE].data
+    done, todo = int((cov == 2).sum()), int((cov == 1).sum())
+    assert done > 0 and todo > 0  # partial coverage kept on screen
+    assert len(dock.store) == 0
+
+
+def test_bad_input_gives_one_line(
+    make_napari_viewer: Any, notes: Any, he_png: Path, tmp_path: Path
+) -> None:
+    viewer = make_napari_viewer()
+    dock = make_dock(viewer, tmp_path)
+    assert dock.embed_tab.run(sync=True) is None  # no slide open
+    open_slide_layer(viewer, he_png)  # a PNG without µm/px
+    dock.embed_tab.refresh_slides()
+    assert dock.embed_tab.run(sync=True) is None
+    dock.embed_tab.encoder_combo.setCurrentText("no-such-encoder")
+    msgs = [m for m in notes() if "slide" in m or "µm/px" in m]
+    assert any("no slide chosen" in m for m in msgs)
+    assert any("µm/px" in m for m in msgs)
+    assert all("\n" not in m for m in notes())
+    assert not list(tmp_path.glob("*.h5"))
+
+
+def test_unknown_encoder_is_one_notification(embedded: Any, notes: Any, tmp_path: Path) -> None:
+    _, dock, _ = embedded
+    dock.embed_tab.set_out_dir(tmp_path)
+    dock.embed_tab.encoder_combo.setCurrentText("no-such-encoder")
+    assert dock.embed_tab.run(sync=True) is None
+    assert dock.embed_tab.job.state == "error"
+    errors = [m for m in notes() if "no-such-encoder" in m]
+    assert len(errors) == 1 and "\n" not in errors[0]
+    assert dock.embed_tab.run_btn.isEnabled()

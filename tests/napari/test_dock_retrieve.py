@@ -1,0 +1,112 @@
+"""Retrieve tab: click -> cosine heatmap in place, top-k gallery over every embedded slide."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from _dock_support import click, open_slide_layer, tile_world_centre, unit, world_of
+from napari.layers import Image
+from qtpy.QtCore import Qt
+
+from napari_gpfm._widget import _overlays as ov
+from napari_gpfm._widget._demo_hook import populate_demo
+
+pytest_plugins = ["_dock_support"]
+
+
+def test_click_query_heatmap_gallery_and_navigation(
+    embedded: Any, qtbot: Any, small_pyramid: Path
+) -> None:
+    viewer, dock, cmu = embedded
+    # a second embedded slide: retrieval searches both
+    open_slide_layer(viewer, small_pyramid)
+    dock.embed_tab.refresh_slides()
+    dock.embed_tab.slide_combo.setCurrentText(small_pyramid.stem)
+    other = dock.embed_tab.run(sync=True)
+    assert other is not None and other.key != cmu.key and len(dock.store) == 2
+    dock.set_active(cmu)
+    tab = dock.retrieve_tab
+    dock.tabs.setCurrentWidget(tab)
+    tab.k_spin.setValue(9)
+
+    query = cmu.n_tiles // 3
+    click(viewer, tile_world_centre(cmu, query))
+    sim = viewer.layers[ov.SIMILARITY]
+    assert isinstance(sim, Image) and sim.opacity == 0.6 and sim.data.shape == cmu.grid_shape
+    q = unit(cmu.features)[query]
+    expected = unit(cmu.features) @ q
+    rc = cmu.grid_rc
+    np.testing.assert_allclose(sim.data[rc[:, 0], rc[:, 1]], expected, atol=1e-5)
+    assert abs(sim.data[rc[query, 0], rc[query, 1]] - 1.0) < 1e-5
+    lo, hi = sim.contrast_limits
+    assert hi == float(np.float32(expected.max())) or abs(hi - expected.max()) < 1e-5
+    assert lo < hi
+
+    # top-k over both slides, query excluded, best first
+    expected_other = unit(other.features) @ q
+    pool = [(s, cmu.key, i) for i, s in enumerate(expected) if i != query]
+    pool += [(s, other.key, i) for i, s in enumerate(expected_other)]
+    pool.sort(key=lambda h: -h[0])
+    assert [(h.key, h.index) for h in tab.hits] == [(k, i) for _, k, i in pool[:9]]
+    assert len(tab.gallery.buttons) == 9
+    qtbot.waitUntil(lambda: len(tab.gallery.thumbnails_shown) == 9, timeout=60_000)
+    assert all(not b.isHidden() and "\n" in b.text() for b in tab.gallery.buttons)
+
+    # a second click updates the same layer and the same array in place
+    data_id = id(sim.data)
+    click(viewer, tile_world_centre(cmu, 0))
+    assert viewer.layers[ov.SIMILARITY] is sim and id(sim.data) == data_id
+    assert abs(sim.data[rc[0, 0], rc[0, 1]] - 1.0) < 1e-5
+    assert tab.last_timing["total_ms"] > 0
+    qtbot.waitUntil(lambda: not tab.thumbs.running, timeout=60_000)
+
+    # clicking a gallery tile centres the view on it
+    hit = tab.hits[0]
+    qtbot.mouseClick(tab.gallery.buttons[0], Qt.MouseButton.LeftButton)
+    target = dock.store.get(hit.key)
+    np.testing.assert_allclose(viewer.camera.center[-2:], tile_world_centre(target, hit.index))
+
+    # neighbourhood averaging: mean of the unit features of the 3x3 neighbours
+    tab.neigh_check.setChecked(True)
+    click(viewer, tile_world_centre(cmu, query))
+    near = np.flatnonzero(np.abs(rc - rc[query]).max(axis=1) <= 1)
+    assert near.size > 1
+    qn = unit(cmu.features)[near].mean(axis=0)
+    np.testing.assert_allclose(
+        sim.data[rc[:, 0], rc[:, 1]], unit(cmu.features) @ (qn / np.linalg.norm(qn)), atol=1e-5
+    )
+
+    # outside the embedded tiles: status message only, heatmap unchanged
+    before = sim.data.copy()
+    click(viewer, world_of(cmu, -300.0, 10.0))
+    assert "No embedded tile" in tab.status.text()
+    np.testing.assert_array_equal(sim.data, before)
+
+    # disarmed: clicks do nothing
+    tab.arm_btn.setChecked(False)
+    click(viewer, tile_world_centre(cmu, 0))
+    np.testing.assert_array_equal(sim.data, before)
+    qtbot.waitUntil(lambda: not tab.thumbs.running, timeout=60_000)
+
+
+def test_populate_demo_fills_every_tab(embedded: Any, cmu_embeddings: Path) -> None:
+    viewer, dock, cmu = embedded
+    x, y = cmu.tile_center(5)
+    session = populate_demo(
+        viewer, dock, query_xy=(x, y), out_dir=cmu_embeddings, encoder="tiny-vit", k=4
+    )
+    assert session.n_tiles == cmu.n_tiles
+    names = {lay.name for lay in viewer.layers}
+    assert {
+        ov.CLUSTERS,
+        ov.SIMILARITY,
+        ov.COVERAGE,
+        ov.TILES,
+        ov.ANNOTATIONS,
+        ov.ANNOTATION_POINTS,
+    } <= names
+    assert session.query_index == 5 and session.clusters.max() == 4
+    assert dock.tabs.currentWidget() is dock.retrieve_tab and len(dock.retrieve_tab.hits) == 12
+    assert dock.probe_tab.session is session
