@@ -40,8 +40,15 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
 
+# Every benchmark at its default size (the 100k x 100k slide is generated once into
+# bench_out/, about 9 minutes). Figures and machine details go to BENCHMARKS.md.
 bench: setup
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/bench_slides.py
+	xvfb-run -a $(PY) benchmarks/bench_napari_open.py
+	$(PY) benchmarks/bench_embed.py
+	$(PY) benchmarks/bench_analysis.py
+	xvfb-run -a $(PY) benchmarks/bench_dock.py
+	$(PY) benchmarks/bench_train.py
 
 clean:
 	rm -rf $(VENV) .cache demo_out bench_out
