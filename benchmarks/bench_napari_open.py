@@ -84,6 +84,7 @@ def child(path: Path, *, pans: int, seed: int, backend: str) -> dict[str, Any]:
 
     import napari
     from napari_gpfm import _reader
+    from napari_gpfm._layers import viewer_camera
     from napari_gpfm._pyramid import build_pyramid
 
     proc = psutil.Process()
@@ -127,8 +128,8 @@ def child(path: Path, *, pans: int, seed: int, backend: str) -> dict[str, Any]:
     for _ in range(pans):
         x, y = rng.integers(2000, w0 - 2000), rng.integers(2000, h0 - 2000)
         t = time.perf_counter()
-        viewer.camera.center = (y * my, x * mx)
-        viewer.camera.zoom = 1.0 / mx
+        viewer_camera(viewer).center = (y * my, x * mx)
+        viewer_camera(viewer).zoom = 1.0 / mx
         viewer.screenshot(canvas_only=True, flash=False)
         pan_s.append(time.perf_counter() - t)
         levels_seen.append(int(layer.data_level))

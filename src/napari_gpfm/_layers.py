@@ -400,3 +400,9 @@ def add_analysis_layers(
             "or lower the minimum tissue fraction"
         )
     return tissue, grid, tissue_layer, grid_layer
+
+
+def viewer_camera(viewer: Any) -> Any:
+    """The viewer's camera: ``viewer.scene.camera`` from napari 0.9, ``viewer.camera`` before."""
+    scene = getattr(viewer, "scene", None)
+    return scene.camera if scene is not None else viewer.camera

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_gpfm._demo import build_demo
-from napari_gpfm._layers import GRID_LAYER, TISSUE_LAYER
+from napari_gpfm._layers import GRID_LAYER, TISSUE_LAYER, viewer_camera
 
 
 def test_build_demo_fills_viewer(make_napari_viewer, tmp_path: Path) -> None:
@@ -99,13 +99,13 @@ def test_demo_overlays_land_on_their_tiles(make_napari_viewer, tmp_path: Path) -
     clusters.opacity = 1.0
     mpp = state.slide.mpp[0]
     side_px = 80.0  # a tile is drawn 80 screen px wide
-    viewer.camera.zoom = side_px / (session.stride * mpp)
+    viewer_camera(viewer).zoom = side_px / (session.stride * mpp)
     labels = np.asarray(clusters.data)
     checked = 0
     for index in np.linspace(0, session.n_tiles - 1, 4).astype(int):
         row, col = session.grid_rc[index]
         x, y = session.tile_center(int(index))
-        viewer.camera.center = tuple(state.slide_layer.data_to_world([y, x]))
+        viewer_camera(viewer).center = tuple(state.slide_layer.data_to_world([y, x]))
         shot = viewer.screenshot(canvas_only=True, flash=False)[..., :3].astype(int)
         h, w = shot.shape[:2]
         expected = np.round(np.asarray(clusters.colormap.map(labels[row, col]))[:3] * 255)

@@ -10,6 +10,7 @@ from _dock_support import click, open_slide_layer, tile_world_centre, unit, worl
 from napari.layers import Image
 from qtpy.QtCore import Qt
 
+from napari_gpfm._layers import viewer_camera
 from napari_gpfm._widget import _overlays as ov
 from napari_gpfm._widget._demo_hook import populate_demo
 
@@ -66,7 +67,9 @@ def test_click_query_heatmap_gallery_and_navigation(
     hit = tab.hits[0]
     qtbot.mouseClick(tab.gallery.buttons[0], Qt.MouseButton.LeftButton)
     target = dock.store.get(hit.key)
-    np.testing.assert_allclose(viewer.camera.center[-2:], tile_world_centre(target, hit.index))
+    np.testing.assert_allclose(
+        viewer_camera(viewer).center[-2:], tile_world_centre(target, hit.index)
+    )
 
     # neighbourhood averaging: mean of the unit features of the 3x3 neighbours
     tab.neigh_check.setChecked(True)

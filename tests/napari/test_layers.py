@@ -20,6 +20,7 @@ from napari_gpfm._layers import (
     grid_to_labels,
     tile_layer_transform,
     tissue_from_layer,
+    viewer_camera,
 )
 from napari_gpfm._reader import slide_for_layer
 
@@ -126,14 +127,14 @@ def test_rendered_tile_overlay_lands_on_its_tile(make_napari_viewer, cmu_svs: Pa
     )
     s = grid.stride_level0
     # zoom so the marked tile and its neighbours fill the canvas
-    viewer.camera.center = tuple(slide_layer.data_to_world([6.5 * s, 4.5 * s]))
-    viewer.camera.zoom = 600 / (3 * s * 0.499)
+    viewer_camera(viewer).center = tuple(slide_layer.data_to_world([6.5 * s, 4.5 * s]))
+    viewer_camera(viewer).zoom = 600 / (3 * s * 0.499)
     shot = viewer.screenshot(canvas_only=True, flash=False)[..., :3].astype(int)
     red = (shot[..., 0] > 200) & (shot[..., 1] < 60) & (shot[..., 2] < 60)
     rows, cols = np.nonzero(red)
     h, w = red.shape
     # the red square is one tile (~s * zoom * mpp px wide) centred on the canvas centre
-    side = s * 0.499 * viewer.camera.zoom
+    side = s * 0.499 * viewer_camera(viewer).zoom
     assert abs((cols.max() - cols.min() + 1) - side) <= 3
     assert abs((rows.max() - rows.min() + 1) - side) <= 3
     assert abs((cols.min() + cols.max()) / 2 - (w - 1) / 2) <= 2

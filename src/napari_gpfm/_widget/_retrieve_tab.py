@@ -29,6 +29,7 @@ from qtpy.QtWidgets import (
 )
 
 from gpfm_core.analysis import neighbourhood_query, top_k_multi
+from napari_gpfm._layers import viewer_camera
 from napari_gpfm._widget import _overlays as ov
 from napari_gpfm._widget._gallery import THUMB_PX, Hit, TileGallery
 from napari_gpfm._widget._session import SessionStore, SlideSession
@@ -207,10 +208,10 @@ class RetrieveTab(QWidget):
             np.zeros(2) if slide_layer is None else np.asarray(slide_layer.translate, float)[-2:]
         )
         wy, wx = y * session.mpp[1] + offset[0], x * session.mpp[0] + offset[1]
-        self.viewer.camera.center = (wy, wx)
+        viewer_camera(self.viewer).center = (wy, wx)
         canvas = getattr(getattr(self.viewer, "canvas", None), "size", (600, 600))
         width = float(min(canvas))
-        self.viewer.camera.zoom = width / (4.0 * session.tile_size * session.mpp[0])
+        viewer_camera(self.viewer).zoom = width / (4.0 * session.tile_size * session.mpp[0])
         if slide_layer is not None:
             self.viewer.layers.selection.active = slide_layer
         self.status.setText(f"{hit.name}: tile {hit.index}, cosine {hit.score:.3f}")

@@ -15,8 +15,6 @@ notification line; anything else is logged with its traceback and shown as one l
 from __future__ import annotations
 
 import logging
-import os
-import sys
 import threading
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
@@ -26,6 +24,7 @@ from napari.utils import progress
 from napari.utils.notifications import show_error, show_info
 
 from gpfm_core.errors import GpfmError
+from napari_gpfm._triton_guard import avoid_triton_crash
 
 log = logging.getLogger(__name__)
 
@@ -51,20 +50,6 @@ class Step:
 
 
 JobFunc = Callable[..., Generator[Step, None, Any]]
-
-
-def avoid_triton_crash() -> None:
-    """Keep torch from importing triton inside a running napari (it would segfault).
-
-    libtriton bundles its own LLVM; loading it after Mesa's llvmpipe OpenGL driver (Xvfb,
-    VMs, remote desktops) has loaded the system LLVM crashes the process. torch only
-    imports triton to probe for ``torch.compile`` support, which the dock never uses, so
-    it is marked unavailable unless already loaded or ``GPFM_ALLOW_TRITON=1``.
-    """
-    if "triton" in sys.modules or os.environ.get("GPFM_ALLOW_TRITON") == "1":
-        return
-    sys.modules["triton"] = None  # type: ignore[assignment]  # import triton -> ImportError
-    log.debug("triton marked unavailable in this napari process")
 
 
 def error_line(exc: BaseException) -> str:
