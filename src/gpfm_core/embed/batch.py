@@ -97,7 +97,8 @@ def embed_slides(
             raise
         except (GpfmError, OSError) as exc:
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            log.error("%s: %s", slide, msg)
+            # a user error: the outcome carries it and the caller reports it in one line
+            log.info("%s: %s", slide, msg)
             outcome = SlideOutcome(slide, None, msg)
         except Exception as exc:  # one broken slide must not end a cohort run
             log.error(
