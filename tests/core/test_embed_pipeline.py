@@ -99,6 +99,10 @@ def test_progress_covers_every_tile_once(
     assert all(
         e.features.shape == (len(e.indices), 64) and e.features.dtype == np.float32 for e in events
     )
+    # every event carries the one grid being embedded, matching the file's coords
+    assert all(e.grid is events[0].grid for e in events) and len(events[0].grid) == total
+    with h5py.File(result.path) as f:
+        np.testing.assert_array_equal(f["coords"][:], events[0].grid.coords)
     emb = load_embeddings(result.path)
     np.testing.assert_array_equal(emb.features[events[1].indices], events[1].features)
     assert result.n_tiles == total and not result.reused and result.encoder == "tiny-vit"

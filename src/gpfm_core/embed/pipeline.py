@@ -64,12 +64,16 @@ class EmbedProgress:
         (B,) int64 rows of the tile grid finished by this batch.
     features : np.ndarray
         (B, D) float32 their embeddings.
+    grid : TileGrid
+        The grid being embedded (the same object in every event), so a caller can paint
+        coverage (``grid.grid_rc[indices]``) without tiling the slide again.
     """
 
     done: int
     total: int
     indices: np.ndarray
     features: np.ndarray
+    grid: Any = None
 
 
 @dataclass(frozen=True)
@@ -289,7 +293,7 @@ def iter_embed_slide(
                         )
                     writer.write(indices, feats)
                     done += len(indices)
-                    yield EmbedProgress(done, n, indices, feats)
+                    yield EmbedProgress(done, n, indices, feats, grid)
                     if cancel is not None and cancel.is_set() and done < n:
                         raise EmbedCancelled(
                             f"embedding of {slide_path.name} cancelled; no file written"

@@ -98,19 +98,11 @@ def embed_job(params: EmbedParams, *, cancel: threading.Event) -> Generator[Step
         except StopIteration as stop:
             result = stop.value
             break
-        if grid is None:  # the core yields indices only: rebuild its grid once (same params)
-            grid = _grid_for(params)
+        if grid is None:  # first batch: the core's grid lays out the coverage layer
+            grid = ev.grid
             yield Step(0, ev.total, "tiles", ("grid", grid))
         yield Step(ev.done, ev.total, "tiles", ("batch", grid.grid_rc[ev.indices]))
     return load_embeddings(result.path)
-
-
-def _grid_for(params: EmbedParams) -> Any:
-    from gpfm_core.slide import open_slide
-    from gpfm_core.tiling import make_tile_grid
-
-    with open_slide(params.ref.path) as slide:
-        return make_tile_grid(slide, mpp=params.mpp, tile_px=params.tile_px)
 
 
 class EmbedTab(QWidget):
