@@ -119,3 +119,29 @@ def test_unknown_encoder_is_one_notification(embedded: Any, notes: Any, tmp_path
     errors = [m for m in notes() if "no-such-encoder" in m]
     assert len(errors) == 1 and "\n" not in errors[0]
     assert dock.embed_tab.run_btn.isEnabled()
+
+
+def test_embedding_uses_the_edited_tissue_layer(
+    make_napari_viewer: Any, cmu_svs: Path, tmp_path: Path
+) -> None:
+    """An edited tissue layer is what the dock's embedding tiles (issue: editable mask)."""
+    from gpfm_core.tiling import make_tile_grid
+    from napari_gpfm._layers import add_tissue_layer, tissue_from_layer
+    from napari_gpfm._reader import slide_for_layer
+
+    viewer = make_napari_viewer()
+    slide_layer = open_slide_layer(viewer, cmu_svs)
+    slide = slide_for_layer(slide_layer)
+    from gpfm_core.tissue import detect_tissue
+
+    layer = add_tissue_layer(viewer, detect_tissue(slide), mpp=slide.mpp)
+    # the user keeps only a 700 x 500 px rectangle of tissue (level-0 (y, x) vertices)
+    layer.data = [np.array([[1200.0, 800.0], [1200.0, 1500.0], [1700.0, 1500.0], [1700.0, 800.0]])]
+    layer.features = {"kind": np.array(["tissue"], dtype=object)}
+    dock = make_dock(viewer, tmp_path)
+    session = dock.embed_tab.run(sync=True)
+    assert session is not None
+    expected = make_tile_grid(slide, mpp=0.5, tile_px=112, tissue=tissue_from_layer(layer, slide))
+    full = make_tile_grid(slide, mpp=0.5, tile_px=112)
+    assert 0 < len(expected) < len(full) // 4
+    np.testing.assert_array_equal(session.coords, expected.coords)

@@ -80,6 +80,8 @@ class EmbedParams:
     device: str
     out_dir: Path
     batch_size: int = 64
+    #: TissueMask from the viewer's (possibly edited) tissue layer; None: detect tissue
+    tissue: Any = None
 
 
 def embed_job(params: EmbedParams, *, cancel: threading.Event) -> Generator[Step, None, Any]:
@@ -90,6 +92,7 @@ def embed_job(params: EmbedParams, *, cancel: threading.Event) -> Generator[Step
     gen = iter_embed_slide(
         params.ref.path, encoder=params.encoder, out_dir=params.out_dir, mpp=params.mpp,
         tile_px=params.tile_px, device=params.device, batch_size=params.batch_size, cancel=cancel, reuse=True,
+        tissue=params.tissue,
     )  # fmt: skip
     grid = None
     while True:
@@ -248,8 +251,33 @@ class EmbedTab(QWidget):
         return EmbedParams(
             ref, self.encoder_combo.currentText().strip(), float(self.mpp_spin.value()),
             int(self.tile_spin.value()), self.device_combo.currentText(), Path(self.out_dir),
-            int(self.batch_spin.value()),
+            int(self.batch_spin.value()), self._edited_tissue(ref),
         )  # fmt: skip
+
+    def _edited_tissue(self, ref: SlideRef) -> Any:
+        """The viewer's tissue layer for ``ref``'s slide as a TissueMask, else None.
+
+        The tissue layer the reader/demo adds is editable; what the user left there is
+        what tiling uses (None lets the pipeline detect tissue itself).
+        """
+        from napari.layers import Shapes
+
+        from napari_gpfm._layers import tissue_from_layer
+        from napari_gpfm._reader import slide_for_layer
+
+        slide_layer = next((ly for ly in self.viewer.layers if ly.name == ref.layer_name), None)
+        slide = slide_for_layer(slide_layer) if slide_layer is not None else None
+        if slide is None:
+            return None
+        for layer in self.viewer.layers:
+            meta = getattr(layer, "metadata", None) or {}
+            if (
+                isinstance(layer, Shapes)
+                and meta.get("gpfm_kind") == "tissue"
+                and list(meta.get("level0_size", ())) == list(slide.dimensions)
+            ):
+                return tissue_from_layer(layer, slide)
+        return None
 
     def run(self, *, sync: bool = False) -> SlideSession | None:
         """Embed the chosen slide (threaded; ``sync=True`` blocks and returns the session)."""
