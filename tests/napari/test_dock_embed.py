@@ -145,3 +145,18 @@ def test_embedding_uses_the_edited_tissue_layer(
     full = make_tile_grid(slide, mpp=0.5, tile_px=112)
     assert 0 < len(expected) < len(full) // 4
     np.testing.assert_array_equal(session.coords, expected.coords)
+
+
+def test_tissue_button_adds_editable_layers_in_a_worker(
+    make_napari_viewer: Any, qtbot: Any, cmu_svs: Path, tmp_path: Path
+) -> None:
+    from napari_gpfm._layers import GRID_LAYER, TISSUE_LAYER
+
+    viewer = make_napari_viewer()
+    open_slide_layer(viewer, cmu_svs)
+    dock = make_dock(viewer, tmp_path)
+    qtbot.mouseClick(dock.embed_tab.tissue_btn, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: GRID_LAYER in viewer.layers, timeout=60_000)
+    assert len(viewer.layers[TISSUE_LAYER].data) >= 1
+    _tissue, grid = dock.embed_tab.show_tissue(sync=True)  # same result on the blocking path
+    assert len(viewer.layers[GRID_LAYER].data) == len(grid) > 20

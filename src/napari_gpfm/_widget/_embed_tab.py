@@ -152,6 +152,11 @@ class EmbedTab(QWidget):
         out_row.addWidget(self.out_edit)
         out_row.addWidget(browse)
         self.run_btn = QPushButton("Embed slide")
+        self.tissue_btn = QPushButton("Tissue + grid")
+        self.tissue_btn.setToolTip(
+            "detect tissue and show the tile grid as editable layers; embedding uses the "
+            "edited tissue layer"
+        )
         self.cancel_btn = QPushButton("Cancel")
         self.cancel_btn.setEnabled(False)
         self.progress = QProgressBar()
@@ -167,6 +172,7 @@ class EmbedTab(QWidget):
         form.addRow("Batch size", self.batch_spin)
         form.addRow("Output folder", out_row)
         buttons = QHBoxLayout()
+        buttons.addWidget(self.tissue_btn)
         buttons.addWidget(self.run_btn)
         buttons.addWidget(self.cancel_btn)
         lay = QVBoxLayout(self)
@@ -177,6 +183,7 @@ class EmbedTab(QWidget):
         lay.addStretch(1)
 
         self.run_btn.clicked.connect(lambda: self.run())
+        self.tissue_btn.clicked.connect(lambda: self.show_tissue())
         self.cancel_btn.clicked.connect(self.job.cancel)
         self.encoder_combo.currentTextChanged.connect(self._encoder_changed)
         self.out_edit.editingFinished.connect(
@@ -253,6 +260,53 @@ class EmbedTab(QWidget):
             int(self.tile_spin.value()), self.device_combo.currentText(), Path(self.out_dir),
             int(self.batch_spin.value()), self._edited_tissue(ref),
         )  # fmt: skip
+
+    def show_tissue(self, *, sync: bool = False) -> Any:
+        """Detect tissue and lay the tile grid for the chosen slide, as editable layers.
+
+        Detection runs in a worker thread (``sync=True`` blocks, for tests and scripts);
+        the ``gpfm: tissue`` and ``gpfm: tile grid`` layers are added on the main thread.
+        Returns the worker, or ``(tissue, grid)`` when ``sync``.
+        """
+        from napari.qt.threading import create_worker
+        from napari.utils.notifications import show_warning
+
+        try:
+            params = self.params()
+        except GpfmError as exc:
+            show_warning(str(exc))
+            return None
+
+        def compute() -> tuple[Any, Any]:
+            from gpfm_core.slide import open_slide
+            from gpfm_core.tiling import make_tile_grid
+            from gpfm_core.tissue import detect_tissue
+
+            with open_slide(params.ref.path) as slide:
+                tissue = detect_tissue(slide)
+                grid = make_tile_grid(slide, mpp=params.mpp, tile_px=params.tile_px, tissue=tissue)
+            return tissue, grid
+
+        def show(result: tuple[Any, Any]) -> None:
+            from napari_gpfm._layers import add_tile_grid_layer, add_tissue_layer
+
+            tissue, grid = result
+            add_tissue_layer(self.viewer, tissue, mpp=params.ref.mpp)
+            add_tile_grid_layer(self.viewer, grid, mpp=params.ref.mpp)
+            self.status.setText(
+                f"{params.ref.layer_name}: {len(grid)} tiles on tissue; edit gpfm: tissue "
+                "to change what is embedded."
+            )
+
+        if sync:
+            result = compute()
+            show(result)
+            return result
+        worker = create_worker(compute)
+        worker.returned.connect(show)
+        worker.errored.connect(lambda exc: show_warning(f"tissue detection failed: {exc}"))
+        worker.start()
+        return worker
 
     def _edited_tissue(self, ref: SlideRef) -> Any:
         """The viewer's tissue layer for ``ref``'s slide as a TissueMask, else None.
