@@ -150,28 +150,30 @@ def test_umap_numba_kernels_are_cached_on_disk() -> None:
     assert enable_umap_numba_cache() is state  # idempotent
 
 
-def test_exact_knn_matches_sklearn_brute_force() -> None:
-    from sklearn.neighbors import NearestNeighbors
-
-    from gpfm_core.analysis.embedding import exact_knn
-
-    x, _ = _blobs(n=3000, d=20, k=5)
-    x = np.vstack([x, x[:5]])  # exact duplicates: self must still come first
-    idx, dist = exact_knn(x, 12, block=512)
-    ref_d, ref_i = NearestNeighbors(n_neighbors=12).fit(x).kneighbors(x)
-    assert idx.shape == (3005, 12) and idx.dtype == np.int64 and dist.dtype == np.float32
-    assert np.array_equal(idx[:, 0], np.arange(3005)) and np.all(dist[:, 0] == 0)
-    assert np.allclose(dist, ref_d, atol=1e-4)
-    # duplicates make exact ties, whose order may differ: compare neighbour sets + distances
-    true = np.linalg.norm(x[idx] - x[:, None, :], axis=2)
-    assert np.allclose(true, dist, atol=1e-4)
-    same = [len(set(a) & set(b)) for a, b in zip(idx[:, :-1], ref_i[:, :-1], strict=True)]
-    assert np.mean(same) > 10.9
-    assert np.all(np.diff(dist, axis=1) >= 0)
-
-
 def test_umap_on_exact_knn_path_separates_clusters() -> None:
     x, y = _blobs(n=4500, d=32, k=3)  # above umap-learn's 4096-point "small data" path
     out = umap_embed(x, n_neighbors=10, pca_dim=16, seed=0, n_epochs=50)
     assert out.shape == (4500, 2) and np.isfinite(out).all()
     assert _agreement(kmeans_clusters(out, 3, seed=0), y) > 0.95
+
+
+def test_umap_on_ivf_knn_path_separates_clusters(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above the exact-search limit the graph comes from ivf_knn, never from NN-descent."""
+    import pynndescent
+
+    from gpfm_core.analysis import embedding
+
+    monkeypatch.setattr(embedding, "_EXACT_KNN_MAX", 1000)  # our own threshold, not a library
+    built: list[object] = []
+    original_init = pynndescent.NNDescent.__init__
+
+    def _count(self, *args, **kwargs):  # records real constructions; behaviour unchanged
+        built.append(self)
+        original_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(pynndescent.NNDescent, "__init__", _count)
+    x, y = _blobs(n=4500, d=32, k=3)
+    out = umap_embed(x, n_neighbors=10, pca_dim=16, seed=0, n_epochs=50)
+    assert out.shape == (4500, 2) and np.isfinite(out).all()
+    assert _agreement(kmeans_clusters(out, 3, seed=0), y) > 0.95
+    assert built == []

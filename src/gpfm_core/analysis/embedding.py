@@ -24,19 +24,20 @@ cost). ``n_epochs=100`` roughly halves the layout time for a coarser picture.
 
 Neighbour graph
 ---------------
-Below 4,096 tiles umap-learn computes all pairwise distances, but through sklearn with its
-numba distance as a Python callable (~50 s for 3,000 tiles): we hand it the BLAS distances
-as ``metric="precomputed"`` instead (same graph, milliseconds). Up to 30,000 tiles the graph
-is exact (:func:`exact_knn`, blocked brute force in torch, O(N^2): measured 17 s at 50,000
-and 55 s at 100,000, so ~6 s at 30,000) and passed as ``precomputed_knn``. Above that
-umap-learn's NN-descent (pynndescent) runs: its numba kernels recompile once per process
-(43 s on the benchmark machine, not cacheable, see :func:`exact_knn`), then 7-12 s per
-100,000 tiles. So the first UMAP above 30,000 tiles in a session pays ~45 s extra.
+umap-learn never searches neighbours itself here: below 4,096 tiles it would compute all
+pairwise distances through sklearn with its numba distance as a Python callable (~50 s for
+3,000 tiles), so we hand it the BLAS distances as ``metric="precomputed"`` (same graph,
+milliseconds). Above that it would run NN-descent (pynndescent), whose numba kernels take the
+distance as an argument, cannot be cached and recompile in every process (43 s on the
+benchmark machine). Instead the graph comes from :mod:`gpfm_core.analysis.knn` as
+``precomputed_knn``: exact (:func:`exact_knn`, blocked brute force in torch, ~6 s at 30,000)
+up to 30,000 tiles, an inverted-file search (:func:`ivf_knn`, ~8 s at 100,000) above. No
+neighbour-search compile is paid, in the first UMAP of a session or later.
 
 numba cache
 -----------
-umap-learn / pynndescent compile numba kernels on first use. pynndescent's kernels are
-``cache=True`` and land in ``NUMBA_CACHE_DIR`` (the Makefile sets ``.cache/numba``); umap-learn's
+umap-learn compiles numba kernels on first use (pynndescent's, ``cache=True``, are imported
+with it and land in ``NUMBA_CACHE_DIR``, which the Makefile sets to ``.cache/numba``); its
 own kernels (layout SGD, fuzzy simplicial set, distances) are plain ``@numba.njit``.
 :func:`enable_umap_numba_cache` (called by :func:`umap_embed` right after importing umap)
 calls ``Dispatcher.enable_caching()`` on every not-yet-compiled numba dispatcher defined in
@@ -57,6 +58,7 @@ from collections.abc import Callable
 import numpy as np
 
 from gpfm_core.analysis._util import as_features
+from gpfm_core.analysis.knn import exact_knn, ivf_knn
 from gpfm_core.errors import GpfmError
 
 log = logging.getLogger(__name__)
@@ -89,8 +91,10 @@ class _TqdmSink:
 
 #: Below this many tiles umap-learn computes exact pairwise distances (we hand it BLAS ones).
 _UMAP_SMALL_DATA = 4096
-#: Up to this many tiles the neighbour graph is exact (:func:`exact_knn`), above it NN-descent.
+#: Up to this many tiles the neighbour graph is exact (:func:`exact_knn`), above it IVF.
 _EXACT_KNN_MAX = 30_000
+
+__all__ = ["enable_umap_numba_cache", "exact_knn", "ivf_knn", "pca_reduce", "umap_embed"]
 _UMAP_NUMBA_MODULES = ("umap.layouts", "umap.umap_", "umap.utils", "umap.distances", "umap.sparse")
 _numba_cache_state: dict[str, int] | None = None
 
@@ -141,52 +145,6 @@ def enable_umap_numba_cache() -> dict[str, int]:
     log.debug("numba cache for umap-learn: %s", state)
     _numba_cache_state = state
     return state
-
-
-def exact_knn(x: np.ndarray, k: int, *, block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """Exact k nearest neighbours (euclidean, each point its own first neighbour).
-
-    Blocked brute force in torch: one float32 GEMM per block of rows for candidate
-    selection (``k + 8`` smallest by the dot-product expansion), then the candidates'
-    distances recomputed from differences (no cancellation) and sorted, ties by index.
-    No numba compile: pynndescent's NN-descent kernels are recompiled in every process
-    despite ``cache=True`` (they take the distance function as an argument), 43 s on the
-    2-core benchmark machine. But the cost is O(N^2): the (N, N) distances stream through
-    memory, 17 s for 50,000 and 55 s for 100,000 tiles there, so :func:`umap_embed` uses it
-    only up to ``_EXACT_KNN_MAX`` (30,000) tiles and NN-descent above (compile paid once
-    per process, then 7-12 s per 100,000).
-
-    Returns
-    -------
-    tuple of numpy.ndarray
-        indices (N, k) int64 and distances (N, k) float32, nearest first.
-    """
-    import torch
-
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    n = x.shape[0]
-    k = min(int(k), n)
-    kk = min(n, k + 8)
-    xt = torch.from_numpy(x)
-    sq = (xt * xt).sum(dim=1)
-    indices = np.empty((n, k), dtype=np.int64)
-    dists = np.empty((n, k), dtype=np.float32)
-    with torch.no_grad():
-        for start in range(0, n, block):
-            stop = min(start + block, n)
-            rows = torch.arange(start, stop)
-            d2 = torch.addmm(sq[None, :], xt[start:stop], xt.T, alpha=-2.0)
-            d2 += sq[start:stop, None]
-            d2[rows - start, rows] = -1.0  # the point itself always comes first
-            cand = torch.topk(d2, kk, dim=1, largest=False, sorted=False).indices
-            diff = xt[cand] - xt[start:stop, None, :]
-            exact = torch.sqrt((diff * diff).sum(dim=2)).numpy()
-            cand_np = cand.numpy()
-            exact[cand_np == rows.numpy()[:, None]] = -1.0
-            order = np.lexsort((cand_np, exact), axis=1)[:, :k]
-            indices[start:stop] = np.take_along_axis(cand_np, order, axis=1)
-            dists[start:stop] = np.maximum(np.take_along_axis(exact, order, axis=1), 0.0)
-    return indices, dists
 
 
 def pca_reduce(
@@ -240,7 +198,6 @@ def umap_embed(
     pca_dim: int | None = 50,
     seed: int | None = 0,
     progress: ProgressFn | None = None,
-    low_memory: bool = True,
     n_epochs: int | None = None,
 ) -> np.ndarray:
     """Embed tiles in 2-D with UMAP (optionally after PCA).
@@ -259,8 +216,6 @@ def umap_embed(
         int: reproducible, single-threaded. ``None``: all cores, not reproducible.
     progress
         Called as ``progress(stage, fraction)`` with stage "pca", "knn", "optimise".
-    low_memory
-        umap-learn's ``low_memory`` (slower nearest-neighbour descent, less RAM).
     n_epochs
         Optimisation epochs; None = umap-learn's default (200 above 10,000 tiles, else 500).
         The optimisation dominates the run time on large slides: 100 halves it.
@@ -318,11 +273,11 @@ def umap_embed(
 
         x = pairwise_distances(x, metric="euclidean").astype(np.float32)
         np.fill_diagonal(x, 0.0)
-    # Above that, umap-learn runs pynndescent, whose kernels recompile in every process
-    # (43 s measured); exact blocked kNN in torch is faster up to ~30,000 tiles (see exact_knn).
+    # Above that, the neighbour graph comes from torch (see the module docstring): exact up to
+    # 30,000 tiles, an inverted-file search beyond; umap-learn's NN-descent never runs.
     knn: tuple[np.ndarray, np.ndarray] | tuple[None, None, None] = (None, None, None)
-    if not precomputed and n <= _EXACT_KNN_MAX:
-        knn = exact_knn(x, n_neighbors)
+    if not precomputed:
+        knn = exact_knn(x, n_neighbors) if n <= _EXACT_KNN_MAX else ivf_knn(x, n_neighbors)
     reducer = umap.UMAP(
         precomputed_knn=knn,
         metric="precomputed" if precomputed else "euclidean",
@@ -331,7 +286,6 @@ def umap_embed(
         n_components=2,
         random_state=seed,
         n_jobs=1 if seed is not None else -1,
-        low_memory=low_memory,
         n_epochs=None if n_epochs is None else int(n_epochs),
         tqdm_kwds=tqdm_kwds,
         verbose=False,
@@ -340,6 +294,8 @@ def umap_embed(
         # belt and braces: n_jobs=1 with a seed already avoids umap-learn's n_jobs warning
         warnings.filterwarnings("ignore", message=".*n_jobs value.*")
         warnings.filterwarnings("ignore", message=".*precomputed metric.*")
+        # we never call transform(): no search index is needed with our own graph
+        warnings.filterwarnings("ignore", message=".*knn_search_index.*")
         out = reducer.fit_transform(x)
     report("optimise", 1.0)
     log.info("UMAP of %d tiles done (n_neighbors=%d, seed=%s)", n, n_neighbors, seed)
