@@ -28,29 +28,27 @@ LOSSES = ("dino", "koleo", "ibot", "expert_tiny_expert_cls", "expert_tiny_expert
 
 
 def test_each_loss_term_decreases(he_png: Path, tmp_path: Path) -> None:
-    """30 steps of the full objective (DINO, KoLeo, iBOT, one expert's CLS and patch terms).
+    """60 steps of the full objective (DINO, KoLeo, iBOT, one expert's CLS and patch terms).
 
-    What this proves: the loop optimises every term (gradients reach each head and the
-    backbone). The teacher is held nearly fixed (momentum 0.999) without centring, because
-    with centring the DINO/iBOT cross-entropies first rise towards ln(K) while the centre
-    settles (the usual start of DINO), which 30 steps cannot get past.
+    What this proves: the loop optimises every term with the recipe's teacher as it is:
+    EMA teacher, Sinkhorn-Knopp centring of the DINO and iBOT targets (DINOv2), teacher
+    temperature warm-up. Each term's mean over the last 8 steps is below 95 % of its mean
+    over the first 8.
     """
     cfg = tiny(
         he_png,
-        "optim.total_steps=30",
+        "optim.total_steps=60",
         "optim.base_lr=1e-3",
         "student.kwargs.init_values=1.0",
-        "teacher.momentum_teacher=0.999",
-        "teacher.warmup_teacher_temp_steps=0",
-        "dino.center_momentum=1.0",
         "train.checkpoint_every=1000",
     )
+    assert cfg["dino"]["centering"] == "sinkhorn_knopp"
     train(cfg, tmp_path)
     rows = read_metrics(tmp_path / "metrics.csv")
-    assert [int(r["step"]) for r in rows] == list(range(1, 31))
+    assert [int(r["step"]) for r in rows] == list(range(1, 61))
     for name in LOSSES:
         v = [float(r[name]) for r in rows]
-        first, last = sum(v[:5]) / 5, sum(v[-5:]) / 5
+        first, last = sum(v[:8]) / 8, sum(v[-8:]) / 8
         assert last < 0.95 * first, f"{name}: {first:.4f} -> {last:.4f}"
     assert (tmp_path / "config.yaml").is_file() and (tmp_path / "checkpoint.pt").is_file()
 

@@ -46,6 +46,48 @@ def test_dino_loss_matches_hand_computation_and_centres() -> None:
     assert loss(good, onehot) < loss(bad, onehot)
 
 
+def test_sinkhorn_knopp_targets_are_equipartitioned() -> None:
+    torch.manual_seed(0)
+    loss = DINOLoss(16, student_temp=0.1)
+    # prototype logits are cosines (weight-normalised last layer on an L2-normalised input)
+    logits = F.normalize(torch.randn(64, 8), dim=1) @ F.normalize(torch.randn(16, 8), dim=1).T
+    logits[:, 3] = 0.95  # a prototype every sample prefers: softmax would pile onto it
+    q = loss.teacher_targets(logits, 0.05, "sinkhorn_knopp")
+    assert q.shape == (64, 16) and torch.isfinite(q).all() and (q >= 0).all()
+    assert torch.allclose(q.sum(dim=1), torch.ones(64), atol=1e-5)
+    # DINOv2's 3 iterations spread the mass over the prototypes (a fair share is 64/16 = 4)...
+    assert float(q.sum(dim=0).max()) < 10 and float(q.sum(dim=0).min()) > 1
+    soft = F.softmax(logits / 0.05, dim=-1)
+    assert float(soft.sum(dim=0)[3]) > 40  # ... where the plain softmax piles onto one
+    # and iterating to convergence equipartitions exactly
+    full = loss.sinkhorn_knopp_teacher(logits, 0.05, n_iterations=200)
+    assert float((full.sum(dim=0) - 4.0).abs().max()) < 0.05
+    # no state: the EMA centre is untouched, and a global shift changes nothing
+    assert torch.all(loss.center == 0)
+    shifted = loss.teacher_targets(logits + 30.0, 0.05, "sinkhorn_knopp")
+    assert torch.allclose(q, shifted, atol=1e-5)
+    # each sample still favours its own best prototype where the batch allows it
+    per_sample = 0.2 * torch.rand(16, 16) + 0.7 * torch.eye(16)
+    assert torch.equal(
+        loss.teacher_targets(per_sample, 0.05, "sinkhorn_knopp").argmax(1), torch.arange(16)
+    )
+    # an empty set of rows (no masked patch this step) is not an error
+    assert loss.teacher_targets(torch.empty(0, 16), 0.05, "sinkhorn_knopp").shape == (0, 16)
+    with pytest.raises(ValueError, match="centering"):
+        loss.teacher_targets(logits, 0.05, "softmax")
+
+
+def test_ema_centring_updates_from_targets_and_ignores_empty_steps() -> None:
+    loss = iBOTPatchLoss(8, center_momentum=0.9)
+    logits = torch.randn(10, 8)
+    probs = loss.teacher_targets(logits, 0.04, "centering")
+    assert torch.allclose(probs, F.softmax(logits / 0.04, dim=-1), atol=1e-6)
+    assert torch.allclose(loss.center, 0.1 * logits.mean(0, keepdim=True), atol=1e-6)
+    before = loss.center.clone()
+    loss.teacher_targets(torch.empty(0, 8), 0.04, "centering")
+    assert torch.equal(loss.center, before) and torch.isfinite(loss.center).all()
+
+
 def test_ibot_koleo_and_expert_losses() -> None:
     torch.manual_seed(0)
     ib = iBOTPatchLoss(6)

@@ -177,6 +177,10 @@ def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(
             f"expert_loss.cls_type must be cosine or kl, got {cfg['expert_loss']['cls_type']!r}"
         )
+    if cfg["dino"]["centering"] not in ("centering", "sinkhorn_knopp"):
+        raise ConfigError(
+            f"dino.centering must be sinkhorn_knopp or centering, got {cfg['dino']['centering']!r}"
+        )
     for key in ("global_crops_scale", "local_crops_scale"):
         lo, hi = c[key]
         if not 0 < lo <= hi <= 1:

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "CENTERINGS",
     "DINOLoss",
     "ExpertCLSLoss",
     "ExpertPatchLoss",
@@ -17,16 +18,35 @@ __all__ = [
 ]
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def _all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
+    if _distributed():
         x = x.clone()
         dist.all_reduce(x)
         x = x / dist.get_world_size()
     return x
 
 
+def _all_reduce_(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce (sum or max) across ranks; a no-op in one process."""
+    if _distributed():
+        dist.all_reduce(x, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return x
+
+
+#: Teacher target normalisations: DINO's EMA centring, or DINOv2's Sinkhorn-Knopp.
+CENTERINGS = ("centering", "sinkhorn_knopp")
+
+
 class _Centered(nn.Module):
-    """Holds the EMA centre of teacher logits (a buffer, so it is checkpointed)."""
+    """Turns teacher logits into targets: EMA centring (DINO, iBOT) or Sinkhorn-Knopp (DINOv2).
+
+    Holds the EMA centre of teacher logits as a buffer, so it is checkpointed (it stays at 0
+    under Sinkhorn-Knopp, which needs no state).
+    """
 
     def __init__(self, out_dim: int, student_temp: float, center_momentum: float) -> None:
         super().__init__()
@@ -42,10 +62,62 @@ class _Centered(nn.Module):
         return F.softmax((teacher_logits.float() - self.center) / teacher_temp, dim=-1)
 
     @torch.no_grad()
+    def sinkhorn_knopp_teacher(
+        self, teacher_logits: torch.Tensor, teacher_temp: float, n_iterations: int = 3
+    ) -> torch.Tensor:
+        """(M, K) logits -> (M, K) probabilities, equipartitioned over the (global) batch.
+
+        SwAV's Sinkhorn-Knopp as DINOv2 uses it in place of centring: alternately normalise
+        the prototypes' total mass to 1/K and every sample's to 1/M (M summed over ranks), so
+        the teacher cannot collapse onto a few prototypes nor go uniform per sample. Rows
+        sum to 1.
+        """
+        # float64: logits are cosines / temperature (|x| <= 25 at 0.04), exp() stays normal
+        logits = teacher_logits.double() / teacher_temp
+        # a global constant shift leaves the result unchanged and keeps exp() finite
+        local_peak = logits.max() if logits.numel() else logits.new_tensor(float("-inf"))
+        peak = _all_reduce_(local_peak.detach().clone(), "max")
+        q = torch.exp(logits - peak).t()  # (K, M)
+        n_rows = _all_reduce_(torch.tensor(float(q.shape[1]), device=q.device))
+        k = q.shape[0]
+        q /= _all_reduce_(q.sum())
+        for _ in range(n_iterations):
+            q /= _all_reduce_(q.sum(dim=1, keepdim=True)).clamp_min(1e-30)
+            q /= k
+            q /= q.sum(dim=0, keepdim=True).clamp_min(1e-30)
+            q /= n_rows
+        q *= n_rows
+        return q.t().to(torch.float32)
+
+    @torch.no_grad()
+    def teacher_targets(
+        self, teacher_logits: torch.Tensor, teacher_temp: float, centering: str
+    ) -> torch.Tensor:
+        """(M, K) teacher logits -> (M, K) targets by ``centering`` (see :data:`CENTERINGS`).
+
+        With EMA centring the centre is updated from these logits afterwards.
+        """
+        if centering == "sinkhorn_knopp":
+            return self.sinkhorn_knopp_teacher(teacher_logits, teacher_temp)
+        if centering != "centering":
+            raise ValueError(f"centering must be one of {CENTERINGS}, got {centering!r}")
+        probs = self.softmax_center_teacher(teacher_logits, teacher_temp)
+        self.update_center(teacher_logits)
+        return probs
+
+    @torch.no_grad()
     def update_center(self, teacher_logits: torch.Tensor) -> None:
-        """EMA update with the (all-reduced) mean of (M, K) teacher logits."""
-        mean = _all_reduce_mean(teacher_logits.float().mean(dim=0, keepdim=True))
-        self.center.mul_(self.center_momentum).add_(mean * (1 - self.center_momentum))
+        """EMA update with the mean of (M, K) teacher logits over all ranks.
+
+        Summed with the row count so that a rank (or a step) without rows, e.g. no masked
+        patches for iBOT, neither divides by zero nor skips the collective.
+        """
+        x = teacher_logits.float()
+        stats = torch.cat([x.sum(dim=0), x.new_tensor([float(x.shape[0])])])
+        stats = _all_reduce_(stats)
+        if stats[-1] > 0:
+            mean = (stats[:-1] / stats[-1])[None, :]
+            self.center.mul_(self.center_momentum).add_(mean * (1 - self.center_momentum))
 
 
 class DINOLoss(_Centered):

@@ -52,6 +52,7 @@ class UnifiedDistillation(nn.Module):
         self.w_dino = float(d["loss_weight"])
         self.w_koleo = float(d["koleo_loss_weight"])
         self.w_ibot = float(ib["loss_weight"])
+        self.centering = str(d["centering"])
         self.self_distill = self.w_dino > 0 or self.w_ibot > 0
         backbone = StudentBackbone(
             s["arch"],
@@ -190,22 +191,17 @@ class UnifiedDistillation(nn.Module):
             s_logits = s_logits.view(-1, b, s_logits.shape[-1])
             with torch.no_grad():
                 t_logits = self.teacher["dino_head"](t_g["cls"])
-                t_probs = self.dino_loss.softmax_center_teacher(t_logits, teacher_temp).view(
-                    2, b, -1
-                )
-            losses["dino"] = self.dino_loss(s_logits, t_probs)
-            self.dino_loss.update_center(t_logits)
+                t_probs = self.dino_loss.teacher_targets(t_logits, teacher_temp, self.centering)
+            losses["dino"] = self.dino_loss(s_logits, t_probs.view(2, b, -1))
         if self.w_ibot > 0 and masks is not None:
             head = "ibot_head" if self.ibot_separate else "dino_head"
             s_log = self.student[head](s_g["patch"][masks])
             with torch.no_grad():
                 t_log = self._teacher_head(head)(t_g["patch"][masks])
-                t_probs = self.ibot_loss.softmax_center_teacher(t_log, teacher_temp)
+                t_probs = self.ibot_loss.teacher_targets(t_log, teacher_temp, self.centering)
                 per_crop = masks.sum(dim=1, keepdim=True).clamp(min=1).float()
                 weights = (1.0 / per_crop).expand_as(masks)[masks]
             losses["ibot"] = self.ibot_loss(s_log, t_probs, weights, n_glob)
-            if t_log.shape[0]:
-                self.ibot_loss.update_center(t_log)
         side = round(s_g["patch"].shape[1] ** 0.5)
         for e in self.experts:
             k = expert_key(e.name)
