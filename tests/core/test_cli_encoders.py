@@ -32,6 +32,7 @@ def test_table(capsys: pytest.CaptureFixture[str]) -> None:
         "uni",
         "phikon",
         "conch",
+        "hed-texture",
         "tiny-vit",
         "tiny-expert",
     ]
@@ -42,6 +43,7 @@ def test_table(capsys: pytest.CaptureFixture[str]) -> None:
     )
     assert "CC BY-NC-ND 4.0" in rows["gpfm"]
     assert rows["tiny-vit"].rstrip().endswith("random-init")
+    assert rows["hed-texture"].rstrip().endswith("no weights") and "96" in rows["hed-texture"]
     assert "224 px @ 0.5 µm/px" in rows["uni"]
 
 

@@ -26,7 +26,16 @@ from gpfm_core.encoders import (
 from gpfm_core.encoders.phikon_keys import phikon_to_timm, timm_to_phikon
 from gpfm_core.errors import EncoderError
 
-NAMES = ["gpfm", "gpfm-student", "uni", "phikon", "conch", "tiny-vit", "tiny-expert"]
+NAMES = [
+    "gpfm",
+    "gpfm-student",
+    "uni",
+    "phikon",
+    "conch",
+    "hed-texture",
+    "tiny-vit",
+    "tiny-expert",
+]
 
 
 @pytest.fixture(autouse=True)

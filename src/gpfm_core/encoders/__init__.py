@@ -4,8 +4,8 @@
 >>> enc = create_encoder("gpfm", weights="GPFM.pth", device="cuda")    # doctest: +SKIP
 >>> feats = enc(preprocess(tiles, enc.meta, device="cuda"))            # (B, 1024)  # doctest: +SKIP
 
-Names: ``gpfm``, ``gpfm-student``, ``uni``, ``phikon``, ``conch``, ``tiny-vit``, ``tiny-expert``,
-``"timm:<model>"``, or a checkpoint path. Importing this package does not import torch: the
+Names: ``gpfm``, ``gpfm-student``, ``uni``, ``phikon``, ``conch``, ``hed-texture``, ``tiny-vit``,
+``tiny-expert``, ``"timm:<model>"``, or a checkpoint path. Importing this package does not import torch: the
 public names are resolved lazily (PEP 562), torch loads on first use of a builder.
 """
 

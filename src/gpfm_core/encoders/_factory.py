@@ -167,7 +167,10 @@ def _published_alias(path: Path) -> str | None:
 
 
 def weights_status(meta: EncoderMeta) -> str:
-    """``"available"``, ``"needs weights"``, ``"random-init"`` or ``"needs package <x>"`` (no network)."""
+    """``"available"``, ``"needs weights"``, ``"random-init"``, ``"no weights"`` (handcrafted)
+    or ``"needs package <x>"`` (no network)."""
+    if meta.family == "handcrafted":
+        return "no weights"
     if not meta.weights_required:
         return "random-init"
     entry = _entry(meta.name) if is_registered(meta.name) else None

@@ -2,7 +2,7 @@
 
 Builders have the signature ``builder(*, pretrained: bool, weights: Path | None, **kw) -> Encoder``
 and are registered with :func:`register_encoder`. Built-in entries live in ``gpfm.py``,
-``experts.py``, ``tiny.py`` and ``student.py``; those modules import torch only inside
+``experts.py``, ``handcrafted.py``, ``tiny.py`` and ``student.py``; those modules import torch only inside
 their builders, so listing encoders stays light.
 """
 
@@ -27,6 +27,7 @@ _BUILTIN_MODULES = (
     "gpfm_core.encoders.gpfm",
     "gpfm_core.encoders.student",
     "gpfm_core.encoders.experts",
+    "gpfm_core.encoders.handcrafted",
     "gpfm_core.encoders.tiny",
 )
 
