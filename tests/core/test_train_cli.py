@@ -100,10 +100,9 @@ def _probe(enc: torch.nn.Module, tiles: np.ndarray, labels: np.ndarray) -> float
 def test_shipped_student_probe_matches_its_model_card(data_dir: Path) -> None:
     """Re-measures the linear-probe numbers the model card states (trained vs random init).
 
-    What this proves: the shipped file loads, embeds, its card's probe figures are reproducible
-    (within 0.03), and the trained student scores above its random initialisation. The margin
-    (0.80 vs 0.78 on 113 tiles) is within sampling noise: it is not evidence of good features
-    (see MODEL_CARD.md).
+    What this proves: the shipped file loads and embeds, its card's probe figures are
+    reproducible (within 0.03), and the distilled student beats its random initialisation by
+    a margin well outside the sampling noise of 113 tiles (0.90 vs 0.78; see MODEL_CARD.md).
     """
     from gpfm_core.encoders import create_encoder
     from gpfm_core.encoders._base import create_timm_model
@@ -119,5 +118,5 @@ def test_shipped_student_probe_matches_its_model_card(data_dir: Path) -> None:
     random_init = _probe(enc, tiles, labels)
     assert trained == pytest.approx(trained_card, abs=0.03)
     assert random_init == pytest.approx(random_card, abs=0.03)
-    assert trained > random_init
+    assert trained > random_init + 0.06
     assert random_init > 0.55  # both well above chance (balanced accuracy 0.5)

@@ -23,7 +23,10 @@ def test_packaged_configs_resolve_with_paper_defaults() -> None:
     assert tiny["student"]["kwargs"]["embed_dim"] == 64
     assert tiny["student"]["kwargs"]["init_values"] == 1e-5  # free-form kwargs merged
     assert tiny["dino"]["koleo_loss_weight"] == 0.1  # untouched defaults kept
-    assert load_config("student_s")["experts"] == []
+    assert cfg["dino"]["centering"] == "sinkhorn_knopp"  # DINOv2's teacher targets
+    student = load_config("student_s")
+    assert [e["name"] for e in student["experts"]] == ["hed-texture"]
+    assert student["expert_loss"]["standardize"] is True
 
 
 def test_override_file_and_set_items_layer_in_order(tmp_path: Path) -> None:
@@ -66,6 +69,7 @@ def test_unknown_keys_are_named(over: dict, named: str) -> None:
         (["optim.batch_size=0"], "batch_size must be an int >= 1"),
         (["train.precision=fp8"], "train.precision"),
         (["device=tpu"], "device"),
+        (["dino.centering=softmax"], "dino.centering must be sinkhorn_knopp or centering"),
         (["crops.global_crops_scale=[0.5, 0.2]"], "global_crops_scale"),
         (["optim"], "not key=value"),
         (
