@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -127,8 +129,13 @@ def test_half_precision_checkpoint_loads_as_float32(tmp_path: Path, tiny, x) -> 
 
 def test_save_encoder_safetensors_round_trip(tmp_path: Path, tiny, x) -> None:
     enc = create_encoder("tiny-vit", pretrained=False, seed=5, tile_mpp=0.5)
-    path = save_encoder_safetensors(enc, tmp_path / "sub" / "student.safetensors")
+    umask = os.umask(0o022)
+    try:
+        path = save_encoder_safetensors(enc, tmp_path / "sub" / "student.safetensors")
+    finally:
+        os.umask(umask)
     assert path.is_file() and not list(path.parent.glob("*.tmp-*"))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644  # not safetensors' owner-only 0600
     spec = read_checkpoint_spec(path)
     assert spec.arch == "vit_small_patch14_dinov2" and spec.kwargs["embed_dim"] == 64
     assert spec.meta == enc.meta and spec.meta.tile_mpp == 0.5

@@ -365,6 +365,11 @@ def save_encoder_safetensors(
     tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
     try:
         save_file(tensors, str(tmp), metadata=metadata)
+        # safetensors creates the file owner-only (0600); give it the usual umask mode so a
+        # model exported for a group can be read by the group
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, dest)
     finally:
         if tmp.exists():
