@@ -16,9 +16,9 @@ Reproducibility and threads
 ---------------------------
 With an int ``seed`` umap-learn runs single-threaded (``random_state`` disables its parallel
 SGD); we pass ``n_jobs=1`` explicitly so it does not warn. ``seed=None`` uses every core and is
-not reproducible. Measured for 100,000 x 1024 on 2 cores (load average ~1.5, pynndescent
-already compiled): seed=0 84 s, seed=None 81 s; both spend ~70 s in the 200 epochs of the
-layout, which umap-learn's parallel SGD does not speed up on 2 cores. Default: ``seed=0``
+not reproducible. Measured for 100,000 x 1024 on 2 cores (load average ~1.2): seed=0
+87-91 s, seed=None 93 s; both spend 75-80 s in the 200 epochs of the layout, which
+umap-learn's parallel SGD does not speed up on 2 cores. Default: ``seed=0``
 (reproducible: the same picture every time the pathologist reopens a slide, at no real
 cost). ``n_epochs=100`` roughly halves the layout time for a coarser picture.
 
@@ -61,6 +61,8 @@ from gpfm_core.analysis._util import as_features
 from gpfm_core.analysis.knn import exact_knn, ivf_knn
 from gpfm_core.errors import GpfmError
 
+__all__ = ["enable_umap_numba_cache", "exact_knn", "ivf_knn", "pca_reduce", "umap_embed"]
+
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[str, float], None]
@@ -93,8 +95,6 @@ class _TqdmSink:
 _UMAP_SMALL_DATA = 4096
 #: Up to this many tiles the neighbour graph is exact (:func:`exact_knn`), above it IVF.
 _EXACT_KNN_MAX = 30_000
-
-__all__ = ["enable_umap_numba_cache", "exact_knn", "ivf_knn", "pca_reduce", "umap_embed"]
 _UMAP_NUMBA_MODULES = ("umap.layouts", "umap.umap_", "umap.utils", "umap.distances", "umap.sparse")
 _numba_cache_state: dict[str, int] | None = None
 

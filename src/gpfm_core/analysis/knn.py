@@ -179,7 +179,9 @@ def ivf_knn(
         order = torch.argsort(assign, stable=True)
         bounds = torch.searchsorted(assign[order], torch.arange(n_lists + 1)).tolist()
         members = [order[bounds[c] : bounds[c + 1]] for c in range(n_lists)]
-        probes = torch.cdist(cent, cent).topk(n_probe, dim=1, largest=False).indices
+        between = torch.cdist(cent, cent)
+        between.fill_diagonal_(-1.0)  # each list searches itself, even among duplicate centroids
+        probes = between.topk(n_probe, dim=1, largest=False).indices
         sq = (xt * xt).sum(dim=1)
         for c in range(n_lists):
             q = members[c]

@@ -5,8 +5,9 @@
 >>> feats = enc(preprocess(tiles, enc.meta, device="cuda"))            # (B, 1024)  # doctest: +SKIP
 
 Names: ``gpfm``, ``gpfm-student``, ``uni``, ``phikon``, ``conch``, ``hed-texture``, ``tiny-vit``,
-``tiny-expert``, ``"timm:<model>"``, or a checkpoint path. Importing this package does not import torch: the
-public names are resolved lazily (PEP 562), torch loads on first use of a builder.
+``tiny-expert``, ``"timm:<model>"``, or a checkpoint path. Importing this package does not
+import torch: the public names are resolved lazily (PEP 562), torch loads on first use of a
+builder.
 """
 
 from __future__ import annotations

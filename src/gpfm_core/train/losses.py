@@ -69,8 +69,9 @@ class _Centered(nn.Module):
 
         SwAV's Sinkhorn-Knopp as DINOv2 uses it in place of centring: alternately normalise
         the prototypes' total mass to 1/K and every sample's to 1/M (M summed over ranks), so
-        the teacher cannot collapse onto a few prototypes nor go uniform per sample. Rows
-        sum to 1.
+        the teacher cannot pile the batch onto a few prototypes, and needs no running state.
+        Rows sum to 1. With far fewer rows than prototypes (small CPU batches) the targets
+        stay close to uniform until the head's outputs differ between samples.
         """
         # float64: logits are cosines / temperature (|x| <= 25 at 0.04), exp() stays normal
         logits = teacher_logits.double() / teacher_temp
