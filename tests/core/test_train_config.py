@@ -70,6 +70,7 @@ def test_unknown_keys_are_named(over: dict, named: str) -> None:
         (["train.precision=fp8"], "train.precision"),
         (["device=tpu"], "device"),
         (["dino.centering=softmax"], "dino.centering must be sinkhorn_knopp or centering"),
+        (["train.strategy=zero3"], "train.strategy must be ddp or fsdp"),
         (["crops.global_crops_scale=[0.5, 0.2]"], "global_crops_scale"),
         (["optim"], "not key=value"),
         (

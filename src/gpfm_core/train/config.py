@@ -177,6 +177,8 @@ def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(
             f"expert_loss.cls_type must be cosine or kl, got {cfg['expert_loss']['cls_type']!r}"
         )
+    if t["strategy"] not in ("ddp", "fsdp"):
+        raise ConfigError(f"train.strategy must be ddp or fsdp, got {t['strategy']!r}")
     if cfg["dino"]["centering"] not in ("centering", "sinkhorn_knopp"):
         raise ConfigError(
             f"dino.centering must be sinkhorn_knopp or centering, got {cfg['dino']['centering']!r}"

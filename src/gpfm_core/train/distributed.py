@@ -1,4 +1,5 @@
-"""torchrun / DDP set-up: process group from the environment (gloo on CPU, NCCL on CUDA)."""
+"""torchrun set-up (process group from the environment: gloo on CPU, NCCL on CUDA) and the two
+data-parallel strategies: DDP (replicated model) and FSDP (``fully_shard``, sharded model)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,16 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_distributed", "shutdown_distributed"]
+__all__ = [
+    "DistInfo",
+    "full_state_dicts",
+    "init_distributed",
+    "load_sharded_optimizer",
+    "reshard",
+    "shard_model",
+    "shutdown_distributed",
+]
+
 
 log = logging.getLogger(__name__)
 
@@ -64,3 +74,70 @@ def shutdown_distributed() -> None:
     """Leave the process group if one was joined."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def shard_model(model: torch.nn.Module) -> None:
+    """FSDP2: shard the student and the EMA teacher, one unit per transformer block.
+
+    ``model`` is a :class:`~gpfm_core.train.meta_arch.UnifiedDistillation`. Student and teacher
+    are sharded the same way, so the EMA update works shard by shard; the frozen experts and
+    the loss modules (centres, target statistics) stay replicated. Build the optimiser after
+    this call: sharding replaces the parameters.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    trees = [model.student]
+    if hasattr(model, "teacher"):
+        trees.append(model.teacher)
+    for tree in trees:  # ModuleDicts have no forward: shard what they hold
+        for block in tree["backbone"].model.blocks:
+            fully_shard(block)
+        for name, module in tree.items():
+            heads = module.values() if name == "expert_heads" else [module]
+            for head in heads:
+                fully_shard(head)
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Return every FSDP unit of ``model`` to its sharded parameters.
+
+    FSDP keeps a root unit's parameters gathered after its forward (backward would gather
+    them again at once); the teacher has no backward, so its roots stay gathered until this
+    call. The EMA update needs student and teacher both sharded, shard for shard.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def full_state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Unsharded model and optimiser state dicts on rank 0's CPU (a collective: call on all
+    ranks; other ranks get empty dicts). Keys are the unsharded model's own names, so the
+    checkpoint loads, exports and resumes like a DDP one."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (
+        get_model_state_dict(model, options=opts),
+        get_optimizer_state_dict(model, optimizer, options=opts),
+    )
+
+
+def load_sharded_optimizer(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict
+) -> None:
+    """Load a full (unsharded, parameter-name keyed) optimiser state into a sharded run."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_optimizer_state_dict,
+    )
+
+    set_optimizer_state_dict(
+        model, optimizer, state, options=StateDictOptions(full_state_dict=True)
+    )

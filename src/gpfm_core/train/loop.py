@@ -1,5 +1,6 @@
 """The training loop, as small functions: ``build`` -> (``train_step`` -> ``log_step`` ->
-``save``)* ; ``train`` runs them. Single process or torchrun (DDP, gloo on CPU)."""
+``save``)* ; ``train`` runs them. Single process or torchrun (``train.strategy``: DDP or FSDP;
+gloo on CPU, NCCL on CUDA)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,14 @@ from gpfm_core.train.checkpoint import (
 )
 from gpfm_core.train.config import dump_config
 from gpfm_core.train.data import TileDataset, build_dataset, make_batch
-from gpfm_core.train.distributed import DistInfo, init_distributed
+from gpfm_core.train.distributed import (
+    DistInfo,
+    full_state_dicts,
+    init_distributed,
+    load_sharded_optimizer,
+    reshard,
+    shard_model,
+)
 from gpfm_core.train.logging_csv import MetricsLogger
 from gpfm_core.train.meta_arch import UnifiedDistillation
 from gpfm_core.train.models import load_expert
@@ -55,7 +63,7 @@ class TrainState:
     out_dir: Path
     dist: DistInfo
     model: UnifiedDistillation
-    wrapped: nn.Module  # DDP(model) under torchrun, else model
+    wrapped: nn.Module  # DDP(model) under torchrun with strategy ddp, else model
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     schedules: Schedules
@@ -68,6 +76,11 @@ class TrainState:
     @property
     def checkpoint_path(self) -> Path:
         return self.out_dir / CHECKPOINT_NAME
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP: several processes and ``train.strategy: fsdp``."""
+        return self.dist.enabled and self.cfg["train"]["strategy"] == "fsdp"
 
     @property
     def global_batch(self) -> int:
@@ -120,6 +133,11 @@ def build(
     _seed_all(int(cfg["seed"]))  # identical initial weights on every rank
     experts = [load_expert(spec, device=dist.device) for spec in cfg["experts"]]
     model = UnifiedDistillation(cfg, experts).to(dist.device)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])  # full names, before any sharding
+    sharded = dist.enabled and cfg["train"]["strategy"] == "fsdp"
+    if sharded:
+        shard_model(model)  # before the optimiser: sharding replaces the parameters
     o = cfg["optim"]
     optimizer = build_optimizer(model.student, cfg, num_layers=model.backbone.num_layers)
     amp = _amp_dtype(cfg["train"]["precision"], dist.device)
@@ -142,8 +160,7 @@ def build(
         amp_dtype=amp,
     )
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        _load_optimizer(state, ckpt)
         scaler.load_state_dict(ckpt["scaler"])
         state.step = int(ckpt["step"])
         state.last_checkpoint = out / CHECKPOINT_NAME
@@ -152,7 +169,7 @@ def build(
         log.info("resumed from %s at step %d", out / CHECKPOINT_NAME, state.step)
     else:
         torch.manual_seed(int(cfg["seed"]) + dist.rank)  # per-rank drop-path noise
-    if dist.enabled:
+    if dist.enabled and not sharded:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [dist.device.index] if dist.device.type == "cuda" else None
@@ -170,6 +187,21 @@ def build(
         lr,
     )
     return state
+
+
+def _load_optimizer(state: TrainState, ckpt: dict[str, Any]) -> None:
+    """Restore the optimiser from a checkpoint written by a plain/DDP run (parameter ids) or
+    by an FSDP run (full state keyed by parameter names)."""
+    by_names = ckpt.get("optimizer_format") == "names"
+    if by_names:
+        load_sharded_optimizer(state.model, state.optimizer, ckpt["optimizer"])
+    elif state.sharded:
+        raise ConfigError(
+            "--resume with train.strategy fsdp needs a checkpoint written by an FSDP run; "
+            "this one comes from a single-process or DDP run: resume it with strategy ddp"
+        )
+    else:
+        state.optimizer.load_state_dict(ckpt["optimizer"])
 
 
 def batches(state: TrainState, start_micro: int) -> Iterator[dict[str, Any]]:
@@ -230,9 +262,11 @@ def train_step(state: TrainState, data: Iterator[dict[str, Any]]) -> dict[str, f
             k: (v.to(dev, non_blocking=True) if torch.is_tensor(v) else v)
             for k, v in next(data).items()
         }
+        # DDP skips the gradient all-reduce on all but the last micro-batch; FSDP reduces
+        # every micro-batch (correct, more traffic)
         sync = (
             contextlib.nullcontext()
-            if (a == accum - 1 or not state.dist.enabled)
+            if (a == accum - 1 or not state.dist.enabled or state.sharded)
             else state.wrapped.no_sync()
         )
         with sync:
@@ -255,9 +289,13 @@ def train_step(state: TrainState, data: Iterator[dict[str, Any]]) -> dict[str, f
     params = [p for p in state.model.student.parameters() if p.grad is not None]
     clip = cfg["optim"]["clip_grad"]
     norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
+    if hasattr(norm, "full_tensor"):  # FSDP: a DTensor norm over the shards
+        norm = norm.full_tensor()
     _check_finite(state, "the gradient norm", float(norm), sums)
     state.scaler.step(state.optimizer)
     state.scaler.update()
+    if state.sharded:
+        reshard(state.model)
     state.model.update_teacher(values["momentum"])
     state.step += 1
     return {
@@ -278,11 +316,18 @@ def save(state: TrainState) -> Path | None:
         rng_all: Any = gathered
     else:
         rng_all = rng
+    if state.sharded:  # a collective: every rank takes part, rank 0 receives the full state
+        model_sd, optim_sd = full_state_dicts(state.model, state.optimizer)
+        optim_format = "names"
+    else:
+        model_sd, optim_sd = state.model.state_dict(), state.optimizer.state_dict()
+        optim_format = "ids"
     path = None
     if state.dist.is_main:
         payload = {
-            "model": state.model.state_dict(),
-            "optimizer": state.optimizer.state_dict(),
+            "model": model_sd,
+            "optimizer": optim_sd,
+            "optimizer_format": optim_format,
             "scaler": state.scaler.state_dict(),
             "step": state.step,
             "world_size": state.dist.world_size,
