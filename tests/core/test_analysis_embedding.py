@@ -177,3 +177,21 @@ def test_umap_on_ivf_knn_path_separates_clusters(monkeypatch: pytest.MonkeyPatch
     assert out.shape == (4500, 2) and np.isfinite(out).all()
     assert _agreement(kmeans_clusters(out, 3, seed=0), y) > 0.95
     assert built == []
+
+
+def test_large_slides_default_to_a_shorter_layout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above 50,000 tiles the default layout runs 100 epochs; smaller sets keep umap-learn's."""
+    from gpfm_core.analysis import embedding
+    from gpfm_core.analysis.embedding import default_umap_epochs
+
+    assert default_umap_epochs(3_000) is None and default_umap_epochs(50_000) is None
+    assert default_umap_epochs(50_001) == 100 == default_umap_epochs(250_000)
+    # umap_embed applies it (seeded runs are deterministic): with our own threshold lowered,
+    # the default run is the 100-epoch run, not umap-learn's 500-epoch one
+    x, _ = _blobs(n=300, d=8)
+    full = umap_embed(x, n_neighbors=5, pca_dim=None, seed=0)
+    monkeypatch.setattr(embedding, "_LARGE_UMAP", 200)
+    short = umap_embed(x, n_neighbors=5, pca_dim=None, seed=0)
+    assert np.array_equal(short, umap_embed(x, n_neighbors=5, pca_dim=None, seed=0, n_epochs=100))
+    assert not np.array_equal(short, full)
+    assert np.array_equal(full, umap_embed(x, n_neighbors=5, pca_dim=None, seed=0, n_epochs=500))
