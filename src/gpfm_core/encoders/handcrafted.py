@@ -1,10 +1,11 @@
 """``hed-texture``: a training-free stain-texture descriptor, as an encoder like any other.
 
-What QuPath's tile classifiers use when there is no deep model: colour deconvolution into
-haematoxylin and eosin (Ruifrok & Johnston's stain vectors), each stain rescaled by its spread
-within the tile (so a paler or darker stain changes little), then a fixed filter bank —
-Gaussian, Laplacian of Gaussian and four Gabor orientations — on a four-level pyramid (2 to
-16 px wavelengths at the input resolution). Per 16 px cell the mean and standard deviation
+The kind of features QuPath's pixel and object classifiers compute when there is no deep
+model: colour deconvolution into haematoxylin and eosin (Ruifrok & Johnston's stain vectors),
+each stain rescaled by its spread within the tile (so a paler or darker stain changes little),
+then a fixed filter bank — Gaussian, Laplacian of Gaussian and four Gabor orientations — on a
+four-level pyramid (Gaussian sigma 1, 2, 4 and 8 px, Gabor wavelengths 3 to 24 px at the
+input resolution). Per 16 px cell the mean and standard deviation
 of every absolute response form a patch token; the same over the whole tile is the global
 feature (96-d, log-compressed). No weights, no download, deterministic; about 35 tiles/s of
 224 px on one CPU core (the filter bank is a plain convolution).
