@@ -33,7 +33,9 @@ def test_each_loss_term_decreases(he_png: Path, tmp_path: Path) -> None:
     What this proves: the loop optimises every term with the recipe's teacher as it is:
     EMA teacher, Sinkhorn-Knopp centring of the DINO and iBOT targets (DINOv2), teacher
     temperature warm-up. Each term's mean over the last 8 steps is below 95 % of its mean
-    over the first 8.
+    over the first 8. What it does not prove: DINO falls from ~6.0 to ~5.55 (ln 256), since
+    with 16 rows against 256 prototypes the Sinkhorn-Knopp targets stay close to uniform in
+    so short a run; the student matches its teacher, the prototypes are not yet meaningful.
     """
     cfg = tiny(
         he_png,
