@@ -22,19 +22,18 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
-    if _distributed():
-        x = x.clone()
-        dist.all_reduce(x)
-        x = x / dist.get_world_size()
-    return x
-
-
 def _all_reduce_(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """In-place all-reduce (sum or max) across ranks; a no-op in one process."""
     if _distributed():
         dist.all_reduce(x, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return x
+
+
+def _all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks (a new tensor; ``x`` is untouched)."""
+    if not _distributed():
+        return x
+    return _all_reduce_(x.clone()) / dist.get_world_size()
 
 
 #: Teacher target normalisations: DINO's EMA centring, or DINOv2's Sinkhorn-Knopp.
