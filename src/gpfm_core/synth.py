@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gpfm_core._atomic import atomic_path
 from gpfm_core.errors import SlideError
 
 __all__ = ["make_synthetic_slide"]
@@ -287,30 +288,27 @@ def make_synthetic_slide(
         f"({tile}x{tile}) JPEG/RGB Q={quality}|AppMag = {mag}|MPP = {mpp:.6g}"
         f"|Generator = gpfm_core.synth seed={seed}"
     )
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     log.info("writing %s: %dx%d, %d levels", out, width, height, len(levels))
-    try:
-        with tifffile.TiffWriter(tmp, bigtiff=width * height > 2**31) as tw:
-            for i, (ds, size) in enumerate(levels):
-                srcs = _orient(base if ds == 1 else [_downsample(s, ds) for s in base])
-                desc = desc0 if i == 0 else f"Aperio Image Library v12.0.0\r\n{size[0]}x{size[1]}"
-                tw.write(
-                    _tiles(plan, srcs, ds, tile, size),
-                    shape=(size[1], size[0], 3),
-                    dtype=np.uint8,
-                    tile=(tile, tile),
-                    photometric="rgb",
-                    compression="jpeg",
-                    compressionargs={"level": quality},
-                    description=desc,
-                    metadata=None,
-                    software=False,
-                    subfiletype=0 if i == 0 else 1,
-                )
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with (
+        atomic_path(out) as tmp,
+        tifffile.TiffWriter(tmp, bigtiff=width * height > 2**31) as tw,
+    ):
+        for i, (ds, size) in enumerate(levels):
+            srcs = _orient(base if ds == 1 else [_downsample(s, ds) for s in base])
+            desc = desc0 if i == 0 else f"Aperio Image Library v12.0.0\r\n{size[0]}x{size[1]}"
+            tw.write(
+                _tiles(plan, srcs, ds, tile, size),
+                shape=(size[1], size[0], 3),
+                dtype=np.uint8,
+                tile=(tile, tile),
+                photometric="rgb",
+                compression="jpeg",
+                compressionargs={"level": quality},
+                description=desc,
+                metadata=None,
+                software=False,
+                subfiletype=0 if i == 0 else 1,
+            )
     return out
 
 

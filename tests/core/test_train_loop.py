@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import os
+import resource
+import signal
 from pathlib import Path
 
 import pytest
@@ -126,12 +127,20 @@ def test_failed_save_leaves_the_previous_checkpoint_intact(he_png: Path, tmp_pat
     before = ckpt.read_bytes()
     state = build(cfg, tmp_path, resume=True)
     train_step(state, batches(state, state.step))
-    blocker = tmp_path / f"checkpoint.pt.tmp-{os.getpid()}"
-    blocker.mkdir()  # the temporary file cannot be created: a real OSError from open()
-    with pytest.raises(CheckpointError, match="previous checkpoint is intact"):
-        save(state)
+    # a full disk, for real: past 64 KiB every write fails with EFBIG (an OSError)
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, limit[1]))
+    try:
+        with pytest.raises(CheckpointError, match="previous checkpoint is intact"):
+            save(state)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
     assert ckpt.read_bytes() == before
-    blocker.rmdir()
+    assert sorted(p.name for p in tmp_path.iterdir() if "checkpoint" in p.name) == [
+        "checkpoint.pt"
+    ]  # no temporary file left behind
     save(state)
     assert load_checkpoint(ckpt)["step"] == 3
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 
 from gpfm_core.errors import GpfmError
@@ -67,33 +64,3 @@ def positive_int(value: object, *, name: str) -> int:
     return int(value)
 
 
-def write_atomic(path: str | os.PathLike[str], data: bytes | str) -> Path:
-    """Write ``data`` to ``path`` atomically (``<name>.tmp-<pid>`` then ``os.replace``).
-
-    Parameters
-    ----------
-    path
-        Destination file; its folder must exist.
-    data
-        Bytes, or text written as UTF-8.
-
-    Returns
-    -------
-    pathlib.Path
-        The destination path.
-    """
-    dest = Path(path)
-    if not dest.parent.is_dir():
-        raise GpfmError(f"folder {dest.parent} does not exist: create it or choose another path")
-    tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
-    payload = data.encode("utf-8") if isinstance(data, str) else data
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return dest

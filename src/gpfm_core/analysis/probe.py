@@ -42,7 +42,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from gpfm_core.analysis._util import as_features, write_atomic
+from gpfm_core._atomic import write_atomic
+from gpfm_core.analysis._util import as_features
 from gpfm_core.errors import GpfmError
 
 if TYPE_CHECKING:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gpfm_core.analysis._util import as_points, positive_int, write_atomic
+from gpfm_core._atomic import write_atomic
+from gpfm_core.analysis._util import as_points, positive_int
 from gpfm_core.errors import GpfmError
 
 

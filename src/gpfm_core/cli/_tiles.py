@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
+from gpfm_core._atomic import atomic_path
 from gpfm_core.errors import GpfmError
 
 HELP = "detect tissue and lay a tile grid at a physical resolution; save coords to HDF5"
@@ -40,19 +40,13 @@ def write_coords_h5(path: Path, grid: Any, *, extra: dict[str, Any] | None = Non
     path = Path(path)
     if not path.parent.is_dir():
         raise GpfmError(f"folder {path.parent} does not exist; create it or choose another --out")
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with h5py.File(tmp, "w") as f:
-            ds = f.create_dataset("coords", data=grid.coords)
-            ds.attrs.update(grid.attrs())
-            f.create_dataset("grid_rc", data=grid.grid_rc)
-            f.create_dataset("tissue_fraction", data=grid.tissue_fraction)
-            f.attrs.update(grid.attrs())
-            f.attrs.update(extra or {})
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        ds = f.create_dataset("coords", data=grid.coords)
+        ds.attrs.update(grid.attrs())
+        f.create_dataset("grid_rc", data=grid.grid_rc)
+        f.create_dataset("tissue_fraction", data=grid.tissue_fraction)
+        f.attrs.update(grid.attrs())
+        f.attrs.update(extra or {})
     return path
 
 

@@ -20,6 +20,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gpfm_core._atomic import atomic_path
 from gpfm_core.errors import EncoderError
 
 if TYPE_CHECKING:
@@ -361,18 +362,8 @@ def save_encoder_safetensors(
     metadata = {"gpfm.format": "1", "gpfm.arch": arch, "gpfm.kwargs": kwargs_json}
     if meta is not None:
         metadata["gpfm.meta"] = meta.to_json()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
-    try:
+    # atomic_path gives the finished file the usual umask mode (safetensors writes 0600)
+    with atomic_path(dest, parents=True) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
-        # safetensors creates the file owner-only (0600); give it the usual umask mode so a
-        # model exported for a group can be read by the group
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     log.info("wrote encoder checkpoint %s (%s, %d tensors)", dest, arch, len(tensors))
     return dest

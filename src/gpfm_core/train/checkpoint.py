@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gpfm_core._atomic import atomic_path
 from gpfm_core.errors import GpfmError
 
 __all__ = [
@@ -85,21 +86,19 @@ def save_checkpoint(path: str | os.PathLike[str], payload: dict[str, Any]) -> Pa
         is left as it was.
     """
     dest = Path(path)
-    tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as fh:
+        with atomic_path(dest) as tmp, open(tmp, "wb") as fh:
             torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:
+        # torch.save's zip writer turns a failed write (disk full) into a RuntimeError
+        # whose context is the OSError; other RuntimeErrors are not ours to translate
+        os_err = exc if isinstance(exc, OSError) else exc.__context__
+        if not isinstance(os_err, OSError):
+            raise
         raise CheckpointError(
-            f"cannot write checkpoint {dest} ({exc.strerror or exc}): free disk space or fix permissions; "
+            f"cannot write checkpoint {dest} ({os_err.strerror or os_err}): free disk space or fix permissions; "
             "the previous checkpoint is intact"
         ) from exc
-    finally:
-        if tmp.is_file():
-            tmp.unlink()
     log.info("saved checkpoint %s (step %s)", dest, payload.get("step"))
     return dest
 

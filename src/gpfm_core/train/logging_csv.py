@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from gpfm_core._atomic import atomic_path
+
 __all__ = ["MetricsLogger", "read_metrics"]
 
 log = logging.getLogger(__name__)
@@ -41,12 +43,10 @@ class MetricsLogger:
         rows: list[dict[str, str]] = []
         if resume_step is not None and self.path.is_file():
             rows = [r for r in read_metrics(self.path) if int(r["step"]) <= resume_step]
-        tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
-        with open(tmp, "w", newline="") as fh:
+        with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)
-        os.replace(tmp, self.path)
         self._fh = open(self.path, "a", newline="")  # noqa: SIM115 - kept open for the run
         self._writer = csv.DictWriter(self._fh, fieldnames=columns, extrasaction="ignore")
         self._tb = None

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from gpfm_core._atomic import write_atomic
 from gpfm_core.errors import ConfigError, GpfmError
 from gpfm_core.train.augment import MultiCropAugment
 from gpfm_core.train.checkpoint import (
@@ -100,12 +101,6 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def build(
     cfg: dict[str, Any], out_dir: str | os.PathLike[str], *, resume: bool = False
 ) -> TrainState:
@@ -176,7 +171,7 @@ def build(
         state.wrapped = DDP(model, device_ids=ids, broadcast_buffers=False)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        _write_text_atomic(out / "config.yaml", dump_config(cfg))
+        write_atomic(out / "config.yaml", dump_config(cfg))
     log.info(
         "student %s (%.1fM params), %d experts, %d tiles, global batch %d, lr %.2e",
         cfg["student"]["arch"],

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from gpfm_core._atomic import write_atomic
 from gpfm_core.errors import GpfmError
 from napari_gpfm._widget._session import SlideSession
 
@@ -132,20 +133,9 @@ def export_geojson(
         features += pred["features"]
     if not features:
         raise GpfmError("nothing to export: draw annotations or train the probe first")
-    return _write_atomic(
+    return write_atomic(
         Path(path), json.dumps({"type": "FeatureCollection", "features": features})
     )
-
-
-def _write_atomic(path: Path, text: str) -> Path:
-    """Write ``text`` to ``<path>.tmp-<pid>`` then rename it over ``path``."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def export_csv(
