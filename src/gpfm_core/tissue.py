@@ -24,9 +24,14 @@ from gpfm_core.errors import GpfmError
 if TYPE_CHECKING:
     from gpfm_core.slide import Slide
 
-__all__ = ["Polygon", "TissueMask", "detect_tissue", "mask_to_polygons"]
+__all__ = ["DETECTOR_VERSION", "Polygon", "TissueMask", "detect_tissue", "mask_to_polygons"]
 
 log = logging.getLogger(__name__)
+
+#: Version of :func:`detect_tissue`'s algorithm. It is part of every embedding file's cache
+#: key, so a changed detector never silently reuses tiles chosen by an older one: bump it
+#: whenever the masks it produces change.
+DETECTOR_VERSION = "saturation-otsu-1"
 
 #: µm/px assumed for area thresholds when the slide has no µm/px (a 20x scan).
 ASSUMED_MPP = 0.5
@@ -268,6 +273,7 @@ def detect_tissue(
     tissue &= ~_small_components(tissue, min_area_um2 / (um * um))
     params = {
         "method": "saturation-otsu" + ("+darkness" if use_darkness else ""),
+        "detector_version": DETECTOR_VERSION,
         "mask_mpp": um if slide_mpp is not None else None,
         "saturation_threshold": sat_thr,
         "grey_threshold": grey_thr,
