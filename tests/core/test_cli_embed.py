@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from gpfm_core.cli import main
+from gpfm_core.embed.layout import features_dir
 from gpfm_core.encoders import create_encoder, preprocess
 from gpfm_core.slide import open_slide
 from gpfm_core.tiling import make_tile_grid, read_tiles
@@ -39,7 +40,9 @@ def test_gpfm_embed_writes_a_trident_readable_file(
     )
     assert rc == 0
     captured = capsys.readouterr()
-    path = out / "cmu_small_region.h5"
+    wh = create_encoder("tiny-vit").weights_hash
+    path = features_dir(out, encoder="tiny-vit", weights_hash=wh, mpp=2.0, tile_px=112)
+    path = path / "cmu_small_region.h5"
     assert f"-> {path}" in captured.out and "encoder: tiny-vit" in captured.out
     assert "tile" in captured.err  # the tqdm bar goes to stderr
     with h5py.File(path, "r") as f:  # a TRIDENT-style reader
@@ -99,9 +102,10 @@ def test_gpfm_embed_reports_a_bad_slide_and_continues(
     assert rc == 1
     err = capsys.readouterr().err
     assert "FAILED" in err and "notes.svs" in err and "1 of 2 slide(s) failed" in err
-    with h5py.File(out / "cmu_small_region.h5", "r") as f:
+    (path,) = out.rglob("*.h5")
+    assert path.name == "cmu_small_region.h5"
+    with h5py.File(path, "r") as f:
         assert f["features"].dtype == np.float16 and len(f["coords"]) > 0
-    assert not (out / "notes.h5").exists()
 
 
 def test_gpfm_embed_user_errors_are_one_line(

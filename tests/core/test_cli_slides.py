@@ -58,7 +58,7 @@ def test_tiles_summary_and_h5(
         attrs = dict(f["coords"].attrs)
         assert attrs["tile_px"] == 224 and attrs["read_level"] == 0
         assert attrs["slide_id"] == expected.slide_id
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["coords.h5"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".locks", "coords.h5"]
     assert main([*argv[:2], "--overlap", "32", "--no-tissue"]) == 0
     text = capsys.readouterr().out
     assert "165 of 165 (15 x 11 grid)" in text and "stride 192" in text and "not used" in text

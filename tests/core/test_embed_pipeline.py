@@ -17,13 +17,14 @@ import torch
 
 from gpfm_core.embed import (
     EmbedCancelled,
+    EmbeddingsClashError,
     NoTissueWarning,
     embed_slide,
     embed_slides,
     iter_embed_slide,
     load_embeddings,
 )
-from gpfm_core.embed.storage import partial_path
+from gpfm_core.embed.layout import features_dir, stale_temps
 from gpfm_core.encoders import create_encoder, preprocess
 from gpfm_core.errors import EncoderError, GpfmError
 from gpfm_core.slide import open_slide
@@ -38,6 +39,13 @@ def tiny() -> torch.nn.Module:
     return create_encoder("tiny-vit", device="cpu")
 
 
+def _cmu_file(out: Path, enc: torch.nn.Module | None = None, mpp: float = MPP) -> Path:
+    """Where the CMU sample's tiny-vit file lies (TRIDENT's layout, gpfm_core.embed.layout)."""
+    wh = enc.weights_hash if enc is not None else create_encoder("tiny-vit").weights_hash
+    folder = features_dir(out, encoder="tiny-vit", weights_hash=wh, mpp=mpp, tile_px=112)
+    return folder / "cmu_small_region.h5"
+
+
 def _forwards(enc: torch.nn.Module) -> list[int]:
     calls: list[int] = []
     enc.register_forward_hook(lambda _m, inp, _out: calls.append(int(inp[0].shape[0])))
@@ -50,7 +58,11 @@ def test_features_equal_direct_forward(
     path = embed_slide(
         cmu_svs, encoder=tiny, out_dir=tmp_path, mpp=MPP, batch_size=5, workers=2, device="cpu"
     )
-    assert path == tmp_path / "cmu_small_region.h5"
+    assert path == _cmu_file(tmp_path, tiny)
+    assert path.relative_to(tmp_path).parts[:2] == (
+        "2mpp_112px_0px_overlap",
+        f"features_tiny-vit-{path.parent.name[-8:]}",
+    )
     emb = load_embeddings(path)
     with open_slide(cmu_svs) as slide:
         grid = make_tile_grid(slide, mpp=MPP, tile_px=112, min_tissue=0.25)
@@ -121,8 +133,11 @@ def test_reuse_does_no_forward(cmu_svs: Path, tmp_path: Path) -> None:
     assert len(calls) == n_calls and first.stat().st_mtime_ns == mtime
     embed_slide(cmu_svs, encoder=enc, out_dir=tmp_path, mpp=MPP, device="cpu", reuse=False)
     assert len(calls) == 2 * n_calls
-    embed_slide(cmu_svs, encoder=enc, out_dir=tmp_path, mpp=MPP * 1.5, device="cpu")  # new tiling
-    assert len(calls) > 2 * n_calls and load_embeddings(first).attrs["requested_mpp"] == MPP * 1.5
+    # a second tiling into the same folder: a second file, the first one untouched
+    second = embed_slide(cmu_svs, encoder=enc, out_dir=tmp_path, mpp=MPP * 1.5, device="cpu")
+    assert len(calls) > 2 * n_calls and second == _cmu_file(tmp_path, enc, MPP * 1.5) != first
+    assert load_embeddings(first).attrs["requested_mpp"] == MPP
+    assert load_embeddings(second).attrs["requested_mpp"] == MPP * 1.5
 
 
 def test_cancel_and_close_leave_no_file(
@@ -133,15 +148,16 @@ def test_cancel_and_close_leave_no_file(
         cmu_svs, encoder=tiny, out_dir=tmp_path, mpp=MPP, batch_size=4, cancel=cancel
     )
     first = next(gen)
-    assert first.done == 4 and partial_path(tmp_path / "cmu_small_region.h5").exists()
+    final = _cmu_file(tmp_path, tiny)
+    assert first.done == 4 and len(stale_temps(final)) == 1  # the writer's temporary file
     cancel.set()
     with pytest.raises(EmbedCancelled, match="cancelled; no file written"):
         next(gen)
-    assert list(tmp_path.iterdir()) == []
+    assert sorted(final.parent.iterdir()) == [final.parent / ".locks"]
     gen = iter_embed_slide(cmu_svs, encoder=tiny, out_dir=tmp_path, mpp=MPP, batch_size=4)
     next(gen)
     gen.close()  # what napari's worker.quit() does
-    assert list(tmp_path.iterdir()) == []
+    assert sorted(final.parent.iterdir()) == [final.parent / ".locks"]
 
 
 def test_killed_run_leaves_no_h5_and_rerun_is_clean(cmu_svs: Path, tmp_path: Path) -> None:
@@ -151,12 +167,16 @@ def test_killed_run_leaves_no_h5_and_rerun_is_clean(cmu_svs: Path, tmp_path: Pat
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.Popen([sys.executable, "-c", code, str(cmu_svs), str(tmp_path)], env=env)
-    final = tmp_path / "cmu_small_region.h5"
+    final = features_dir(
+        tmp_path,
+        encoder="tiny-vit",
+        weights_hash=create_encoder("tiny-vit").weights_hash,
+        mpp=0.5,
+        tile_px=112,
+    ) / ("cmu_small_region.h5")
     try:
         deadline = time.monotonic() + 120
-        while (
-            not partial_path(final).exists() and proc.poll() is None and time.monotonic() < deadline
-        ):
+        while not stale_temps(final) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(0.1)  # ~500 tiles two at a time: the run lasts seconds
         assert proc.poll() is None, "the run ended before it could be killed"
@@ -165,9 +185,14 @@ def test_killed_run_leaves_no_h5_and_rerun_is_clean(cmu_svs: Path, tmp_path: Pat
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert partial_path(final).exists() and not final.exists()
-    path = embed_slide(cmu_svs, encoder="tiny-vit", out_dir=tmp_path, mpp=MPP, device="cpu")
-    assert path == final and not partial_path(final).exists() and len(load_embeddings(final)) > 0
+    (left,) = stale_temps(final)  # the killed writer's temporary file, and no .h5
+    assert not final.exists()
+    # the rerun is neither blocked (the OS released the dead writer's lock) nor confused
+    path = embed_slide(
+        cmu_svs, encoder="tiny-vit", out_dir=tmp_path, mpp=0.5, tissue=False, device="cpu"
+    )
+    assert path == final and not left.exists() and stale_temps(final) == []
+    assert len(load_embeddings(final)) > 0
 
 
 def test_no_tissue_writes_empty_file_and_warns(
@@ -193,10 +218,18 @@ def test_user_mask_selects_tiles_and_is_part_of_reuse_key(
     tile0 = emb.attrs["tile_size_level0"]
     # kept tiles have >= 25 % of their width left of x = 1110
     assert len(emb) > 0 and np.all(emb.coords[:, 0] + tile0 * 0.25 <= 1110 + 1)
-    everything = load_embeddings(
+    # another mask for the same file: never reused, never replaced without force
+    with pytest.raises(EmbeddingsClashError) as clash:
         embed_slide(cmu_svs, encoder=tiny, out_dir=tmp_path, mpp=MPP, tissue=False)
+    msg = str(clash.value)
+    assert "\n" not in msg and str(cmu_svs) in msg and str(emb.path) in msg
+    assert "tissue_source mask:" in msg and "none here" in msg and "force" in msg
+    assert load_embeddings(emb.path).attrs["tissue_source"].startswith("mask:")  # untouched
+    everything = load_embeddings(
+        embed_slide(cmu_svs, encoder=tiny, out_dir=tmp_path, mpp=MPP, tissue=False, force=True)
     )
-    assert np.any(everything.coords[:, 0] > 1110) and everything.attrs["tissue_source"] == "none"
+    assert everything.path == emb.path and everything.attrs["tissue_source"] == "none"
+    assert np.any(everything.coords[:, 0] > 1110)
 
 
 def test_float16_storage(cmu_svs: Path, tmp_path: Path, tiny: torch.nn.Module) -> None:
@@ -233,4 +266,4 @@ def test_embed_slides_continues_after_a_bad_slide(
     assert [o.ok for o in outcomes] == [False, True] and seen == ["broken.svs", cmu_svs.name]
     assert "empty" in (outcomes[0].error or "") and "\n" not in (outcomes[0].error or "")
     assert outcomes[1].result is not None and outcomes[1].result.path.is_file()
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["cmu_small_region.h5"]
+    assert [p.name for p in (tmp_path / "out").rglob("*.h5")] == ["cmu_small_region.h5"]

@@ -8,14 +8,20 @@ import h5py
 import numpy as np
 import pytest
 
+from gpfm_core.embed.layout import (
+    claim_slide_file,
+    embeddings_path,
+    features_dir,
+    find_embeddings,
+    stale_temps,
+)
 from gpfm_core.embed.loading import (
     EmbeddingsFileError,
-    find_embeddings,
     load_embeddings,
     matches,
     read_attrs,
 )
-from gpfm_core.embed.storage import EmbeddingWriter, embeddings_path, partial_path
+from gpfm_core.embed.storage import EmbeddingWriter
 
 
 def _grid(n_rows: int, n_cols: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
@@ -64,7 +70,7 @@ def _write(
 def test_roundtrip_trident_reader(tmp_path: Path) -> None:
     out, feats, coords, rc = _write(tmp_path / "s.h5")
     assert out == tmp_path / "s.h5" and out.is_file()
-    assert not partial_path(out).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.h5"]  # no temporary file left
     with h5py.File(out, "r") as f:  # how TRIDENT / CLAM read it
         np.testing.assert_array_equal(f["features"][:], feats)
         np.testing.assert_array_equal(f["coords"][:], coords)
@@ -98,9 +104,9 @@ def test_failure_mid_write_leaves_nothing(tmp_path: Path) -> None:
         ) as w,
     ):
         w.write(np.array([0, 1]), np.ones((2, 3), np.float32))
-        assert partial_path(final).exists()
+        assert w.tmp.exists() and stale_temps(final) == [w.tmp]
         raise KeyboardInterrupt
-    assert not final.exists() and not partial_path(final).exists()
+    assert not final.exists() and list(tmp_path.iterdir()) == []
 
 
 def test_commit_refuses_missing_rows(tmp_path: Path) -> None:
@@ -114,11 +120,18 @@ def test_commit_refuses_missing_rows(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_stale_partial_is_replaced(tmp_path: Path) -> None:
-    final = tmp_path / "s.h5"
-    partial_path(final).write_bytes(b"half a file from a killed run")
-    out, feats, _, _ = _write(final)
-    assert not partial_path(final).exists()
+def test_temp_file_of_a_killed_writer_is_removed_under_the_lock(tmp_path: Path) -> None:
+    # what a SIGKILLed writer leaves: atomic_path's temporary name beside the final one
+    final = embeddings_path(tmp_path / "s.svs", tmp_path, slide_id="abc", **_KEY)
+    final.parent.mkdir(parents=True)
+    left = final.with_name(f".{final.name}.k1ll3d.tmp")
+    left.write_bytes(b"half a file from a killed run")
+    other = final.with_name(".t.h5.x.tmp")  # another slide's writer may be alive: untouched
+    other.write_bytes(b"x")
+    assert stale_temps(final) == [left]
+    with claim_slide_file(final.parent, tmp_path / "s.svs", "abc") as path:
+        assert path == final and not left.exists() and other.exists()
+        out, feats, _, _ = _write(path)
     np.testing.assert_array_equal(load_embeddings(out).features, feats)
 
 
@@ -181,20 +194,26 @@ def test_bad_files_raise_one_line(tmp_path: Path) -> None:
         load_embeddings(other)
 
 
+_KEY = {"encoder": "enc", "weights_hash": "f00dcafe99", "mpp": 0.5, "tile_px": 224}
+
+
 def test_find_embeddings_matches_slide_and_params(tmp_path: Path) -> None:
     slide = tmp_path / "slides" / "s.svs"  # the slide file itself is not opened: slide_id given
-    out, _, _, _ = _write(embeddings_path(slide, tmp_path / "emb"), tile_px=224, min_tissue=0.25)
-    assert out == tmp_path / "emb" / "s.h5"
-    assert find_embeddings(slide, tmp_path / "emb", slide_id="abc") == out
-    assert (
-        find_embeddings(slide, tmp_path / "emb", slide_id="abc", encoder="enc", tile_px=224) == out
+    emb = tmp_path / "emb"
+    where = embeddings_path(slide, emb, slide_id="abc", **_KEY)
+    assert where == emb / "0.5mpp_224px_0px_overlap" / "features_enc-f00dcafe" / "s.h5"
+    assert where == features_dir(emb, **_KEY) / "s.h5"
+    out, _, _, _ = _write(
+        where, weights_hash="f00dcafe99", tile_px=224, overlap_px=0, min_tissue=0.25
     )
-    assert find_embeddings(slide, tmp_path / "emb", slide_id="abc", requested_mpp=0.5 + 1e-9) == out
-    assert find_embeddings(slide, tmp_path / "emb", slide_id="abc", encoder=None) == out
-    assert find_embeddings(slide, tmp_path / "emb", slide_id="abc", requested_mpp=1.0) is None
-    assert find_embeddings(slide, tmp_path / "emb", slide_id="abc", weights_hash="x") is None
-    assert find_embeddings(slide, tmp_path / "emb", slide_id="other") is None
-    assert find_embeddings(slide, tmp_path / "nowhere", slide_id="abc") is None
+    find = lambda **kw: find_embeddings(slide, emb, **{"slide_id": "abc", **_KEY, **kw})  # noqa: E731
+    assert find() == out
+    assert find(min_tissue=0.25) == out and find(min_tissue=None) == out
+    assert find(mpp=0.5 + 1e-9) == out
+    assert find(min_tissue=0.5) is None  # a setting the path does not hold
+    assert find(mpp=1.0) is None and find(weights_hash="other") is None  # other folders
+    assert find(slide_id="other") is None
+    assert find_embeddings(slide, tmp_path / "nowhere", slide_id="abc", **_KEY) is None
 
 
 def test_matches_compares_floats_and_lists() -> None:

@@ -91,7 +91,7 @@ def test_demo_overlays_land_on_their_tiles(make_napari_viewer, tmp_path: Path) -
     names = {layer.name for layer in viewer.layers}
     assert {"gpfm: clusters", "gpfm: similarity", "gpfm: annotations"} <= names
     assert session.clusters is not None and session.similarity is not None
-    assert any((state.out_dir / "embeddings").glob("*.h5"))
+    assert any((state.out_dir / "embeddings").rglob("*.h5"))
 
     clusters = viewer.layers["gpfm: clusters"]
     for layer in viewer.layers:  # only the slide and the cluster overlay, fully opaque

@@ -45,7 +45,7 @@ def test_threaded_embedding_paints_coverage_then_reuses_the_cache(
     qtbot.waitUntil(lambda: tab.job.state != "running", timeout=240_000)
     assert tab.job.state == "done", tab.status.text()
 
-    files = list(tmp_path.glob("*.h5"))
+    files = list(tmp_path.rglob("*.h5"))
     assert [f.name for f in files] == ["cmu_small_region.h5"]
     emb = load_embeddings(files[0])
     session = dock.store.active
@@ -84,7 +84,7 @@ def test_cancel_keeps_partial_coverage_and_writes_no_file(
     qtbot.mouseClick(tab.cancel_btn, Qt.MouseButton.LeftButton)
     qtbot.waitUntil(lambda: tab.job.state != "running", timeout=60_000)
     assert tab.job.state == "cancelled"
-    assert not list(tmp_path.glob("*.h5")) and not list(tmp_path.glob("*.partial"))
+    assert not list(tmp_path.rglob("*.h5")) and not list(tmp_path.rglob(".*.tmp"))
     assert tab.run_btn.isEnabled() and not tab.cancel_btn.isEnabled()
     assert "cancelled" in tab.status.text()
     cov = viewer.layers[ov.COVERAGE].data
@@ -107,7 +107,7 @@ def test_bad_input_gives_one_line(
     assert any("no slide chosen" in m for m in msgs)
     assert any("µm/px" in m for m in msgs)
     assert all("\n" not in m for m in notes())
-    assert not list(tmp_path.glob("*.h5"))
+    assert not list(tmp_path.rglob("*.h5"))
 
 
 def test_unknown_encoder_is_one_notification(embedded: Any, notes: Any, tmp_path: Path) -> None:

@@ -22,7 +22,8 @@ pytest_plugins = ["_dock_support"]
 
 @pytest.fixture
 def cmu_session(cmu_embeddings: Path, cmu_svs: Path) -> SlideSession:
-    emb = load_embeddings(cmu_embeddings / "cmu_small_region.h5")
+    (path,) = cmu_embeddings.rglob("cmu_small_region.h5")
+    emb = load_embeddings(path)
     return SlideSession.from_embeddings(
         emb, key="cmu", name="cmu", slide_path=cmu_svs, path=emb.path
     )

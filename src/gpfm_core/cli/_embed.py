@@ -1,4 +1,8 @@
-"""``gpfm embed SLIDE... --encoder NAME|PATH``: one ``<out>/<slide_stem>.h5`` per slide."""
+"""``gpfm embed SLIDE... --encoder NAME|PATH``: one feature file per slide, TRIDENT's layout.
+
+``<out>/<mpp>mpp_<tile_px>px_<overlap>px_overlap/features_<encoder>-<hash8>/<slide_stem>.h5``
+(see :mod:`gpfm_core.embed.layout`).
+"""
 
 from __future__ import annotations
 
@@ -17,9 +21,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="embed every tissue tile of one or more slides (TRIDENT/CLAM HDF5)",
         description=(
             "Embed every tissue tile of each slide with an encoder and write "
-            "<out>/<slide_stem>.h5 (datasets features (N, D), coords (N, 2) level-0 x,y). "
-            "A slide that fails is reported and the others continue; the exit status is 1 "
-            "if any failed."
+            "<out>/<mpp>mpp_<tile>px_<overlap>px_overlap/features_<encoder>-<hash8>/"
+            "<slide_stem>.h5 (datasets features (N, D), coords (N, 2) level-0 x,y); a second "
+            "slide with the same stem gets <slide_stem>-<slide id>.h5. A slide embedded by "
+            "another process at the same time is waited for and reused. A slide that fails "
+            "is reported and the others continue; the exit status is 1 if any failed."
         ),
     )
     p.add_argument("slides", nargs="+", metavar="SLIDE", help="slide files")
@@ -58,6 +64,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder")
     p.add_argument(
         "--no-reuse", action="store_true", help="recompute even if a matching file exists"
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a slide's file made with other settings (tissue detector, min tissue ...)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -117,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
         dtype="float16" if args.fp16 else "float32",
         compile=args.compile,
         reuse=not args.no_reuse,
+        force=args.force,
         progress=progress,
         on_result=on_result,
     )

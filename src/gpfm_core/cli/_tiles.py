@@ -1,4 +1,10 @@
-"""``gpfm tiles``: tissue detection and the tile grid of a slide, optionally saved to HDF5."""
+"""``gpfm tiles``: tissue detection and the tile grid of a slide, optionally saved to HDF5.
+
+``--out DIR`` writes ``DIR/<mpp>mpp_<tile_px>px_<overlap>px_overlap/patches/<slide>_patches.h5``
+(TRIDENT's coordinates layout, :mod:`gpfm_core.embed.layout`); ``--out FILE.h5`` writes that
+file. Either way under the file's lock, and a file holding another slide, or this slide
+made with other settings, is replaced only with ``--force``.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from gpfm_core._atomic import atomic_path
+from gpfm_core.embed._errors import EmbeddingsClashError
 from gpfm_core.errors import GpfmError
 
 HELP = "detect tissue and lay a tile grid at a physical resolution; save coords to HDF5"
@@ -29,11 +36,28 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--mask-mpp", type=float, default=8.0, help="tissue-mask µm/px (8)")
     p.add_argument("--slide-mpp", type=float, default=None, metavar="X", help="µm/px override")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
-    p.add_argument("--out", type=Path, default=None, help="write coords + attributes to this .h5")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="write coords + attributes: a folder (<out>/<tiling>/patches/<slide>_patches.h5, "
+        "TRIDENT's layout) or a .h5 file",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a --out file that holds another slide or other settings",
+    )
     return p
 
 
-def write_coords_h5(path: Path, grid: Any, *, extra: dict[str, Any] | None = None) -> Path:
+def write_coords_h5(
+    path: Path,
+    grid: Any,
+    *,
+    extra: dict[str, Any] | None = None,
+    coords_attrs: dict[str, Any] | None = None,
+) -> Path:
     """Write ``coords`` (N, 2) int64, ``grid_rc``, ``tissue_fraction`` and attributes atomically."""
     import h5py
 
@@ -43,11 +67,82 @@ def write_coords_h5(path: Path, grid: Any, *, extra: dict[str, Any] | None = Non
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         ds = f.create_dataset("coords", data=grid.coords)
         ds.attrs.update(grid.attrs())
+        ds.attrs.update(coords_attrs or {})
         f.create_dataset("grid_rc", data=grid.grid_rc)
         f.create_dataset("tissue_fraction", data=grid.tissue_fraction)
         f.attrs.update(grid.attrs())
         f.attrs.update(extra or {})
     return path
+
+
+def save_tiles(
+    out: Path,
+    grid: Any,
+    *,
+    slide_path: Path,
+    key: dict[str, Any],
+    extra: dict[str, Any],
+    force: bool = False,
+) -> Path:
+    """Write the tile list of one slide to ``out`` (folder or ``.h5``) under its lock.
+
+    Raises
+    ------
+    EmbeddingsClashError
+        The file holds another slide, or this slide made with other settings, and not ``force``.
+    """
+    import contextlib
+
+    from gpfm_core.embed._attrs import trident_coords_attrs
+    from gpfm_core.embed.layout import (
+        PATCHES_SUFFIX,
+        claim_slide_file,
+        coords_dir,
+        file_slide_id,
+        remove_stale_temps,
+        settings_diff,
+        slide_lock,
+    )
+    from gpfm_core.embed.loading import read_attrs
+
+    slide_id = str(key["slide_id"])
+    with contextlib.ExitStack() as stack:
+        if out.suffix.lower() in (".h5", ".hdf5"):
+            if not out.parent.is_dir():
+                raise GpfmError(
+                    f"folder {out.parent} does not exist; create it or choose another --out"
+                )
+            target = stack.enter_context(slide_lock(out))
+            remove_stale_temps(target)
+        else:
+            folder = coords_dir(
+                out, mpp=grid.requested_mpp, tile_px=grid.tile_px, overlap_px=grid.overlap_px
+            )
+            target = stack.enter_context(
+                claim_slide_file(folder, slide_path, slide_id, suffix=PATCHES_SUFFIX)
+            )
+        if target.exists() and not force:
+            owner = file_slide_id(target)
+            if owner != slide_id:
+                held = read_attrs(target).get("slide_path") if owner else None
+                raise EmbeddingsClashError(
+                    f"cannot write the tiles of {slide_path} to {target}: it holds "
+                    f"{held or 'another slide'}; pass --force to replace it, or choose another "
+                    "--out"
+                )
+            diff = settings_diff(read_attrs(target), key)
+            if diff:
+                raise EmbeddingsClashError(
+                    f"cannot write the tiles of {slide_path} to {target}: it holds this slide "
+                    f"made with other settings ({'; '.join(diff)}); pass --force to replace it, "
+                    "or choose another --out"
+                )
+        return write_coords_h5(
+            target,
+            grid,
+            extra={**key, **extra},
+            coords_attrs=trident_coords_attrs(grid, name=slide_path.stem, out_dir=target.parent),
+        )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -75,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
                 tissue=False if mask is None else mask,
             )
         name = slide.path.name
+        slide_id = slide.info.slide_id
     for w in caught:
         print(f"gpfm tiles: warning: {w.message}", file=sys.stderr)
     summary: dict[str, Any] = {
@@ -84,8 +180,24 @@ def run(args: argparse.Namespace) -> int:
         **grid.attrs(),
     }
     if args.out is not None:
-        extra = {} if mask is None else {"slide_tissue_fraction": mask.tissue_fraction}
-        summary["out"] = str(write_coords_h5(args.out, grid, extra=extra))
+        from gpfm_core.embed._attrs import mpp_key, tissue_key
+
+        key = {
+            "slide_id": slide_id,
+            "requested_mpp": float(grid.requested_mpp),
+            "tile_px": int(grid.tile_px),
+            "overlap_px": int(grid.overlap_px),
+            "min_tissue": float(grid.min_tissue),
+            **(tissue_key(False) if mask is None else tissue_key(None, mask_mpp=args.mask_mpp)),
+            "slide_mpp_override": mpp_key(args.slide_mpp),
+        }
+        extra: dict[str, Any] = {"slide_path": str(Path(args.slide).resolve())}
+        if mask is not None:
+            extra["slide_tissue_fraction"] = mask.tissue_fraction
+        path = save_tiles(
+            args.out, grid, slide_path=Path(args.slide), key=key, extra=extra, force=args.force
+        )
+        summary["out"] = str(path)
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0

@@ -4,23 +4,33 @@
 >>> path = embed_slide("CMU-1.svs", encoder="tiny-vit", out_dir="emb")   # doctest: +SKIP
 >>> emb = load_embeddings(path)        # features (N, D) float32, coords (N, 2) int64
 
-Files live at ``<out_dir>/<slide_stem>.h5`` (see :mod:`gpfm_core.embed.storage` for the
-layout). torch is imported only when a slide is embedded.
+Files live at ``<out_dir>/<mpp>mpp_<tile_px>px_<overlap>px_overlap/features_<encoder>-<hash8>/
+<slide_stem>.h5`` (TRIDENT's layout; :mod:`gpfm_core.embed.layout`), one writer at a time per
+file (:func:`slide_lock`); the file's contents: :mod:`gpfm_core.embed.storage`; foreign files'
+tile geometry: :mod:`gpfm_core.embed.geometry`. torch is imported only when a slide is embedded.
 """
 
 from __future__ import annotations
 
+from gpfm_core.embed._errors import EmbedCancelled, EmbeddingsClashError
 from gpfm_core.embed.batch import SlideOutcome, embed_slides
 from gpfm_core.embed.device import CudaOutOfMemory, OomBackoff, resolve_device, resolve_precision
+from gpfm_core.embed.geometry import TileGeometry
+from gpfm_core.embed.layout import (
+    EmbeddingsLockTimeout,
+    embeddings_path,
+    features_dir,
+    find_embeddings,
+    slide_lock,
+)
 from gpfm_core.embed.loading import (
     Embeddings,
     EmbeddingsFileError,
-    find_embeddings,
+    GeometryWarning,
     load_embeddings,
     read_attrs,
 )
 from gpfm_core.embed.pipeline import (
-    EmbedCancelled,
     EmbedProgress,
     EmbedResult,
     NoTissueWarning,
@@ -28,7 +38,7 @@ from gpfm_core.embed.pipeline import (
     iter_embed_slide,
     resolve_encoder,
 )
-from gpfm_core.embed.storage import EmbeddingWriter, embeddings_path
+from gpfm_core.embed.storage import EmbeddingWriter
 
 __all__ = [
     "CudaOutOfMemory",
@@ -37,13 +47,18 @@ __all__ = [
     "EmbedResult",
     "EmbeddingWriter",
     "Embeddings",
+    "EmbeddingsClashError",
     "EmbeddingsFileError",
+    "EmbeddingsLockTimeout",
+    "GeometryWarning",
     "NoTissueWarning",
     "OomBackoff",
     "SlideOutcome",
+    "TileGeometry",
     "embed_slide",
     "embed_slides",
     "embeddings_path",
+    "features_dir",
     "find_embeddings",
     "iter_embed_slide",
     "load_embeddings",
@@ -51,4 +66,5 @@ __all__ = [
     "resolve_device",
     "resolve_encoder",
     "resolve_precision",
+    "slide_lock",
 ]

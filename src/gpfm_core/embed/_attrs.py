@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
+import json
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +31,51 @@ def tissue_source(tissue: TissueMask | bool | None) -> str:
         ).encode()
     )
     return "mask:" + h.hexdigest()[:16]
+
+
+def detector_params(**overrides: Any) -> dict[str, Any]:
+    """The parameters :func:`~gpfm_core.tissue.detect_tissue` runs with: its defaults, overridden."""
+    from gpfm_core.tissue import detect_tissue
+
+    params = {
+        name: p.default
+        for name, p in inspect.signature(detect_tissue).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    params.update(overrides)
+    return params
+
+
+def tissue_key(tissue: TissueMask | bool | None, **detector_overrides: Any) -> dict[str, str]:
+    """The tissue part of the cache key: what chose the tiles.
+
+    Detected tissue is keyed by :data:`gpfm_core.tissue.DETECTOR_VERSION` and the detector's
+    parameters (its defaults with ``detector_overrides``), so a changed detector or default
+    never reuses tiles an older one chose; a given mask by its content hash; ``False`` by
+    ``"none"``.
+
+    Returns
+    -------
+    dict
+        ``tissue_source``, ``tissue_detector``, ``tissue_params`` (JSON), all str.
+    """
+    from gpfm_core.tissue import DETECTOR_VERSION
+
+    if tissue is None or tissue is True:
+        params = json.dumps(detector_params(**detector_overrides), sort_keys=True, default=str)
+        return {
+            "tissue_source": "detected",
+            "tissue_detector": DETECTOR_VERSION,
+            "tissue_params": params,
+        }
+    if tissue is False:
+        return {"tissue_source": "none", "tissue_detector": "none", "tissue_params": "{}"}
+    # a given mask: its content decides, whatever made it
+    return {
+        "tissue_source": tissue_source(tissue),
+        "tissue_detector": "mask",
+        "tissue_params": "{}",
+    }
 
 
 def mpp_key(slide_mpp: float | tuple[float, float] | None) -> str:
@@ -81,7 +128,16 @@ def file_attrs(
         gpfm_core_version=__version__,
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
-    coords_attrs: dict[str, Any] = {  # TRIDENT's names (trident/IO.py coords_to_h5)
+    coords_attrs = trident_coords_attrs(grid, name=name, out_dir=out_dir)
+    features_attrs = {"name": name, "savetodir": str(out_dir), "encoder": str(meta.name)}
+    return root, coords_attrs, features_attrs
+
+
+def trident_coords_attrs(grid: TileGrid, *, name: str, out_dir: Path) -> dict[str, Any]:
+    """The ``coords`` attributes TRIDENT writes (``trident/IO.py`` ``coords_to_h5``), and CLAM's
+    ``patch_level`` where tiles are read at a native level's size."""
+    smx = float(grid.slide_mpp[0])
+    attrs: dict[str, Any] = {
         "patch_size": int(grid.tile_px),
         "patch_size_level0": int(grid.tile_size_level0),
         "level0_magnification": magnification(smx),
@@ -89,10 +145,9 @@ def file_attrs(
         "overlap": int(grid.overlap_px),
         "name": name,
         "savetodir": str(out_dir),
-        "level0_width": w0,
-        "level0_height": h0,
+        "level0_width": int(grid.level0_size[0]),
+        "level0_height": int(grid.level0_size[1]),
     }
     if int(np.max(grid.read_size)) == int(grid.tile_px):  # CLAM reads patch_size px at patch_level
-        coords_attrs["patch_level"] = int(grid.read_level)
-    features_attrs = {"name": name, "savetodir": str(out_dir), "encoder": str(meta.name)}
-    return root, coords_attrs, features_attrs
+        attrs["patch_level"] = int(grid.read_level)
+    return attrs

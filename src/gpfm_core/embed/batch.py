@@ -46,7 +46,10 @@ def embed_slides(
     on_result: Callable[[SlideOutcome], None] | None = None,
     **kwargs: Any,
 ) -> list[SlideOutcome]:
-    """Embed each slide into ``<out_dir>/<slide_stem>.h5`` with one encoder.
+    """Embed each slide into its feature file under ``out_dir`` with one encoder.
+
+    Files follow :mod:`gpfm_core.embed.layout`: two slides with one stem get two files, and a
+    slide embedded by another process at the same time is waited for and reused.
 
     The encoder and device are resolved once, before any slide: an unknown encoder or a
     missing GPU raises at once. After that, a slide that fails (unreadable file, no µm/px,

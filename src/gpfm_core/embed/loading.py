@@ -1,7 +1,9 @@
-"""Reading embeddings files: :func:`load_embeddings`, :func:`find_embeddings`.
+"""Reading embeddings files: :func:`load_embeddings`, :func:`read_attrs`.
 
 Reads files written by :class:`~gpfm_core.embed.storage.EmbeddingWriter` and, for
-``features`` / ``coords`` and their attributes, files written by TRIDENT or CLAM.
+``features`` / ``coords`` and their attributes, files written by TRIDENT or CLAM; where the
+tiles lie comes from the files' attributes (:mod:`gpfm_core.embed.geometry`).
+Finding a slide's file: :mod:`gpfm_core.embed.layout`.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from gpfm_core.embed.storage import _from_attr, embeddings_path
+from gpfm_core.embed.geometry import TileGeometry, tile_geometry
+from gpfm_core.embed.storage import _from_attr
 from gpfm_core.errors import GpfmError
 
 log = logging.getLogger(__name__)
@@ -24,6 +28,10 @@ log = logging.getLogger(__name__)
 
 class EmbeddingsFileError(GpfmError):
     """An embeddings file is missing, unreadable, or lacks ``features`` / ``coords``."""
+
+
+class GeometryWarning(UserWarning):
+    """A foreign file's tile geometry was assumed, or cannot be known (one line says which)."""
 
 
 @dataclass(frozen=True)
@@ -37,14 +45,20 @@ class Embeddings:
     coords : np.ndarray
         (N, 2) int64 level-0 top-left ``(x, y)``.
     grid_rc : np.ndarray
-        (N, 2) int64 ``(row, col)``; derived from ``coords`` and the stride for files
-        written by TRIDENT / CLAM, which lack it.
+        (N, 2) int64 ``(row, col)`` of each tile's cell in one raster of pitch
+        ``geometry.stride_level0`` from ``geometry.origin``; derived from ``coords`` and the
+        file's tiling attributes for TRIDENT / CLAM files, which lack it. Exact only when
+        ``geometry.exact``; ``coords`` are always exact.
     tissue_fraction : np.ndarray or None
         (N,) float32, or None when the file lacks it.
     attrs : dict
-        Root attributes merged over ``coords`` and ``features`` attributes.
+        Root attributes merged over ``coords`` and ``features`` attributes (and those of the
+        ``coords_file`` it was loaded with).
     path : Path
         The file read.
+    geometry : TileGeometry
+        Tile size, stride, raster origin and shape, from the attributes
+        (:func:`gpfm_core.embed.geometry.tile_geometry`).
     """
 
     features: np.ndarray
@@ -53,6 +67,7 @@ class Embeddings:
     tissue_fraction: np.ndarray | None
     attrs: dict[str, Any] = field(repr=False)
     path: Path
+    geometry: TileGeometry = field(repr=False, default=None)  # type: ignore[assignment]
 
     def __len__(self) -> int:
         return int(self.features.shape[0])
@@ -61,6 +76,25 @@ class Embeddings:
     def embed_dim(self) -> int:
         """D, the embedding width."""
         return int(self.features.shape[1])
+
+    @property
+    def tile_size_level0(self) -> int | None:
+        """Side of each tile's footprint in level-0 px (None when it cannot be known)."""
+        return None if self.geometry is None else self.geometry.tile_size_level0
+
+    def tile_boxes(self) -> np.ndarray:
+        """(N, 4) int64 level-0 ``(x0, y0, x1, y1)`` of every tile: exact, whatever the grid.
+
+        Raises
+        ------
+        EmbeddingsFileError
+            The tile size cannot be known (see ``geometry.note``).
+        """
+        size = self.tile_size_level0
+        if size is None:
+            note = self.geometry.note if self.geometry is not None else None
+            raise EmbeddingsFileError(note or f"{self.path}: tile size unknown")
+        return np.concatenate([self.coords, self.coords + size], axis=1)
 
     @property
     def encoder(self) -> str | None:
@@ -92,19 +126,38 @@ def read_attrs(path: str | os.PathLike[str]) -> dict[str, Any]:
     return attrs
 
 
-def load_embeddings(path: str | os.PathLike[str]) -> Embeddings:
+def load_embeddings(
+    path: str | os.PathLike[str], *, coords_file: str | os.PathLike[str] | None = None
+) -> Embeddings:
     """Load an embeddings file written by gpfm, TRIDENT or CLAM.
+
+    Parameters
+    ----------
+    path
+        The ``.h5`` file.
+    coords_file
+        The patching file its tiles came from (CLAM's ``patches/<slide>.h5``, TRIDENT's
+        ``patches/<slide>_patches.h5``), whose ``coords`` attributes give the tile geometry
+        to a features file that lacks them (CLAM's ``h5_files/<slide>.h5``). None: beside a
+        CLAM ``h5_files`` folder, a ``patches`` folder one or two levels up is looked at.
+        Used only when it holds the same tiles.
 
     Returns
     -------
     Embeddings
         ``features`` (N, D) float32, ``coords`` (N, 2) int64, ``grid_rc`` (N, 2) int64,
-        ``tissue_fraction`` (N,) or None, merged ``attrs``.
+        ``tissue_fraction`` (N,) or None, merged ``attrs``, ``geometry``.
 
     Raises
     ------
     EmbeddingsFileError
-        Missing or unreadable file, or no ``features`` / ``coords`` datasets.
+        Missing or unreadable file, no ``features`` / ``coords`` datasets, or a
+        ``coords_file`` with other tiles.
+
+    Warns
+    -----
+    GeometryWarning
+        One line when the tile size had to be measured from the spacing, or cannot be known.
     """
     import h5py
 
@@ -125,33 +178,72 @@ def load_embeddings(path: str | os.PathLike[str]) -> Embeddings:
         )
     if features.ndim == 3 and features.shape[0] == 1:  # some writers add a batch axis
         features = features[0]
+    if features.ndim == 1 and features.size == 0:  # TRIDENT writes an empty slide as (0,)
+        features = features.reshape(0, 0)
     coords = coords.reshape(-1, 2)
     if features.shape[0] != coords.shape[0]:
         raise EmbeddingsFileError(
             f"{p}: {features.shape[0]} features but {coords.shape[0]} coords; file is corrupt"
         )
-    if grid_rc is None:
-        grid_rc = _grid_rc_from_coords(coords, attrs)
-    return Embeddings(features, coords, grid_rc, tissue, attrs, p)
+    extra = _coords_file_attrs(p, coords, coords_file)
+    if extra:
+        attrs = {**extra, **attrs}
+    geometry, rc = tile_geometry(coords, attrs, grid_rc, name=p.name)
+    if not geometry.known or geometry.source == "spacing":
+        warnings.warn(geometry.note, GeometryWarning, stacklevel=2)
+    elif geometry.note:
+        log.info("%s", geometry.note)
+    return Embeddings(features, coords, rc, tissue, attrs, p, geometry)
 
 
-def _grid_rc_from_coords(coords: np.ndarray, attrs: Mapping[str, Any]) -> np.ndarray:
-    """(row, col) of each tile from its level-0 corner, for files that lack ``grid_rc``."""
-    stride = attrs.get("stride_level0")
-    if stride is None:
-        size0 = attrs.get("patch_size_level0")
-        if size0 is None and coords.shape[0] > 1:
-            steps = np.diff(np.unique(coords[:, 0]))
-            size0 = int(steps.min()) if steps.size else 1
-        size0 = int(size0 or 1)
-        overlap = int(attrs.get("overlap", 0) or 0)
-        patch = int(attrs.get("patch_size", 0) or 0)
-        stride = size0 - (overlap * size0 // patch if patch else 0)
-    stride = max(int(stride), 1)
-    return (coords[:, ::-1] // stride).astype(np.int64)
+def _coords_file_attrs(
+    path: Path, coords: np.ndarray, coords_file: str | os.PathLike[str] | None
+) -> dict[str, Any]:
+    """Attributes of the patching file of ``path`` (given, or CLAM's beside it) if it matches."""
+    import h5py
+
+    if coords_file is None:
+        if path.parent.name != "h5_files":
+            return {}
+        candidates = [
+            up / "patches" / path.name for up in (path.parent.parent, path.parent.parent.parent)
+        ]
+        candidates = [c for c in candidates if c.is_file()]
+        explicit = False
+    else:
+        candidates, explicit = [Path(coords_file)], True
+    for cand in candidates:
+        try:
+            with h5py.File(cand, "r") as f:
+                theirs = np.asarray(f["coords"][:], dtype=np.int64).reshape(-1, 2)
+                cattrs = {k: _from_attr(v) for k, v in f["coords"].attrs.items()}
+        except (OSError, KeyError) as exc:
+            if explicit:
+                raise EmbeddingsFileError(
+                    f"{cand} is not a readable patching file with 'coords' ({exc})"
+                ) from None
+            continue
+        if _same_rows(theirs, coords):
+            log.info("tile geometry of %s from %s", path.name, cand)
+            return cattrs
+        if explicit:
+            raise EmbeddingsFileError(
+                f"{cand} holds other tiles than {path} ({len(theirs)} vs {len(coords)}); "
+                "pass the patching file these features were made from"
+            )
+    return {}
 
 
-def _same(a: Any, b: Any) -> bool:
+def _same_rows(a: np.ndarray, b: np.ndarray) -> bool:
+    if a.shape != b.shape:
+        return False
+    if np.array_equal(a, b):
+        return True
+    return bool(np.array_equal(a[np.lexsort(a.T[::-1])], b[np.lexsort(b.T[::-1])]))
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Whether two attribute values agree (floats to a relative 1e-6, arrays element-wise)."""
     if isinstance(a, float | np.floating) or isinstance(b, float | np.floating):
         try:
             return math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-9)
@@ -167,54 +259,6 @@ def matches(attrs: Mapping[str, Any], **params: Any) -> bool:
     for key, want in params.items():
         if want is None:
             continue
-        if key not in attrs or not _same(attrs[key], want):
+        if key not in attrs or not same_value(attrs[key], want):
             return False
     return True
-
-
-def find_embeddings(
-    slide_path: str | os.PathLike[str],
-    out_dir: str | os.PathLike[str],
-    *,
-    slide_id: str | None = None,
-    **params: Any,
-) -> Path | None:
-    """Find the existing embeddings of a slide made with the given parameters.
-
-    Parameters
-    ----------
-    slide_path
-        The slide; its file must exist unless ``slide_id`` is given.
-    out_dir
-        Folder searched for ``<slide_stem>.h5``.
-    slide_id
-        The slide's content id; computed by opening the slide when None.
-    **params
-        Root attributes to agree with, e.g. ``encoder="tiny-vit"``, ``weights_hash=...``,
-        ``requested_mpp=0.5``, ``tile_px=224``, ``overlap_px=0``, ``min_tissue=0.25``;
-        None values are ignored.
-
-    Returns
-    -------
-    Path or None
-        The file when it exists, is complete, belongs to this slide and matches; else None.
-    """
-    path = embeddings_path(slide_path, out_dir)
-    if not path.is_file():
-        return None
-    try:
-        attrs = read_attrs(path)
-    except EmbeddingsFileError as exc:
-        log.warning("ignoring %s: %s", path, exc)
-        return None
-    if slide_id is None:
-        from gpfm_core.slide import open_slide
-
-        with open_slide(slide_path) as slide:
-            slide_id = slide.info.slide_id
-    if attrs.get("slide_id") != slide_id:
-        log.info(
-            "%s belongs to another slide (id %s, not %s)", path, attrs.get("slide_id"), slide_id
-        )
-        return None
-    return path if matches(attrs, **params) else None

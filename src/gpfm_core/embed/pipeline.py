@@ -15,6 +15,7 @@ slide size.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -27,11 +28,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from gpfm_core.embed._attrs import file_attrs, mpp_key, tissue_source
+from gpfm_core.embed._attrs import file_attrs, mpp_key, tissue_key
+from gpfm_core.embed._errors import EmbedCancelled, EmbeddingsClashError
 from gpfm_core.embed._loop import embed_batches
 from gpfm_core.embed.device import OomBackoff, resolve_device, resolve_precision
-from gpfm_core.embed.loading import find_embeddings, read_attrs
-from gpfm_core.embed.storage import EmbeddingWriter, embeddings_path, remove_stale_partial
+from gpfm_core.embed.layout import claim_slide_file, features_dir, settings_diff
+from gpfm_core.embed.loading import EmbeddingsFileError, read_attrs
+from gpfm_core.embed.storage import EmbeddingWriter
 from gpfm_core.errors import GpfmError
 
 if TYPE_CHECKING:
@@ -44,8 +47,15 @@ log = logging.getLogger(__name__)
 PathLike = str | os.PathLike[str]
 
 
-class EmbedCancelled(GpfmError):
-    """The run was cancelled through its ``cancel`` event; no file was written."""
+__all__ = [
+    "EmbedCancelled",
+    "EmbedProgress",
+    "EmbedResult",
+    "NoTissueWarning",
+    "embed_slide",
+    "iter_embed_slide",
+    "resolve_encoder",
+]
 
 
 class NoTissueWarning(UserWarning):
@@ -140,8 +150,16 @@ def iter_embed_slide(
     compile: bool = False,
     cancel: threading.Event | None = None,
     reuse: bool = True,
+    force: bool = False,
+    lock_timeout: float | None = None,
 ) -> Generator[EmbedProgress, None, EmbedResult]:
-    """Embed every tissue tile of a slide into ``<out_dir>/<slide_stem>.h5``.
+    """Embed every tissue tile of a slide into its feature file under ``out_dir``.
+
+    The file is ``<out_dir>/<mpp>mpp_<tile_px>px_<overlap>px_overlap/features_<encoder>-
+    <hash8>/<slide_stem>.h5`` (``<slide_stem>-<slide_id[:8]>.h5`` when another slide holds
+    the stem; see :mod:`gpfm_core.embed.layout`). The slide's lock is held from the look for
+    an existing file to the rename of the new one: a second process embedding the same slide
+    waits, then reuses the finished file.
 
     Parameters
     ----------
@@ -150,7 +168,7 @@ def iter_embed_slide(
     encoder
         ``"default"``, a registry name, a checkpoint path, or an Encoder module.
     out_dir
-        Output folder (created); the file is ``<out_dir>/<slide_stem>.h5``.
+        Output root (created).
     mpp, tile_px
         Tiling resolution (µm/px) and tile side; None takes the encoder's
         ``meta.tile_mpp`` / ``meta.tile_px``.
@@ -170,9 +188,17 @@ def iter_embed_slide(
     compile
         Wrap the model in ``torch.compile``.
     cancel
-        Set it to stop after the current batch; raises :class:`EmbedCancelled`.
+        Set it to stop after the current batch (or while waiting for the lock); raises
+        :class:`EmbedCancelled`.
     reuse
-        Return an existing file made from the same slide, encoder, weights and tiling.
+        Return an existing file of this slide made with the same settings (encoder, weights,
+        tiling, tissue detector and its parameters or mask, ``min_tissue``, µm/px override,
+        dtype); False recomputes and replaces it.
+    force
+        Replace this slide's file when it was made with other settings; without it that is
+        an :class:`EmbeddingsClashError`.
+    lock_timeout
+        Seconds to wait for another process writing this file; None waits until it is done.
 
     Yields
     ------
@@ -188,6 +214,11 @@ def iter_embed_slide(
     ------
     SlideError, EncoderError, GpfmError, EmbedCancelled
         Bad slide, unknown encoder, CUDA asked for but missing, cancelled.
+    EmbeddingsClashError
+        The file holds this slide made with other settings (and not ``force``), or both of its
+        possible names hold other slides.
+    EmbeddingsLockTimeout
+        ``lock_timeout`` passed while another process wrote the file.
     """
     from gpfm_core.slide import open_slide
     from gpfm_core.tiling import make_tile_grid
@@ -203,8 +234,6 @@ def iter_embed_slide(
     meta = enc.meta
     weights_hash = str(getattr(enc, "weights_hash", None) or "none")
     slide_path = Path(slide_path)
-    out_dir = Path(out_dir)
-    out = embeddings_path(slide_path, out_dir)
     key: dict[str, Any] = {
         "encoder": str(meta.name),
         "weights_hash": weights_hash,
@@ -212,10 +241,18 @@ def iter_embed_slide(
         "tile_px": int(tile_px if tile_px is not None else meta.tile_px),
         "overlap_px": int(overlap_px),
         "min_tissue": float(min_tissue),
-        "tissue_source": tissue_source(tissue),
+        **tissue_key(tissue),
         "slide_mpp_override": mpp_key(slide_mpp),
         "features_dtype": dtype,
     }
+    folder = features_dir(
+        out_dir,
+        encoder=key["encoder"],
+        weights_hash=weights_hash,
+        mpp=key["requested_mpp"],
+        tile_px=key["tile_px"],
+        overlap_px=key["overlap_px"],
+    )
 
     def result(path: Path, n: int, reused: bool, bs: int) -> EmbedResult:
         return EmbedResult(
@@ -230,28 +267,80 @@ def iter_embed_slide(
             bs,
         )
 
-    with open_slide(slide_path, mpp=slide_mpp) as slide:
-        info = slide.info
-        if (
-            reuse
-            and find_embeddings(slide_path, out_dir, slide_id=info.slide_id, **key) is not None
-        ):
-            n = int(read_attrs(out).get("n_tiles", -1))
-            log.info("reusing %s (%d tiles, same slide, encoder and tiling)", out, n)
-            return result(out, n, True, batch_size)
-        grid = make_tile_grid(
-            slide,
-            mpp=key["requested_mpp"],
-            tile_px=key["tile_px"],
-            overlap_px=overlap_px,
-            min_tissue=min_tissue,
-            tissue=tissue,
-        )
+    with contextlib.ExitStack() as locked:
+        with open_slide(slide_path, mpp=slide_mpp) as slide:
+            info = slide.info
+            # held from the look for an existing file to the rename of the new one
+            out = locked.enter_context(
+                claim_slide_file(
+                    folder, slide_path, info.slide_id, timeout=lock_timeout, cancel=cancel
+                )
+            )
+            diff = _existing_diff(out, key)
+            if diff is not None and not diff and reuse:
+                n = int(read_attrs(out).get("n_tiles", -1))
+                log.info("reusing %s (%d tiles, same slide and settings)", out, n)
+                return result(out, n, True, batch_size)
+            if diff and not force:
+                raise EmbeddingsClashError(
+                    f"cannot embed {slide_path} into {out}: that file holds this slide made with "
+                    f"other settings ({'; '.join(diff)}); pass --force (force=True) to replace "
+                    "it, or choose another output folder"
+                )
+            grid = make_tile_grid(
+                slide,
+                mpp=key["requested_mpp"],
+                tile_px=key["tile_px"],
+                overlap_px=overlap_px,
+                min_tissue=min_tissue,
+                tissue=tissue,
+            )
+        return (
+            yield from _embed_into(
+                out, grid, enc, meta, key, slide_path, info, dev, prec, t0, result,
+                batch_size=batch_size, workers=workers, dtype=dtype, slide_mpp=slide_mpp,
+                compile=compile, cancel=cancel, min_tissue=min_tissue,
+            )
+        )  # fmt: skip
+
+
+def _existing_diff(path: Path, key: dict[str, Any]) -> list[str] | None:
+    """None when ``path`` does not exist; else how its settings differ from ``key`` ([] = same)."""
+    if not path.exists():
+        return None
+    try:
+        attrs = read_attrs(path)
+    except EmbeddingsFileError as exc:
+        return [f"unreadable: {exc}"]
+    return settings_diff(attrs, key)
+
+
+def _embed_into(
+    out: Path,
+    grid: Any,
+    enc: Any,
+    meta: Any,
+    key: dict[str, Any],
+    slide_path: Path,
+    info: Any,
+    dev: Any,
+    prec: str,
+    t0: float,
+    result: Callable[[Path, int, bool, int], EmbedResult],
+    *,
+    batch_size: int,
+    workers: int,
+    dtype: str,
+    slide_mpp: float | tuple[float, float] | None,
+    compile: bool,
+    cancel: threading.Event | None,
+    min_tissue: float,
+) -> Generator[EmbedProgress, None, EmbedResult]:
+    """Embed ``grid`` and write ``out`` (its lock is held by the caller)."""
     root, coords_attrs, features_attrs = file_attrs(
-        grid, meta, weights_hash, key, slide_path, out_dir, info
+        grid, meta, key["weights_hash"], key, slide_path, out.parent, info
     )
     root.update(compute_device=str(dev), compute_precision=prec)
-    remove_stale_partial(out)
     n = len(grid)
     with EmbeddingWriter(
         out,

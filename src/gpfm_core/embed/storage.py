@@ -1,6 +1,7 @@
 """One HDF5 file of tile embeddings per slide, in the TRIDENT / CLAM layout.
 
-Layout of ``<out_dir>/<slide_stem>.h5`` (see :func:`embeddings_path`):
+Where the file lives is :mod:`gpfm_core.embed.layout`'s business
+(``<out>/<tiling>/features_<encoder>-<hash8>/<slide>.h5``). Inside it:
 
 ===================  ===========  =====================================================
 dataset              shape        meaning
@@ -14,16 +15,19 @@ dataset              shape        meaning
 Attributes: the file's root holds gpfm's own names (``encoder``, ``weights_hash``,
 ``requested_mpp``, ``effective_mpp``, ``tile_px``, ``tile_size_level0``, ``stride_level0``,
 ``read_level``, ``overlap_px``, ``level0_width`` / ``level0_height``, ``slide_id``,
-``slide_path``, ``grid_rows`` / ``grid_cols``, ``gpfm_core_version``, ``created`` ...).
+``slide_path``, ``grid_rows`` / ``grid_cols``, ``min_tissue``, ``tissue_source``,
+``tissue_detector``, ``tissue_params``, ``gpfm_core_version``, ``created`` ...).
 ``coords.attrs`` repeats the tiling under TRIDENT's names (``patch_size``,
 ``patch_size_level0``, ``level0_magnification``, ``target_magnification``, ``overlap``,
 ``name``, ``savetodir``, ``level0_width``, ``level0_height``) and CLAM's (``patch_level``);
 ``features.attrs`` holds TRIDENT's ``name``, ``savetodir`` and ``encoder``. So TRIDENT / CLAM
 readers (``f["features"][:]``, ``f["coords"][:]``) load the file unchanged.
 
-Files are written as ``<stem>.h5.partial`` and renamed with :func:`os.replace` only once
-complete: a run killed mid-slide leaves no ``.h5``, and the next run removes the stale
-``.partial`` and starts that slide again (no resumption). Reading: :mod:`gpfm_core.embed.loading`.
+The file is written through :func:`gpfm_core._atomic.atomic_path`: a temporary file with an
+unpredictable name beside the target, renamed only once complete. A run killed mid-slide
+leaves no ``.h5``; the next writer of that name (which holds
+:func:`~gpfm_core.embed.layout.slide_lock`) removes the leftover and starts the slide again.
+Reading: :mod:`gpfm_core.embed.loading`.
 """
 
 from __future__ import annotations
@@ -37,39 +41,13 @@ from typing import Any
 
 import numpy as np
 
+from gpfm_core._atomic import atomic_path
 from gpfm_core.errors import GpfmError
 
 log = logging.getLogger(__name__)
 
 #: Version of this file layout, stored as the ``gpfm_format`` root attribute.
 FORMAT_VERSION = 1
-SUFFIX = ".h5"
-PARTIAL_SUFFIX = ".h5.partial"
-
-
-def embeddings_path(slide_path: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
-    """Where the embeddings of ``slide_path`` live: ``<out_dir>/<slide_stem>.h5``.
-
-    The stem drops the last suffix only (``CMU-1.svs`` -> ``CMU-1.h5``), as TRIDENT does.
-    """
-    return Path(out_dir) / f"{Path(slide_path).stem}{SUFFIX}"
-
-
-def partial_path(final: str | os.PathLike[str]) -> Path:
-    """The temporary file written before the atomic rename to ``final``."""
-    final = Path(final)
-    stem = final.name[: -len(SUFFIX)] if final.name.endswith(SUFFIX) else final.name
-    return final.with_name(stem + PARTIAL_SUFFIX)
-
-
-def remove_stale_partial(final: str | os.PathLike[str]) -> bool:
-    """Remove a ``.partial`` left by a killed run; returns whether one was there."""
-    tmp = partial_path(final)
-    if tmp.exists():
-        log.info("removing stale partial file %s", tmp)
-        tmp.unlink()
-        return True
-    return False
 
 
 def _to_attr(value: Any) -> Any:
@@ -101,8 +79,15 @@ def _set_attrs(target: Any, attrs: Mapping[str, Any]) -> None:
         target.attrs[key] = _to_attr(value)
 
 
+class _Aborted(Exception):
+    """Thrown into the atomic write to make it discard the temporary file."""
+
+
 class EmbeddingWriter:
-    """Stream features of one slide into ``<stem>.h5.partial``, then rename atomically.
+    """Stream features of one slide into a temporary file, then rename it atomically.
+
+    Only one writer per ``path`` may run at a time: hold
+    :func:`~gpfm_core.embed.layout.slide_lock` (``iter_embed_slide`` does).
 
     Parameters
     ----------
@@ -145,14 +130,18 @@ class EmbeddingWriter:
         if dtype not in ("float32", "float16"):
             raise GpfmError(f"dtype must be 'float32' or 'float16', not {dtype!r}")
         self.path = Path(path)
-        self.tmp = partial_path(self.path)
         self.n = len(coords)
         self.embed_dim = int(embed_dim)
         self.written = np.zeros(self.n, dtype=bool)
         self._committed = False
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_partial(self.path)
-        self._file = h5py.File(self.tmp, "w")
+        self._atomic = atomic_path(self.path, parents=True)
+        self.tmp: Path = self._atomic.__enter__()
+        self._atomic_open = True
+        try:
+            self._file = h5py.File(self.tmp, "w")
+        except BaseException:
+            self._end_atomic(ok=False)
+            raise
         try:
             f = self._file
             # Contiguous (unchunked) datasets: each batch write goes straight to its rows.
@@ -199,19 +188,29 @@ class EmbeddingWriter:
             raise RuntimeError(f"{missing} of {self.n} tiles were not written; not committing")
         self._file.flush()
         self._file.close()
-        os.replace(self.tmp, self.path)
+        self._end_atomic(ok=True)  # fsync, rename onto self.path
         self._committed = True
         log.info("wrote %s (%d tiles)", self.path, self.n)
         return self.path
 
     def abort(self) -> None:
-        """Close and delete the partial file (safe to call twice)."""
+        """Close and delete the temporary file; the final path is untouched (safe twice)."""
         if self._committed:
             return
         with contextlib.suppress(Exception):
             self._file.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.tmp.unlink()
+        self._end_atomic(ok=False)
+
+    def _end_atomic(self, *, ok: bool) -> None:
+        """Leave the ``atomic_path`` block once: rename (ok) or remove the temporary file."""
+        if not self._atomic_open:
+            return
+        self._atomic_open = False
+        if ok:
+            self._atomic.__exit__(None, None, None)
+        else:
+            with contextlib.suppress(_Aborted):
+                self._atomic.__exit__(_Aborted, _Aborted(), None)
 
     def __enter__(self) -> EmbeddingWriter:
         return self

@@ -92,7 +92,7 @@ def embed_job(params: EmbedParams, *, cancel: threading.Event) -> Generator[Step
     gen = iter_embed_slide(
         params.ref.path, encoder=params.encoder, out_dir=params.out_dir, mpp=params.mpp,
         tile_px=params.tile_px, device=params.device, batch_size=params.batch_size, cancel=cancel, reuse=True,
-        tissue=params.tissue,
+        tissue=params.tissue, force=True,  # a cache: a file made otherwise (edited mask) is replaced
     )  # fmt: skip
     grid = None
     while True:
