@@ -4,7 +4,7 @@ The run goes through :func:`gpfm_core.embed.iter_embed_slide` in a napari worker
 batch paints its tiles on the ``gpfm: coverage`` Labels layer (1 = tile to embed,
 2 = embedded), redrawn at most every 0.25 s. Cached embeddings (same slide, encoder and
 tiling in the output folder) are reused at once. Cancel leaves the partial coverage on
-screen and no ``.h5`` file (the core writes ``.partial`` and renames only when complete).
+screen and no ``.h5`` file (the core writes a temporary file and renames it when complete).
 """
 
 from __future__ import annotations
