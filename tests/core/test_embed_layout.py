@@ -112,14 +112,20 @@ def test_slide_names_and_tiles_folder(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------ the issue's examples
+def _same_stem(tmp: Path, first: Path, second: Path, suffix: str) -> tuple[Path, Path]:
+    """Two different slides both named S01: ``a/S01.svs`` and ``b/S01<suffix>``."""
+    a, b = tmp / "a" / "S01.svs", tmp / "b" / f"S01{suffix}"
+    for src, dst in ((first, a), (second, b)):
+        dst.parent.mkdir()
+        shutil.copyfile(src, dst)
+    return a, b
+
+
 def test_two_slides_with_one_stem_from_two_folders_keep_two_files(
     cmu_svs: Path, small_pyramid: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # `gpfm embed a/S01.svs b/S01.tif --out out` used to leave one S01.h5 holding b only
-    a, b = tmp_path / "a" / "S01.svs", tmp_path / "b" / "S01.tif"
-    for src, dst in ((cmu_svs, a), (small_pyramid, b)):
-        dst.parent.mkdir()
-        shutil.copyfile(src, dst)
+    a, b = _same_stem(tmp_path, cmu_svs, small_pyramid, ".tif")
     out = tmp_path / "out"
     assert _embed_cli(str(a), str(b), "--out", str(out)) == 0
     text = capsys.readouterr().out
@@ -365,10 +371,7 @@ def test_two_processes_started_together_embed_the_slide_once(cmu_svs: Path, tmp_
 def test_tiles_out_folder_follows_the_layout_and_the_rules(
     cmu_svs: Path, small_pyramid: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    a, b = tmp_path / "a" / "S01.svs", tmp_path / "b" / "S01.svs"
-    for src, dst in ((cmu_svs, a), (small_pyramid, b)):
-        dst.parent.mkdir()
-        shutil.copyfile(src, dst)
+    a, b = _same_stem(tmp_path, cmu_svs, small_pyramid, ".svs")
     out = tmp_path / "coords"
     tiles = ["tiles", "--mpp", "2", "--tile-px", "112", "--out", str(out)]
     assert main([tiles[0], str(a), *tiles[1:]]) == 0
