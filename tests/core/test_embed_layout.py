@@ -32,6 +32,7 @@ from gpfm_core.embed.layout import (
     encoder_dirname,
     features_dir,
     lock_path,
+    settings_diff,
     slide_file_names,
     slide_lock,
     stale_temps,
@@ -109,6 +110,31 @@ def test_slide_names_and_tiles_folder(tmp_path: Path) -> None:
         == tmp_path / "0.5mpp_224px_0px_overlap" / "patches"
     )
     assert lock_path(tmp_path / "S01.h5") == tmp_path / ".locks" / "S01.h5.lock"
+
+
+@pytest.mark.parametrize(
+    ("wanted", "diff"),
+    [
+        ({"min_tissue": 0.25 + 1e-9, "encoder": "tiny-vit", "tile_px": None}, []),
+        ({"min_tissue": 0.5}, ["min_tissue 0.25 in the file, 0.5 here"]),
+        (
+            {"tissue_detector": "v2"},
+            ["no tissue_detector recorded in the file (made by an older or another tool)"],
+        ),
+        # the parameter that changed, not two long JSON strings
+        (
+            {"tissue_params": '{"mask_mpp": 8.0, "open_um": 4.0}'},
+            ["tissue_params.open_um 8.0 in the file, 4.0 here"],
+        ),
+    ],
+)
+def test_settings_diff_names_what_differs(wanted: dict, diff: list[str]) -> None:
+    stored = {
+        "min_tissue": 0.25,
+        "encoder": "tiny-vit",
+        "tissue_params": '{"mask_mpp": 8.0, "open_um": 8.0}',
+    }
+    assert settings_diff(stored, wanted) == diff
 
 
 # ------------------------------------------------------------------ the examples

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import math
 import os
@@ -361,8 +362,25 @@ def settings_diff(attrs: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[s
         if have is None:
             out.append(f"no {key} recorded in the file (made by an older or another tool)")
         elif not same_value(have, want):
-            out.append(f"{key} {_short(have)} in the file, {_short(want)} here")
+            sub = _json_diff(have, want)
+            if sub:
+                out.extend(
+                    f"{key}.{k} {_short(a)} in the file, {_short(b)} here" for k, a, b in sub
+                )
+            else:
+                out.append(f"{key} {_short(have)} in the file, {_short(want)} here")
     return out
+
+
+def _json_diff(have: Any, want: Any) -> list[tuple[str, Any, Any]]:
+    """The differing keys of two JSON-object strings (e.g. ``tissue_params``); [] otherwise."""
+    try:
+        a, b = json.loads(have), json.loads(want)
+    except (TypeError, ValueError):
+        return []
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return []
+    return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
 
 
 def _short(value: Any) -> str:
