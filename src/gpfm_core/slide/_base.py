@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
@@ -110,31 +109,18 @@ class Slide(ABC):
     ----------
     info
         Metadata with the level sizes and downsamples *as the file reports them*; they
-        are replaced by the measured geometry (:func:`~gpfm_core.slide.measure_levels`).
-    native_tiles
-        Native tile ``(width, height)`` per level, None where a level is not tiled.
-    resolutions
-        Resolution tags ``(x, y)`` (pixels per unit, one unit for all levels) per level.
+        are replaced by the measured geometry: ``info.levels`` when the backend measured
+        it (with tile sizes and resolution tags), else
+        :func:`~gpfm_core.slide.measure_levels` of the sizes alone.
     """
 
     backend: ClassVar[str] = ""
 
-    def __init__(
-        self,
-        info: SlideInfo,
-        *,
-        native_tiles: Sequence[tuple[int, int] | None] | None = None,
-        resolutions: Sequence[tuple[float, float] | None] | None = None,
-    ) -> None:
-        levels = info.levels or measure_levels(
-            info.level_dimensions,
-            info.level_downsamples,
-            tile_sizes=native_tiles,
-            resolutions=resolutions,
-        )
+    def __init__(self, info: SlideInfo) -> None:
+        levels = info.levels or measure_levels(info.level_dimensions, info.level_downsamples)
         for g in levels:
             if not g.trusted:
-                log.warning("%s: level %d is skipped: %s", Path(info.path).name, g.level, g.note)
+                log.info("%s: level %d is skipped: %s", Path(info.path).name, g.level, g.note)
         self._info = replace(
             info,
             level_dimensions=tuple(g.size for g in levels),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import numpy as np
 
 from gpfm_core.errors import SlideError
 from gpfm_core.slide._base import Slide, SlideInfo, rgba_to_rgb
+from gpfm_core.slide._geometry import measure_levels
 from gpfm_core.slide._ids import (
     PLAUSIBLE_MPP,
     compute_slide_id,
@@ -29,6 +31,8 @@ _TIFF_VENDORS = frozenset({"aperio", "generic-tiff"})
 #: Extra pixels a read of a padded level may start earlier to land on a whole pixel, and
 #: the level-0 rounding (in level-0 px) that counts as landing on it.
 _REMAP_SEARCH = 32
+#: Bases of levels whose geometry the dimensions settle alone (no tags needed).
+_PLAIN = frozenset({"level 0", "dimensions"})
 _REMAP_TOL = 0.02
 
 
@@ -89,8 +93,15 @@ class OpenSlideSlide(Slide):
             properties=props,
             backend=self.backend,
         )
-        resolutions = _level_resolutions(path, dims) if vendor in _TIFF_VENDORS and n > 1 else None
-        super().__init__(info, native_tiles=native, resolutions=resolutions)
+        levels = measure_levels(dims, info.level_downsamples, tile_sizes=native)
+        if vendor in _TIFF_VENDORS and any(g.basis not in _PLAIN for g in levels):
+            # a padded or unexplained level: its own resolution tags may tell (opening
+            # the file with tifffile costs time, so only then)
+            resolutions = _level_resolutions(path, dims)
+            levels = measure_levels(
+                dims, info.level_downsamples, tile_sizes=native, resolutions=resolutions
+            )
+        super().__init__(replace(info, levels=levels))
 
     def _read(self, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
         import openslide
