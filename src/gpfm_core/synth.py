@@ -302,20 +302,34 @@ def make_synthetic_slide(
         for i, (ds, size) in enumerate(levels):
             srcs = _orient(base if ds == 1 else [_downsample(s, ds) for s in base])
             desc = desc0 if i == 0 else f"Aperio Image Library v12.0.0\r\n{size[0]}x{size[1]}"
-            tw.write(
+            _write_level(
+                tw,
                 _tiles(plan, srcs, ds, tile, size),
+                first=i == 0,
+                tile=tile,
+                quality=quality,
                 shape=(size[1], size[0], 3),
                 dtype=np.uint8,
-                tile=(tile, tile),
-                photometric="rgb",
-                compression="jpeg",
-                compressionargs={"level": quality},
                 description=desc,
-                metadata=None,
-                software=False,
-                subfiletype=0 if i == 0 else 1,
             )
     return out
+
+
+def _write_level(
+    tw: object, data: object, *, first: bool, tile: int, quality: int, **kw: object
+) -> None:
+    """One pyramid level as a JPEG-tiled RGB page (level 0 full-res, others reduced)."""
+    tw.write(  # type: ignore[attr-defined]
+        data,
+        tile=(tile, tile),
+        photometric="rgb",
+        compression="jpeg",
+        compressionargs={"level": quality},
+        metadata=None,
+        software=False,
+        subfiletype=0 if first else 1,
+        **kw,
+    )
 
 
 def _downsample(src: np.ndarray, ds: int) -> np.ndarray:
@@ -456,15 +470,5 @@ def write_pyramid_tiff(
                     if i == 0
                     else head
                 )
-            tw.write(
-                level,
-                tile=(tile, tile),
-                photometric="rgb",
-                compression="jpeg",
-                compressionargs={"level": quality},
-                metadata=None,
-                software=False,
-                subfiletype=0 if i == 0 else 1,
-                **kw,
-            )
+            _write_level(tw, level, first=i == 0, tile=tile, quality=quality, **kw)
     return out

@@ -57,21 +57,26 @@ def test_tile_transform_formula(
     )
 
 
-def test_tile_labels_layer_is_pixel_exact_over_slide(cmu_view) -> None:
-    viewer, slide_layer, slide = cmu_view
-    grid = make_tile_grid(slide, mpp=0.5, tile_px=224, tissue=False)
-    s = grid.stride_level0
+def _assert_raster_on_tiles(viewer, slide_layer, slide, grid) -> None:
+    """A tile raster placed by ``tile_layer_transform`` covers exactly its tiles' pixels."""
+    sx, sy = grid.stride_level0_xy
     labels = viewer.add_labels(grid_to_labels(grid), **tile_layer_transform(grid, slide.mpp))
     rows, cols = grid.grid_shape
     for r, c in [(0, 0), (3, 5), (rows - 1, cols - 1)]:
         tile_world = np.array(
             [labels.data_to_world([r - 0.5, c - 0.5]), labels.data_to_world([r + 0.5, c + 0.5])]
         )
-        want = _slide_extent(slide_layer, r * s, c * s, (r + 1) * s - 1, (c + 1) * s - 1)
+        want = _slide_extent(slide_layer, r * sy, c * sx, (r + 1) * sy - 1, (c + 1) * sx - 1)
         np.testing.assert_allclose(tile_world, want, rtol=0, atol=1e-9)
         # and back: the slide pixel at the tile's centre maps into tile (r, c)
-        centre = slide_layer.data_to_world([r * s + s / 2, c * s + s / 2])
+        centre = slide_layer.data_to_world([r * sy + sy / 2, c * sx + sx / 2])
         np.testing.assert_array_equal(np.round(labels.world_to_data(centre)), [r, c])
+
+
+def test_tile_labels_layer_is_pixel_exact_over_slide(cmu_view) -> None:
+    viewer, slide_layer, slide = cmu_view
+    grid = make_tile_grid(slide, mpp=0.5, tile_px=224, tissue=False)
+    _assert_raster_on_tiles(viewer, slide_layer, slide, grid)
 
 
 def test_grid_with_offset_origin_lands_on_its_tiles(cmu_view) -> None:
@@ -280,18 +285,8 @@ def test_nonsquare_tile_rectangles_cover_their_pixels_and_a_square(nonsquare_vie
 def test_nonsquare_tile_raster_is_pixel_exact(nonsquare_view) -> None:
     viewer, slide_layer, slide = nonsquare_view
     grid = make_tile_grid(slide, mpp=0.5, tile_px=224, overlap_px=32, tissue=False)
-    sx, sy = grid.stride_level0_xy
-    assert (sx, sy) == (385, 192)
-    labels = viewer.add_labels(grid_to_labels(grid), **tile_layer_transform(grid, slide.mpp))
-    rows, cols = grid.grid_shape
-    for r, c in [(0, 0), (3, 5), (rows - 1, cols - 1)]:
-        tile_world = np.array(
-            [labels.data_to_world([r - 0.5, c - 0.5]), labels.data_to_world([r + 0.5, c + 0.5])]
-        )
-        want = _slide_extent(slide_layer, r * sy, c * sx, (r + 1) * sy - 1, (c + 1) * sx - 1)
-        np.testing.assert_allclose(tile_world, want, rtol=0, atol=1e-9)
-        centre = slide_layer.data_to_world([r * sy + sy / 2, c * sx + sx / 2])
-        np.testing.assert_array_equal(np.round(labels.world_to_data(centre)), [r, c])
+    assert grid.stride_level0_xy == (385, 192)
+    _assert_raster_on_tiles(viewer, slide_layer, slide, grid)
 
 
 def test_nonsquare_rendered_tile_is_a_square_on_its_tile(
