@@ -9,6 +9,11 @@ the same plan rather than read back from level 0.
 
 OpenSlide reads the result with its ``aperio`` driver: the first page carries an
 ``Aperio Image Library`` description with ``MPP`` and ``AppMag``.
+
+:func:`write_pyramid_tiff` writes a small image held in memory as a pyramid with the
+field's quirks on demand: coarse levels padded up to whole tiles (as CAMELYON16 files
+are), per-level resolution tags or none, non-square pixels, levels scaled differently in
+x and y. Tests build their odd slides with it.
 """
 
 from __future__ import annotations
@@ -21,13 +26,14 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
 from gpfm_core._atomic import atomic_path
 from gpfm_core.errors import SlideError
 
-__all__ = ["make_synthetic_slide"]
+__all__ = ["make_synthetic_slide", "write_pyramid_tiff"]
 
 log = logging.getLogger(__name__)
 
@@ -296,20 +302,34 @@ def make_synthetic_slide(
         for i, (ds, size) in enumerate(levels):
             srcs = _orient(base if ds == 1 else [_downsample(s, ds) for s in base])
             desc = desc0 if i == 0 else f"Aperio Image Library v12.0.0\r\n{size[0]}x{size[1]}"
-            tw.write(
+            _write_level(
+                tw,
                 _tiles(plan, srcs, ds, tile, size),
+                first=i == 0,
+                tile=tile,
+                quality=quality,
                 shape=(size[1], size[0], 3),
                 dtype=np.uint8,
-                tile=(tile, tile),
-                photometric="rgb",
-                compression="jpeg",
-                compressionargs={"level": quality},
                 description=desc,
-                metadata=None,
-                software=False,
-                subfiletype=0 if i == 0 else 1,
             )
     return out
+
+
+def _write_level(
+    tw: object, data: object, *, first: bool, tile: int, quality: int, **kw: object
+) -> None:
+    """One pyramid level as a JPEG-tiled RGB page (level 0 full-res, others reduced)."""
+    tw.write(  # type: ignore[attr-defined]
+        data,
+        tile=(tile, tile),
+        photometric="rgb",
+        compression="jpeg",
+        compressionargs={"level": quality},
+        metadata=None,
+        software=False,
+        subfiletype=0 if first else 1,
+        **kw,
+    )
 
 
 def _downsample(src: np.ndarray, ds: int) -> np.ndarray:
@@ -344,3 +364,111 @@ def _tiles(
         finally:
             for f in pending:
                 f.cancel()
+
+
+def write_pyramid_tiff(
+    path: str | os.PathLike[str],
+    image: np.ndarray,
+    *,
+    mpp: float | tuple[float, float],
+    factors: Sequence[int | tuple[int, int]] = (1, 2, 4, 8),
+    tile: int = 256,
+    pad_to_tiles: bool = False,
+    pad_value: int = 0,
+    style: Literal["aperio", "generic"] = "aperio",
+    level_resolution: bool = False,
+    quality: int = 90,
+) -> Path:
+    """Write ``image`` as a tiled, JPEG-compressed pyramidal TIFF that OpenSlide opens.
+
+    Level ``i`` is ``image`` shrunk by ``factors[i]`` (box filter, sizes rounded down),
+    optionally padded up to whole tiles, as some scanners store coarse levels. The whole
+    image is held in memory: meant for small test slides (a few thousand pixels).
+
+    Parameters
+    ----------
+    path
+        Output ``.svs`` or ``.tif``; written atomically.
+    image
+        ``(H, W, 3)`` uint8 RGB level 0.
+    mpp
+        µm per level-0 pixel, one number or ``(x, y)`` (non-square needs ``style="generic"``).
+    factors
+        Downsample of each level, level 0 first (``1``); an ``(fx, fy)`` pair scales x and
+        y differently (a broken pyramid).
+    tile
+        TIFF tile size (multiple of 16).
+    pad_to_tiles
+        Pad every level but level 0 with ``pad_value`` up to whole tiles.
+    pad_value
+        Grey value of the padding (scanners use black or white).
+    style
+        ``"aperio"``: an Aperio description with ``MPP`` (OpenSlide's ``aperio`` driver);
+        ``"generic"``: resolution tags only (``generic-tiff``).
+    level_resolution
+        Give each level resolution tags scaled by its factor (with ``"generic"``, level
+        0's tags are always written and copied unchanged onto the levels otherwise).
+    quality
+        JPEG quality 1-100.
+
+    Returns
+    -------
+    pathlib.Path
+        The written file.
+
+    Raises
+    ------
+    SlideError
+        A bad argument (one line naming it).
+    """
+    import tifffile
+    from PIL import Image
+
+    out = Path(path)
+    img = np.asarray(image)
+    if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+        raise SlideError(f"image must be (H, W, 3) uint8, got {img.shape} {img.dtype}")
+    mx, my = (float(mpp), float(mpp)) if np.isscalar(mpp) else (float(v) for v in mpp)  # type: ignore[arg-type, misc]
+    if not (mx > 0 and my > 0):
+        raise SlideError(f"mpp={mpp!r} must be positive")
+    if style not in ("aperio", "generic"):
+        raise SlideError(f"style={style!r} must be 'aperio' or 'generic'")
+    if style == "aperio" and abs(mx - my) > 1e-9:
+        raise SlideError("an Aperio description holds one µm/px; use style='generic'")
+    if tile % 16 or tile < 16:
+        raise SlideError(f"tile={tile} must be a multiple of 16")
+    pairs = [(f, f) if isinstance(f, int) else (int(f[0]), int(f[1])) for f in factors]
+    if not pairs or pairs[0] != (1, 1) or min(min(p) for p in pairs) < 1:
+        raise SlideError(f"factors={factors!r} must start with 1 and be positive integers")
+    h0, w0 = img.shape[:2]
+    with atomic_path(out) as tmp, tifffile.TiffWriter(tmp) as tw:
+        for i, (fx, fy) in enumerate(pairs):
+            w, h = max(1, w0 // fx), max(1, h0 // fy)
+            level = (
+                img
+                if (fx, fy) == (1, 1)
+                else np.asarray(Image.fromarray(img).resize((w, h), Image.Resampling.BOX))
+            )
+            if pad_to_tiles and i > 0:
+                padded = np.full(
+                    (-(-h // tile) * tile, -(-w // tile) * tile, 3), pad_value, np.uint8
+                )
+                padded[:h, :w] = level
+                level = padded
+            kw: dict[str, object] = {}
+            if style == "generic" or level_resolution:
+                sx, sy = (fx, fy) if level_resolution else (1, 1)
+                kw = {
+                    "resolution": (1e4 / (mx * sx), 1e4 / (my * sy)),
+                    "resolutionunit": "CENTIMETER",
+                }
+            if style == "aperio":
+                head = f"Aperio Image Library v12.0.0\r\n{level.shape[1]}x{level.shape[0]}"
+                kw["description"] = (
+                    f"{head} [0,0 {w0}x{h0}] ({tile}x{tile}) JPEG/RGB Q={quality}"
+                    f"|AppMag = {round(10.0 / mx)}|MPP = {mx:.6g}"
+                    if i == 0
+                    else head
+                )
+            _write_level(tw, level, first=i == 0, tile=tile, quality=quality, **kw)
+    return out

@@ -1,11 +1,18 @@
 """Tile grids at a physical resolution (µm/px), filtered by tissue.
 
 A grid of ``tile_px`` × ``tile_px`` tiles at ``mpp`` µm/px covers
-``tile_size_level0 = round(tile_px * mpp / slide_mpp_x)`` level-0 pixels per tile, placed
-every ``stride_level0 = tile_size_level0 - overlap_level0`` pixels from the slide's origin,
-entirely inside the slide. Each tile is read from ``read_level``, the coarsest level at or
-finer than the requested resolution, as ``read_size`` × ``read_size`` pixels, and
-resampled to ``tile_px`` when the two differ.
+``tile_size_level0 = round(tile_px * mpp / slide_mpp_x)`` level-0 pixels per tile along x
+(``tile_size_level0_y`` with ``slide_mpp_y`` along y), placed every
+``stride_level0 = tile_size_level0 - overlap_level0`` pixels from the slide's origin,
+entirely inside the slide. Each tile is read from ``read_level``, the coarsest trusted
+level at or finer than the requested resolution on both axes (its measured factor, see
+:func:`gpfm_core.slide.measure_levels`), as ``read_size`` × ``read_size_y`` pixels, and
+resampled to ``tile_px`` × ``tile_px`` when they differ.
+
+Non-square pixels (µm/px x ≠ y, as some scanners write) are tiled with the true x and y
+µm/px: every tile covers the same square of tissue, ``tile_px * mpp`` µm on a side, so the
+level-0 size and stride differ in x and y (``*_y`` fields). For square pixels the ``*_y``
+fields equal the scalar ones.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -46,11 +53,12 @@ class TileGrid:
     tissue_fraction : numpy.ndarray
         ``(N,)`` float32 fraction of each tile on tissue (1.0 without a mask).
     requested_mpp, effective_mpp : float
-        Asked µm/px and the µm/px the rounded level-0 tile size gives.
+        Asked µm/px and the µm/px (along x) the rounded level-0 tile size gives.
     tile_px, tile_size_level0, stride_level0, overlap_px : int
-        Output tile side, its level-0 side, the level-0 step, the overlap in output px.
+        Output tile side, its level-0 width, the level-0 step along x, the overlap in
+        output px.
     read_level, read_size : int
-        Level read from and side in pixels of that level.
+        Level read from and tile width in pixels of that level.
     level0_size : (int, int)
         Slide ``(width, height)``.
     slide_mpp : (float, float)
@@ -59,6 +67,9 @@ class TileGrid:
         :attr:`SlideInfo.slide_id` of the slide the grid belongs to.
     min_tissue : float
         Tissue-fraction filter used (0 when tissue was not used).
+    tile_size_level0_y, stride_level0_y, read_size_y : int
+        The same along y; differ from the x values only for non-square pixels (None at
+        construction means "same as x").
     """
 
     coords: np.ndarray
@@ -77,9 +88,38 @@ class TileGrid:
     slide_mpp: tuple[float, float]
     slide_id: str
     min_tissue: float = 0.0
+    tile_size_level0_y: int | None = None
+    stride_level0_y: int | None = None
+    read_size_y: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("tile_size_level0", "stride_level0", "read_size"):
+            if getattr(self, f"{name}_y") is None:
+                object.__setattr__(self, f"{name}_y", int(getattr(self, name)))
 
     def __len__(self) -> int:
         return int(self.coords.shape[0])
+
+    @property
+    def tile_size_level0_xy(self) -> tuple[int, int]:
+        """Level-0 ``(width, height)`` of a tile."""
+        return (int(self.tile_size_level0), int(self.tile_size_level0_y))  # type: ignore[arg-type]
+
+    @property
+    def stride_level0_xy(self) -> tuple[int, int]:
+        """Level-0 ``(x, y)`` step between neighbouring tiles."""
+        return (int(self.stride_level0), int(self.stride_level0_y))  # type: ignore[arg-type]
+
+    @property
+    def read_size_xy(self) -> tuple[int, int]:
+        """``(width, height)`` of a tile in pixels of :attr:`read_level`."""
+        return (int(self.read_size), int(self.read_size_y))  # type: ignore[arg-type]
+
+    @property
+    def effective_mpp_xy(self) -> tuple[float, float]:
+        """µm/px of the output tiles along ``(x, y)``."""
+        (sx, sy), (mx, my) = self.tile_size_level0_xy, self.slide_mpp
+        return (sx * mx / self.tile_px, sy * my / self.tile_px)
 
     def attrs(self) -> dict[str, Any]:
         """Scalars describing the grid, for HDF5 attributes (TRIDENT-style names too)."""
@@ -100,6 +140,9 @@ class TileGrid:
             "grid_rows": int(self.grid_shape[0]),
             "grid_cols": int(self.grid_shape[1]),
             "min_tissue": float(self.min_tissue),
+            "tile_size_level0_y": int(self.tile_size_level0_xy[1]),
+            "stride_level0_y": int(self.stride_level0_xy[1]),
+            "read_size_y": int(self.read_size_xy[1]),
             "n_tiles": len(self),
             # TRIDENT / CLAM names
             "patch_size": int(self.tile_px),
@@ -108,8 +151,6 @@ class TileGrid:
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> TileGrid:
         """A grid holding only the tiles at ``indices`` (same geometry)."""
-        from dataclasses import replace
-
         idx = _check_indices(self, indices)
         return replace(
             self,
@@ -133,9 +174,10 @@ def make_tile_grid(
     Parameters
     ----------
     slide
-        An open slide with µm/px (metadata or override).
+        An open slide with µm/px (metadata or override); non-square pixels are tiled
+        with their true x and y µm/px (see the module docstring).
     mpp
-        Output µm/px; None means the slide's own resolution.
+        Output µm/px; None means the slide's own resolution (along x).
     tile_px
         Output tile side in pixels.
     overlap_px
@@ -157,31 +199,27 @@ def make_tile_grid(
     req = float(slide_mpp[0] if mpp is None else mpp)
     check_grid_args(mpp=req, tile_px=tile_px, overlap_px=overlap_px, min_tissue=min_tissue)
     tile_px, overlap_px = int(tile_px), int(overlap_px)
-    if abs(slide_mpp[1] - slide_mpp[0]) > 0.01 * slide_mpp[0]:
-        warnings.warn(
-            f"{slide.path.name} has non-square pixels {slide_mpp}; tiles use the x µm/px",
-            stacklevel=2,
-        )
-    size0 = max(1, round(tile_px * req / slide_mpp[0]))
-    overlap0 = round(overlap_px * req / slide_mpp[0])
-    stride0 = size0 - overlap0
-    if stride0 < 1:
+    # each axis with its own µm/px, so a tile is tile_px * req µm on both sides
+    sx, sy = (max(1, round(tile_px * req / m)) for m in slide_mpp)
+    ox, oy = (round(overlap_px * req / m) for m in slide_mpp)
+    stx, sty = sx - ox, sy - oy
+    if min(stx, sty) < 1:
         raise GpfmError(f"overlap_px={overlap_px} leaves no stride; use a smaller overlap")
-    if req < slide_mpp[0] * 0.99:
+    if req < max(slide_mpp) * 0.99:
         warnings.warn(
-            f"{req:g} µm/px is finer than {slide.path.name}'s {slide_mpp[0]:g} µm/px; "
+            f"{req:g} µm/px is finer than {slide.path.name}'s {max(slide_mpp):g} µm/px; "
             "tiles will be upsampled",
             stacklevel=2,
         )
-    level = slide.best_level_for_downsample(size0 / tile_px)
-    read_size = max(1, round(size0 / slide.level_downsamples[level]))
-    cols = (w0 - size0) // stride0 + 1 if w0 >= size0 else 0
-    rows = (h0 - size0) // stride0 + 1 if h0 >= size0 else 0
+    level = slide.best_level_for_downsample(min(sx, sy) / tile_px)
+    ds = slide.level_downsamples[level]
+    cols = (w0 - sx) // stx + 1 if w0 >= sx else 0
+    rows = (h0 - sy) // sty + 1 if h0 >= sy else 0
     rr, cc = np.meshgrid(
         np.arange(rows, dtype=np.int64), np.arange(cols, dtype=np.int64), indexing="ij"
     )
     grid_rc = np.column_stack([rr.ravel(), cc.ravel()])
-    coords = grid_rc[:, ::-1] * stride0
+    coords = grid_rc[:, ::-1] * np.array([stx, sty], np.int64)
     if tissue is False:
         frac = np.ones(len(coords), np.float32)
         min_tissue = 0.0
@@ -195,7 +233,7 @@ def make_tile_grid(
                 f"the tissue mask covers {tissue.level0_size} px but {slide.path.name} is "
                 f"{w0}x{h0}; make the mask from this slide"
             )
-        frac = tissue.box_fractions(coords, size0)
+        frac = _box_fractions(tissue, coords, (sx, sy))
         keep = frac >= min_tissue if min_tissue > 0 else np.ones(len(frac), bool)
         coords, grid_rc, frac = coords[keep], grid_rc[keep], frac[keep]
     if len(coords) == 0:
@@ -216,18 +254,36 @@ def make_tile_grid(
         grid_shape=(int(rows), int(cols)),
         tissue_fraction=np.asarray(frac, np.float32),
         requested_mpp=req,
-        effective_mpp=size0 * slide_mpp[0] / tile_px,
+        effective_mpp=sx * slide_mpp[0] / tile_px,
         tile_px=tile_px,
-        tile_size_level0=int(size0),
-        stride_level0=int(stride0),
+        tile_size_level0=int(sx),
+        stride_level0=int(stx),
         overlap_px=overlap_px,
         read_level=int(level),
-        read_size=int(read_size),
+        read_size=max(1, round(sx / ds)),
         level0_size=(int(w0), int(h0)),
         slide_mpp=(float(slide_mpp[0]), float(slide_mpp[1])),
         slide_id=slide.slide_id,
         min_tissue=float(min_tissue),
+        tile_size_level0_y=int(sy),
+        stride_level0_y=int(sty),
+        read_size_y=max(1, round(sy / ds)),
     )
+
+
+def _box_fractions(tissue: TissueMask, coords: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Tissue fraction of ``size = (w, h)`` level-0 boxes at ``coords``.
+
+    ``TissueMask.box_fractions`` takes square boxes; a ``w x h`` box is a square one in
+    a level-0 frame whose y axis is stretched by ``w / h`` (same mask, ``dy * w / h``).
+    """
+    w, h = size
+    if w == h:
+        return tissue.box_fractions(coords, w)
+    k = w / h
+    stretched = replace(tissue, downsample=(tissue.downsample[0], tissue.downsample[1] * k))
+    xy = np.asarray(coords, np.float64).reshape(-1, 2) * np.array([1.0, k])
+    return stretched.box_fractions(xy, w)
 
 
 def check_grid_args(*, mpp: float | None, tile_px: int, overlap_px: int, min_tissue: float) -> None:
@@ -260,7 +316,7 @@ def read_tiles(
     -------
     numpy.ndarray
         ``(B, tile_px, tile_px, 3)`` uint8 RGB; resampled with antialiased bicubic
-        when ``read_size != tile_px``.
+        when the read size (:attr:`TileGrid.read_size_xy`) is not ``tile_px`` square.
     """
     idx = _check_indices(grid, np.arange(len(grid)) if indices is None else indices)
     out = np.empty((len(idx), grid.tile_px, grid.tile_px, 3), np.uint8)
@@ -272,9 +328,9 @@ def read_tiles(
 def read_one_tile(slide: Slide, grid: TileGrid, index: int) -> np.ndarray:
     """One tile -> ``(tile_px, tile_px, 3)`` uint8."""
     x, y = grid.coords[index]
-    rs = grid.read_size
-    region = slide.read_region((int(x), int(y)), grid.read_level, (rs, rs))
-    if rs == grid.tile_px:
+    rs = grid.read_size_xy
+    region = slide.read_region((int(x), int(y)), grid.read_level, rs)
+    if rs == (grid.tile_px, grid.tile_px):
         return region
     from PIL import Image
 

@@ -6,7 +6,9 @@ so level-0 pixel ``(r, c)`` is centred on world ``(r * my, c * mx)`` and covers
 store *continuous* level-0 coordinates (pixel ``x`` spans ``[x, x + 1]``, OpenSlide's
 convention, the one ``TissueMask.polygons`` and ``TileGrid.coords`` use) and sit at
 ``translate = -0.5 * mpp``. A raster with one pixel per tile of stride ``S`` sits at
-``scale = S * mpp``, ``translate = ((S - 1) / 2 + origin) * mpp``.
+``scale = S * mpp``, ``translate = ((S - 1) / 2 + origin) * mpp``, per axis: with
+non-square pixels the level-0 stride differs in x and y (``TileGrid.stride_level0_xy``)
+and so does the µm/px, so that every tile is the same square of tissue.
 
 Tissue is a Shapes layer (QuPath-like polygons the user edits with napari's shape
 tools; holes are shapes whose feature ``kind`` is ``"hole"``). The tile grid is a Shapes
@@ -71,7 +73,7 @@ def tile_layer_transform(
     Parameters
     ----------
     grid_or_stride
-        A ``TileGrid`` (uses ``stride_level0`` and infers the grid origin from
+        A ``TileGrid`` (uses ``stride_level0_xy`` and infers the grid origin from
         ``coords`` / ``grid_rc``), a stride in level-0 pixels, or ``(sx, sy)``.
     mpp
         µm per level-0 pixel, one number or ``(x, y)``; None for pixel units.
@@ -93,7 +95,7 @@ def tile_layer_transform(
         sx, sy = (float(v) for v in grid_or_stride)
     else:
         grid = grid_or_stride
-        sx = sy = float(grid.stride_level0)
+        sx, sy = (float(v) for v in grid.stride_level0_xy)
         if len(grid) > 0:
             c0, rc0 = np.asarray(grid.coords[0]), np.asarray(grid.grid_rc[0])
             ox, oy = float(c0[0] - rc0[1] * sx), float(c0[1] - rc0[0] * sy)
@@ -204,8 +206,8 @@ def tissue_from_layer(layer: Any, slide: Slide) -> TissueMask:
         return TissueMask.from_array(np.asarray(layer.data) > 0, level0_size=level0)
     ds = layer.metadata.get("downsample")
     if ds is None:
-        mx = slide.info.mpp[0] if slide.info.mpp is not None else 1.0
-        ds = [max(1.0, DEFAULT_MASK_MPP / mx)] * 2
+        mpp = slide.info.mpp if slide.info.mpp is not None else (1.0, 1.0)
+        ds = [max(1.0, DEFAULT_MASK_MPP / m) for m in mpp]
     kinds = _shape_kinds(layer)
     outers: list[np.ndarray] = []
     holes: list[np.ndarray] = []
@@ -293,8 +295,8 @@ def add_tile_grid_layer(
     -------
     napari.layers.Shapes or napari.layers.Labels
         Shapes: one rectangle per tile, ``(4, 2)`` continuous level-0 ``(y, x)``
-        vertices, feature ``tile`` = tile index. Labels: ``grid.grid_shape`` raster
-        placed with :func:`tile_layer_transform`.
+        vertices (``grid.tile_size_level0_xy`` on a side), feature ``tile`` = tile
+        index. Labels: ``grid.grid_shape`` raster placed with :func:`tile_layer_transform`.
     """
     _remove_named(viewer, name)
     meta = {"gpfm_kind": "tile_grid", "n_tiles": len(grid)}
@@ -313,15 +315,15 @@ def add_tile_grid_layer(
             metadata=meta,
             **tile_layer_transform(grid, mpp),
         )
-    size = float(grid.tile_size_level0)
+    tx, ty = (float(v) for v in grid.tile_size_level0_xy)
     xy = np.asarray(grid.coords, float).reshape(-1, 2)
     y, x = xy[:, 1], xy[:, 0]
     rects = np.stack(
         [
             np.stack([y, x], 1),
-            np.stack([y, x + size], 1),
-            np.stack([y + size, x + size], 1),
-            np.stack([y + size, x], 1),
+            np.stack([y, x + tx], 1),
+            np.stack([y + ty, x + tx], 1),
+            np.stack([y + ty, x], 1),
         ],
         axis=1,
     )
@@ -329,7 +331,7 @@ def add_tile_grid_layer(
         list(rects) if len(rects) else None,
         shape_type="rectangle",
         name=name,
-        edge_width=max(1.0, size / 40),
+        edge_width=max(1.0, min(tx, ty) / 40),
         edge_color="#ffd700",
         face_color="transparent",
         opacity=0.8,

@@ -6,6 +6,11 @@ whose chunks are whole multiples of the file's native tiles (at least 512 px), s
 chunk = a few native tile decodes. Levels the file lacks (a one-level SVS, a PNG) are
 added as *virtual* levels, each chunk read from the best native level and averaged down
 in that chunk alone: the overview never touches the full-resolution image as a whole.
+
+Native levels come from the slide's measured geometry (``Slide.levels``): each has its
+true factor and its useful size, so a level the scanner padded to whole tiles is neither
+stretched nor shows its padding, and an untrusted level is left out (the next virtual
+level is averaged down from a finer, trusted one).
 """
 
 from __future__ import annotations
@@ -275,15 +280,17 @@ def build_pyramid(
     Returns
     -------
     SlidePyramid
-        Level 0 is ``(h0, w0, 3)``; each next level is smaller.
+        Level 0 is ``(h0, w0, 3)``; each next level is smaller, ``(H_i, W_i)`` about
+        ``(h0, w0) / downsample_i`` (the trusted native levels, padding excluded).
     """
     w0, h0 = slide.dimensions
     once = _Once(on_error)
     specs: list[tuple[float, tuple[int, int]]] = []
     last = (h0 + 1, w0 + 1)
-    for (lw, lh), ds in zip(slide.level_dimensions, slide.level_downsamples, strict=True):
-        if not specs or (lh < last[0] and lw < last[1]):
-            specs.append((float(ds), (int(lh), int(lw))))
+    for geom in slide.levels:
+        lw, lh = geom.size
+        if geom.trusted and (not specs or (lh < last[0] and lw < last[1])):
+            specs.append((float(geom.downsample), (int(lh), int(lw))))
             last = (lh, lw)
     while max(specs[-1][1]) > max_overview_px:
         ds = specs[-1][0] * 2.0

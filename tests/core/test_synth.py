@@ -10,7 +10,7 @@ import pytest
 
 from gpfm_core.errors import SlideError
 from gpfm_core.slide import open_slide
-from gpfm_core.synth import make_synthetic_slide
+from gpfm_core.synth import make_synthetic_slide, write_pyramid_tiff
 from gpfm_core.tissue import detect_tissue
 
 
@@ -100,3 +100,39 @@ def test_bad_source_is_reported(tmp_path: Path) -> None:
     bad.write_text("not a slide")
     with pytest.raises(SlideError, match=r"bad\.svs"):
         make_synthetic_slide(tmp_path / "x.svs", width=600, height=500, sources=[bad])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"image": np.zeros((64, 64), np.uint8)}, r"\(H, W, 3\) uint8"),
+        ({"mpp": (0.25, 0.5)}, "style='generic'"),
+        ({"mpp": -1.0}, "positive"),
+        ({"style": "leica"}, "'aperio' or 'generic'"),
+        ({"tile": 100}, "multiple of 16"),
+        ({"factors": (2, 4)}, "start with 1"),
+    ],
+)
+def test_write_pyramid_bad_arguments(tmp_path: Path, kwargs: dict, match: str) -> None:
+    kw = {"image": np.zeros((64, 64, 3), np.uint8), "mpp": 0.5, **kwargs}
+    with pytest.raises(SlideError, match=match):
+        write_pyramid_tiff(tmp_path / "x.svs", **kw)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_pyramid_levels_padding_and_tags(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (700, 1000, 3), dtype=np.uint8)
+    out = write_pyramid_tiff(
+        tmp_path / "p.tif", img, mpp=(0.25, 0.5), factors=(1, 2, 4), tile=128,
+        pad_to_tiles=True, pad_value=7, style="generic", level_resolution=True,
+    )  # fmt: skip
+    assert openslide.OpenSlide.detect_format(str(out)) == "generic-tiff"
+    osr = openslide.OpenSlide(str(out))
+    assert osr.level_dimensions == ((1000, 700), (512, 384), (256, 256))
+    with open_slide(out) as s:
+        assert s.mpp == pytest.approx((0.25, 0.5))
+        assert s.level_dimensions == ((1000, 700), (500, 350), (250, 175))
+        assert [g.basis for g in s.levels] == ["level 0", "resolution tags", "resolution tags"]
+    padding = np.asarray(osr.read_region((0, 0), 2, (256, 256)))[200:, 200:, :3]
+    assert (padding == 7).all()

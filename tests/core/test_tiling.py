@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 from PIL import Image
 
 from gpfm_core.errors import GpfmError, SlideError
+from gpfm_core.reader import TileBatchReader
 from gpfm_core.slide import open_slide
 from gpfm_core.tiling import TileGrid, make_tile_grid, read_tiles
 from gpfm_core.tissue import TissueMask, detect_tissue
@@ -185,3 +187,97 @@ def test_subset_and_index_checks(cmu_svs: Path) -> None:
             read_tiles(s, g, [len(g)])
         with pytest.raises(GpfmError, match="integer"):
             read_tiles(s, g, [0.5])
+
+
+# -- non-square pixels: tiles with the true x and y µm/px ----------------------------
+
+
+def test_grid_built_from_scalars_keeps_square_geometry(cmu_svs: Path) -> None:
+    with open_slide(cmu_svs) as s:
+        g = make_tile_grid(s, mpp=0.5, tile_px=224, overlap_px=16, tissue=False)
+    assert g.tile_size_level0_xy == (224, 224) and g.stride_level0_xy == (208, 208)
+    assert g.read_size_xy == (224, 224) and g.effective_mpp_xy == pytest.approx((0.499, 0.499))
+    # a TileGrid made the old way (no *_y arguments) is square
+    old = TileGrid(
+        coords=g.coords, grid_rc=g.grid_rc, grid_shape=g.grid_shape,
+        tissue_fraction=g.tissue_fraction, requested_mpp=0.5, effective_mpp=0.499, tile_px=224,
+        tile_size_level0=224, stride_level0=208, overlap_px=16, read_level=0, read_size=224,
+        level0_size=g.level0_size, slide_mpp=g.slide_mpp, slide_id=g.slide_id,
+    )  # fmt: skip
+    assert old == g and old.attrs() == g.attrs()
+    assert old.attrs()["stride_level0_y"] == 208 and old.attrs()["tile_size_level0_y"] == 224
+
+
+def _physical_tile(cmu, x: int, y: int, size: tuple[int, int], tile_px: int) -> np.ndarray:
+    """The CMU pixels under a non-square-slide tile at (x, y) of ``size`` (half the x)."""
+    x0, w = x / 2, size[0] / 2  # non-square level-0 x = 2 * sample x
+    left = math.floor(x0)
+    region = cmu.read_region((left, y), 0, (math.ceil(w) + 2, size[1]))
+    box = (x0 - left, 0.0, x0 - left + w, float(size[1]))
+    img = Image.fromarray(region).resize((tile_px, tile_px), Image.Resampling.BICUBIC, box=box)
+    return np.asarray(img).astype(int)
+
+
+@pytest.mark.parametrize(
+    ("mpp", "size_xy", "level", "read_xy"),
+    [
+        (0.5, (449, 224), 0, (449, 224)),
+        (1.0, (898, 449), 1, (449, 224)),
+        (2.0, (1796, 898), 2, (449, 224)),
+    ],
+)
+def test_nonsquare_pixels_tile_the_same_square_of_tissue(
+    nonsquare_tif: Path, cmu_svs: Path, mpp: float, size_xy, level: int, read_xy
+) -> None:
+    with open_slide(nonsquare_tif) as s, open_slide(cmu_svs) as cmu:
+        assert s.mpp == pytest.approx((0.2495, 0.499))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "non-square" warning: the tiles are right
+            g = make_tile_grid(s, mpp=mpp, tile_px=224, tissue=False)
+        square = make_tile_grid(cmu, mpp=mpp, tile_px=224, tissue=False)
+        assert g.tile_size_level0_xy == g.stride_level0_xy == size_xy
+        assert (g.read_level, g.read_size_xy) == (level, read_xy)
+        assert (g.tile_size_level0, g.stride_level0, g.read_size) == (
+            size_xy[0],
+            size_xy[0],
+            read_xy[0],
+        )
+        # each side is tile_px * mpp µm, to one level-0 pixel
+        for n, m in zip(size_xy, s.mpp, strict=True):
+            assert abs(n * m - 224 * mpp) <= m
+        assert g.effective_mpp_xy == pytest.approx((mpp, mpp), rel=0.005)
+        assert g.grid_shape == square.grid_shape  # same physical grid as the sample
+        np.testing.assert_array_equal(g.coords, g.grid_rc[:, ::-1] * np.array(size_xy))
+        assert (g.coords[:, 0] + size_xy[0] <= s.dimensions[0]).all()
+        assert (g.coords[:, 1] + size_xy[1] <= s.dimensions[1]).all()
+        attrs = g.attrs()
+        assert (attrs["tile_size_level0"], attrs["tile_size_level0_y"]) == size_xy
+        assert (attrs["stride_level0"], attrs["stride_level0_y"]) == size_xy
+        # the pixels are those of the same square of tissue on the sample
+        idx = np.arange(0, len(g), max(1, len(g) // 8))
+        tiles = read_tiles(s, g, idx).astype(int)
+        new, old = [], []
+        for k, i in enumerate(idx):
+            x, y = (int(v) for v in g.coords[i])
+            want = _physical_tile(cmu, x, y, size_xy, 224)
+            new.append(np.abs(tiles[k] - want).mean())
+            # x-only tiling (the old warning's behaviour) covers twice the height
+            sq = s.read_region((x, y), 0, (size_xy[0], size_xy[0]))
+            sq = np.asarray(Image.fromarray(sq).resize((224, 224), Image.Resampling.BICUBIC))
+            old.append(np.abs(sq.astype(int) - want).mean())
+        assert max(new) < 12 and np.mean(new) < 5
+        assert np.mean(old) > 5 * np.mean(new)
+        with TileBatchReader(nonsquare_tif, g, batch_size=4, indices=idx) as reader:
+            np.testing.assert_array_equal(
+                np.concatenate([t for _, t in reader]), tiles.astype(np.uint8)
+            )
+
+
+def test_nonsquare_tissue_keeps_the_samples_tiles(nonsquare_tif: Path, cmu_svs: Path) -> None:
+    with open_slide(nonsquare_tif) as s, open_slide(cmu_svs) as cmu:
+        g = make_tile_grid(s, mpp=0.5, tile_px=224)
+        want = make_tile_grid(cmu, mpp=0.5, tile_px=224)
+    got_rc = {tuple(map(int, rc)) for rc in g.grid_rc}
+    want_rc = {tuple(map(int, rc)) for rc in want.grid_rc}
+    assert len(want_rc) > 20
+    assert len(got_rc & want_rc) / len(got_rc | want_rc) >= 0.9

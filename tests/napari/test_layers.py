@@ -20,6 +20,7 @@ from napari_gpfm._layers import (
     grid_to_labels,
     tile_layer_transform,
     tissue_from_layer,
+    vector_layer_transform,
     viewer_camera,
 )
 from napari_gpfm._reader import slide_for_layer
@@ -56,21 +57,26 @@ def test_tile_transform_formula(
     )
 
 
-def test_tile_labels_layer_is_pixel_exact_over_slide(cmu_view) -> None:
-    viewer, slide_layer, slide = cmu_view
-    grid = make_tile_grid(slide, mpp=0.5, tile_px=224, tissue=False)
-    s = grid.stride_level0
+def _assert_raster_on_tiles(viewer, slide_layer, slide, grid) -> None:
+    """A tile raster placed by ``tile_layer_transform`` covers exactly its tiles' pixels."""
+    sx, sy = grid.stride_level0_xy
     labels = viewer.add_labels(grid_to_labels(grid), **tile_layer_transform(grid, slide.mpp))
     rows, cols = grid.grid_shape
     for r, c in [(0, 0), (3, 5), (rows - 1, cols - 1)]:
         tile_world = np.array(
             [labels.data_to_world([r - 0.5, c - 0.5]), labels.data_to_world([r + 0.5, c + 0.5])]
         )
-        want = _slide_extent(slide_layer, r * s, c * s, (r + 1) * s - 1, (c + 1) * s - 1)
+        want = _slide_extent(slide_layer, r * sy, c * sx, (r + 1) * sy - 1, (c + 1) * sx - 1)
         np.testing.assert_allclose(tile_world, want, rtol=0, atol=1e-9)
         # and back: the slide pixel at the tile's centre maps into tile (r, c)
-        centre = slide_layer.data_to_world([r * s + s / 2, c * s + s / 2])
+        centre = slide_layer.data_to_world([r * sy + sy / 2, c * sx + sx / 2])
         np.testing.assert_array_equal(np.round(labels.world_to_data(centre)), [r, c])
+
+
+def test_tile_labels_layer_is_pixel_exact_over_slide(cmu_view) -> None:
+    viewer, slide_layer, slide = cmu_view
+    grid = make_tile_grid(slide, mpp=0.5, tile_px=224, tissue=False)
+    _assert_raster_on_tiles(viewer, slide_layer, slide, grid)
 
 
 def test_grid_with_offset_origin_lands_on_its_tiles(cmu_view) -> None:
@@ -205,3 +211,116 @@ def test_no_tissue_gives_empty_layers_and_one_notice(
     msgs = [m for m in notes() if "blank.png" in m]
     assert len(msgs) == 1 and "no tissue" in msgs[0]
     slide.close()
+
+
+# -- padded pyramids and non-square pixels --------------------------------------------
+
+
+def _mark_tile(viewer, slide, grid, rc: tuple[int, int]):
+    from napari.utils.colormaps import DirectLabelColormap
+
+    marks = np.zeros(grid.grid_shape, np.uint8)
+    marks[rc] = 1
+    return viewer.add_labels(
+        marks,
+        colormap=DirectLabelColormap(color_dict={0: "transparent", 1: "red", None: "transparent"}),
+        units=("µm", "µm"),
+        **tile_layer_transform(grid, slide.mpp),
+    )
+
+
+def test_padded_overview_matches_its_twin_with_overlays(
+    make_napari_viewer, padded_twins: dict[str, Path]
+) -> None:
+    shots = {}
+    viewer = make_napari_viewer(show=True)  # one viewer: the same canvas for both
+    for name in ("twin", "padded"):
+        viewer.layers.clear()
+        (layer,) = viewer.open(str(padded_twins[name]), plugin="napari-gpfm")
+        slide = slide_for_layer(layer)
+        # napari scales each level by its shape: 1, 2, 4, 8 (not 1.8, 3.4, 5.1)
+        factors = np.asarray(layer.downsample_factors)[:, :2]
+        np.testing.assert_allclose(factors[:, 0], [1, 2, 4, 8], rtol=0.01)
+        np.testing.assert_allclose(factors[:, 1], [1, 2, 4, 8], rtol=0.01)
+        grid = make_tile_grid(slide, mpp=0.5, tile_px=224, tissue=False)
+        _mark_tile(viewer, slide, grid, (6, 4))
+        viewer.reset_view()  # whole slide on screen: napari draws a coarse level
+        shots[name] = viewer.screenshot(canvas_only=True, flash=False)[..., :3].astype(int)
+        assert layer.data_level >= 2
+    twin, padded = shots["twin"], shots["padded"]
+    assert twin.shape == padded.shape
+    assert np.abs(twin - padded).mean() < 1.0
+    red = [(s[..., 0] > 200) & (s[..., 1] < 60) & (s[..., 2] < 60) for s in (twin, padded)]
+    assert red[0].sum() > 50
+    assert (red[0] != red[1]).sum() <= 0.02 * red[0].sum() + 8  # same tile, same place
+
+
+@pytest.fixture
+def nonsquare_view(make_napari_viewer, nonsquare_tif: Path):
+    viewer = make_napari_viewer()
+    (layer,) = viewer.open(str(nonsquare_tif), plugin="napari-gpfm")
+    slide = slide_for_layer(layer)
+    assert slide is not None and slide.mpp == pytest.approx((0.2495, 0.499))
+    np.testing.assert_allclose(layer.scale[-2:], (0.499, 0.2495))
+    return viewer, layer, slide
+
+
+def test_nonsquare_tile_rectangles_cover_their_pixels_and_a_square(nonsquare_view) -> None:
+    viewer, slide_layer, slide = nonsquare_view
+    grid = make_tile_grid(slide, mpp=0.5, tile_px=224, tissue=False)
+    sx, sy = grid.tile_size_level0_xy
+    assert (sx, sy) == (449, 224)
+    layer = add_tile_grid_layer(viewer, grid, mpp=slide.mpp)
+    for i in (0, len(grid) // 2, len(grid) - 1):
+        x, y = grid.coords[i]
+        verts = layer.data[i]
+        lo = layer.data_to_world(verts.min(axis=0))
+        hi = layer.data_to_world(verts.max(axis=0))
+        want = _slide_extent(slide_layer, y, x, y + sy - 1, x + sx - 1)
+        np.testing.assert_allclose([lo, hi], want, atol=1e-9)
+        side = np.asarray(hi) - np.asarray(lo)
+        assert side == pytest.approx((112.0, 112.0), abs=0.5)  # µm: a square of tissue
+
+
+def test_nonsquare_tile_raster_is_pixel_exact(nonsquare_view) -> None:
+    viewer, slide_layer, slide = nonsquare_view
+    grid = make_tile_grid(slide, mpp=0.5, tile_px=224, overlap_px=32, tissue=False)
+    assert grid.stride_level0_xy == (385, 192)
+    _assert_raster_on_tiles(viewer, slide_layer, slide, grid)
+
+
+def test_nonsquare_rendered_tile_is_a_square_on_its_tile(
+    make_napari_viewer, nonsquare_tif: Path
+) -> None:
+    viewer = make_napari_viewer(show=True)
+    (slide_layer,) = viewer.open(str(nonsquare_tif), plugin="napari-gpfm")
+    slide = slide_for_layer(slide_layer)
+    grid = make_tile_grid(slide, mpp=0.5, tile_px=224, tissue=False)
+    _mark_tile(viewer, slide, grid, (6, 4))
+    sx, sy = grid.stride_level0_xy
+    viewer_camera(viewer).center = tuple(slide_layer.data_to_world([6.5 * sy, 4.5 * sx]))
+    viewer_camera(viewer).zoom = 600 / (3 * 112.0)
+    shot = viewer.screenshot(canvas_only=True, flash=False)[..., :3].astype(int)
+    red = (shot[..., 0] > 200) & (shot[..., 1] < 60) & (shot[..., 2] < 60)
+    rows, cols = np.nonzero(red)
+    h, w = red.shape
+    side = 112.0 * viewer_camera(viewer).zoom  # screen px of 112 µm
+    assert abs((cols.max() - cols.min() + 1) - side) <= 3
+    assert abs((rows.max() - rows.min() + 1) - side) <= 3
+    assert abs((cols.min() + cols.max()) / 2 - (w - 1) / 2) <= 2
+    assert abs((rows.min() + rows.max()) / 2 - (h - 1) / 2) <= 2
+
+
+def test_nonsquare_tissue_layer_rasterises_at_square_mask_pixels(nonsquare_view) -> None:
+    viewer, _, slide = nonsquare_view
+    layer = viewer.add_shapes(
+        [np.array([[0.0, 0.0], [0.0, 800.0], [400.0, 800.0], [400.0, 0.0]])],
+        shape_type="polygon",
+        **vector_layer_transform(slide.mpp),
+    )
+    mask = tissue_from_layer(layer, slide)
+    # 8 µm mask pixels: 8 / 0.2495 level-0 px along x, 8 / 0.499 along y
+    assert mask.downsample == pytest.approx((8 / 0.2495, 8 / 0.499))
+    g = make_tile_grid(slide, mpp=0.5, tile_px=64, tissue=mask, min_tissue=0.99)
+    assert len(g) > 0
+    assert (g.coords[:, 0] + 128 <= 800 + 32).all() and (g.coords[:, 1] + 64 <= 400 + 16).all()

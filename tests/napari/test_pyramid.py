@@ -152,3 +152,34 @@ def test_deepcopy_keeps_the_same_reader(cmu: Slide) -> None:
     pyr = build_pyramid(cmu)
     dup = copy.deepcopy(pyr.levels[1])
     np.testing.assert_array_equal(np.asarray(dup[:50, :50]), np.asarray(pyr.levels[1][:50, :50]))
+
+
+@pytest.mark.parametrize("name", ["padded", "padded_tags"])
+def test_padded_pyramid_is_not_stretched(padded_twins: dict[str, Path], name: str) -> None:
+    with open_slide(padded_twins[name]) as p, open_slide(padded_twins["twin"]) as t:
+        pp, pt = build_pyramid(p), build_pyramid(t)
+        assert pp.downsamples == pt.downsamples == [1.0, 2.0, 4.0, 8.0]
+        shapes = [lvl.shape for lvl in pp.levels]
+        assert shapes == [lvl.shape for lvl in pt.levels]
+        assert shapes[1:] == [(1483, 1110, 3), (741, 555, 3), (370, 277, 3)]
+        assert not any(a.is_virtual for a in pp.arrays)
+        w0, h0 = p.dimensions
+        for (h, w, _), ds in zip(shapes, pp.downsamples, strict=True):
+            # each level covers level 0 (within one of its pixels): no padding, no stretch
+            assert abs(w * ds - w0) < ds and abs(h * ds - h0) < ds
+        for a, b in zip(pp.levels[1:], pt.levels[1:], strict=True):
+            diff = np.abs(np.asarray(a).astype(int) - np.asarray(b))
+            assert diff.mean() < 2.0 and np.percentile(diff, 99) < 40
+
+
+def test_untrusted_level_is_left_out_of_the_pyramid(tmp_path: Path, cmu_rgb: np.ndarray) -> None:
+    from gpfm_core.synth import write_pyramid_tiff
+
+    path = write_pyramid_tiff(tmp_path / "odd.svs", cmu_rgb, mpp=0.499, factors=(1, (2, 4), 8))
+    with open_slide(path) as slide:
+        log = ReadLog(slide)
+        pyr = build_pyramid(slide)
+        assert pyr.downsamples == [1.0, 8.0]
+        assert [a.source_level for a in pyr.arrays] == [0, 2]
+        np.asarray(pyr.levels[-1][:64, :64])
+        assert {lvl for lvl, _, _ in log.calls} == {2}

@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-HELP = "show a slide's size, levels, µm/px, vendor and id"
+HELP = "show a slide's size, levels (measured geometry, skipped levels), µm/px, vendor and id"
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -40,15 +40,47 @@ def format_info(d: dict[str, Any], *, properties: bool = False) -> str:
         ("objective", f"{power:g}x" if power else "unknown"),
         ("levels", str(len(d["level_dimensions"]))),
     ]
+    levels = d.get("levels") or []
+    skipped = [g["level"] for g in levels if not g["trusted"]]
+    if skipped:
+        rows.append(("skipped", f"level {', '.join(map(str, skipped))} (untrusted geometry)"))
     lines = [f"{k:<10} {v}" for k, v in rows]
     for i, ((lw, lh), ds, (tw, th)) in enumerate(
         zip(d["level_dimensions"], d["level_downsamples"], d["tile_sizes"], strict=True)
     ):
-        lines.append(f"  level {i}: {lw} x {lh} px, downsample {ds:.4g}, tiles {tw} x {th}")
+        lines.append(_level_line(i, (lw, lh), ds, (tw, th), levels[i] if i < len(levels) else None))
     if properties:
         lines.append("properties:")
         lines.extend(f"  {k} = {v}" for k, v in sorted(d["properties"].items()))
     return "\n".join(lines)
+
+
+def _level_line(
+    i: int,
+    size: tuple[int, int],
+    ds: float,
+    tile: tuple[int, int],
+    geom: dict[str, Any] | None,
+) -> str:
+    """One level: its measured geometry, and what the file says where that differs."""
+    (lw, lh), (tw, th) = size, tile
+    if geom is not None and not geom["trusted"]:
+        fw, fh = geom["reported_size"]
+        return (
+            f"  level {i}: SKIPPED, untrusted: {geom['note']} (file: {fw} x {fh} px, "
+            f"downsample {geom['reported_downsample']:.4g}); finer levels are read instead"
+        )
+    line = f"  level {i}: {lw} x {lh} px, downsample {ds:.4g}, tiles {tw} x {th}"
+    if geom is not None and (
+        geom["padding"] != [0, 0] or abs(geom["reported_downsample"] - ds) > 0.01 * ds
+    ):
+        fw, fh = geom["reported_size"]
+        pad = "padding ignored; " if geom["padding"] != [0, 0] else ""
+        line += (
+            f" (file says {fw} x {fh} px, downsample {geom['reported_downsample']:.4g}: "
+            f"{pad}factor from {geom['basis']})"
+        )
+    return line
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,6 +7,10 @@
 Backends: :class:`OpenSlideSlide` for every format OpenSlide reads, :class:`ImageSlide`
 for plain PNG/JPEG/BMP/untiled TIFF. :func:`open_slide` picks one and turns every
 problem with the file into a one-line :class:`~gpfm_core.errors.SlideError`.
+
+Level geometry is measured, not trusted (:func:`measure_levels`): a coarse level padded
+to whole tiles is read with its true factor and without its padding, and a level whose
+geometry cannot be explained is skipped (``Slide.levels`` says why).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from pathlib import Path
 
 from gpfm_core.errors import SlideError
 from gpfm_core.slide._base import Slide, SlideInfo, rgba_to_rgb
+from gpfm_core.slide._geometry import LevelGeometry, measure_levels
 from gpfm_core.slide._ids import compute_slide_id, normalise_mpp
 from gpfm_core.slide._image import IMAGE_SUFFIXES, TIFF_SUFFIXES, ImageSlide
 from gpfm_core.slide._openslide import OpenSlideSlide, detect_openslide_format
@@ -24,10 +29,12 @@ __all__ = [
     "OPENSLIDE_SUFFIXES",
     "SUPPORTED_SUFFIXES",
     "ImageSlide",
+    "LevelGeometry",
     "OpenSlideSlide",
     "Slide",
     "SlideInfo",
     "compute_slide_id",
+    "measure_levels",
     "open_slide",
     "rgba_to_rgb",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any, ClassVar
@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from gpfm_core.errors import SlideError
+from gpfm_core.slide._geometry import LevelGeometry, measure_levels
 
 __all__ = ["Slide", "SlideInfo", "rgba_to_rgb"]
 
@@ -35,9 +36,11 @@ class SlideInfo:
     vendor : str
         OpenSlide vendor (``"aperio"``, ``"generic-tiff"`` ...) or ``"image"``.
     level_dimensions : tuple of (int, int)
-        ``(width, height)`` of every level, level 0 first.
+        Useful ``(width, height)`` of every level, level 0 first: padding a scanner
+        added to whole tiles is excluded (see :attr:`levels`).
     level_downsamples : tuple of float
-        Level-0 pixels per level pixel, ``1.0`` first.
+        True level-0 pixels per level pixel, ``1.0`` first (measured, not the file's
+        rounded value; see :func:`~gpfm_core.slide.measure_levels`).
     mpp : (float, float) or None
         µm per level-0 pixel ``(x, y)``; None when unknown.
     mpp_source : {"metadata", "override", None}
@@ -50,6 +53,9 @@ class SlideInfo:
         All key/value metadata the backend reports.
     backend : str
         ``"openslide"`` or ``"image"``.
+    levels : tuple of LevelGeometry
+        Each level's measured geometry: the file's own size and downsample, padding,
+        whether it is trusted (an untrusted level is never read) and why.
     """
 
     path: str
@@ -63,6 +69,7 @@ class SlideInfo:
     tile_sizes: tuple[tuple[int, int], ...]
     properties: dict[str, str] = field(default_factory=dict)
     backend: str = "openslide"
+    levels: tuple[LevelGeometry, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-serialisable dict (tuples become lists)."""
@@ -72,7 +79,14 @@ class SlideInfo:
         d["tile_sizes"] = [list(x) for x in self.tile_sizes]
         d["mpp"] = list(self.mpp) if self.mpp is not None else None
         d["properties"] = dict(self.properties)
+        d["levels"] = [g.to_dict() for g in self.levels]
+        d["untrusted_levels"] = list(self.untrusted_levels)
         return d
+
+    @property
+    def untrusted_levels(self) -> tuple[int, ...]:
+        """Indices of the levels whose geometry could not be trusted (never read)."""
+        return tuple(g.level for g in self.levels if not g.trusted)
 
 
 def rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
@@ -89,13 +103,30 @@ class Slide(ABC):
     """A whole-slide image opened through one backend; use :func:`open_slide` to get one.
 
     Subclasses implement :meth:`_read` (and :meth:`_close`); everything else (argument
-    checks, thumbnails, level choice, µm/px, context manager) lives here.
+    checks, level geometry, thumbnails, level choice, µm/px, context manager) lives here.
+
+    Parameters
+    ----------
+    info
+        Metadata with the level sizes and downsamples *as the file reports them*; they
+        are replaced by the measured geometry: ``info.levels`` when the backend measured
+        it (with tile sizes and resolution tags), else
+        :func:`~gpfm_core.slide.measure_levels` of the sizes alone.
     """
 
     backend: ClassVar[str] = ""
 
     def __init__(self, info: SlideInfo) -> None:
-        self._info = info
+        levels = info.levels or measure_levels(info.level_dimensions, info.level_downsamples)
+        for g in levels:
+            if not g.trusted:
+                log.info("%s: level %d is skipped: %s", Path(info.path).name, g.level, g.note)
+        self._info = replace(
+            info,
+            level_dimensions=tuple(g.size for g in levels),
+            level_downsamples=tuple(g.downsample for g in levels),
+            levels=levels,
+        )
         self._closed = False
 
     # -- metadata ---------------------------------------------------------------------
@@ -141,13 +172,18 @@ class Slide(ABC):
 
     @property
     def level_dimensions(self) -> tuple[tuple[int, int], ...]:
-        """``(width, height)`` of every level."""
+        """Useful ``(width, height)`` of every level (padding excluded)."""
         return self._info.level_dimensions
 
     @property
     def level_downsamples(self) -> tuple[float, ...]:
-        """Level-0 pixels per pixel of every level."""
+        """True level-0 pixels per pixel of every level (measured, see :attr:`levels`)."""
         return self._info.level_downsamples
+
+    @property
+    def levels(self) -> tuple[LevelGeometry, ...]:
+        """The measured geometry of every level; untrusted levels are never read."""
+        return self._info.levels
 
     @property
     def tile_sizes(self) -> tuple[tuple[int, int], ...]:
@@ -160,11 +196,11 @@ class Slide(ABC):
         return self._closed
 
     def best_level_for_downsample(self, downsample: float) -> int:
-        """Coarsest level whose downsample is ``<= downsample + 1e-3`` (0 if none)."""
-        best = 0
-        for i, ds in enumerate(self._info.level_downsamples):
-            if ds <= downsample + 1e-3:
-                best = i
+        """Coarsest trusted level whose downsample is ``<= downsample + 1e-3`` (0 if none)."""
+        best, best_ds = 0, 1.0
+        for g in self._info.levels:
+            if g.trusted and best_ds < g.downsample <= downsample + 1e-3:
+                best, best_ds = g.level, g.downsample
         return best
 
     # -- pixels -----------------------------------------------------------------------
@@ -186,13 +222,26 @@ class Slide(ABC):
         -------
         numpy.ndarray
             ``(height, width, 3)`` uint8 RGB; pixels outside the slide or transparent are
-            white.
+            white. Level pixel ``(i, j)`` covers level-0 pixels from
+            ``(i * ds, j * ds)`` with ``ds = level_downsamples[level]``, the measured factor.
+
+        Raises
+        ------
+        SlideError
+            The slide is closed, the level does not exist or its geometry is untrusted
+            (:attr:`levels` says why; :meth:`best_level_for_downsample` never picks it).
         """
         if self._closed:
             raise SlideError(f"{self.path.name} is closed; open it again with open_slide()")
         if not 0 <= int(level) < self.level_count:
             raise SlideError(
                 f"level {level} does not exist in {self.path.name} (levels 0..{self.level_count - 1})"
+            )
+        geom = self._info.levels[int(level)]
+        if not geom.trusted:
+            raise SlideError(
+                f"level {level} of {self.path.name} is untrusted ({geom.note}); "
+                "read a finer level (best_level_for_downsample skips it)"
             )
         w, h = int(size[0]), int(size[1])
         if w <= 0 or h <= 0:
@@ -202,8 +251,9 @@ class Slide(ABC):
     def read_scaled(self, size: tuple[int, int]) -> np.ndarray:
         """The whole slide resampled to exactly ``size``.
 
-        Reads the coarsest level at or finer than the wanted scale, strip by strip, so
-        memory stays bounded even for a one-level gigapixel image.
+        Reads the coarsest trusted level at or finer than the wanted scale, strip by
+        strip, so memory stays bounded even for a one-level gigapixel image; the level's
+        measured extent maps onto the output (its padding never shows).
 
         Parameters
         ----------
@@ -222,7 +272,9 @@ class Slide(ABC):
         level = self.best_level_for_downsample(min(w0 / w, h0 / h))
         lw, lh = self.level_dimensions[level]
         lds = self.level_downsamples[level]
-        sy = lh / h  # level rows per output row
+        # level pixels covering level 0 (a level rounded down holds slightly less)
+        ex, ey = min(float(lw), w0 / lds), min(float(lh), h0 / lds)
+        sy = ey / h  # level rows per output row
         pad = math.ceil(sy) + 2
         rows_per_strip = max(1, int(max(64.0, _STRIP_PIXELS / lw) / sy))
         out = np.empty((h, w, 3), np.uint8)
@@ -232,13 +284,13 @@ class Slide(ABC):
             ys = max(0, math.floor(y0f) - pad)
             ye = min(lh, math.ceil(y1f) + pad)
             region = self.read_region((0, round(ys * lds)), level, (lw, ye - ys))
-            if (lw, ye - ys) == (w, r1 - r0) and ys == y0f:
+            if (lw, ye - ys) == (w, r1 - r0) and ys == y0f and ex == lw:
                 out[r0:r1] = region
                 continue
             img = Image.fromarray(region).resize(
                 (w, r1 - r0),
                 Image.Resampling.BILINEAR,
-                box=(0.0, y0f - ys, lw * 1.0, y1f - ys),
+                box=(0.0, y0f - ys, ex, y1f - ys),
             )
             out[r0:r1] = np.asarray(img)
         return out
