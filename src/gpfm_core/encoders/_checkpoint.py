@@ -197,6 +197,16 @@ def _is_state_dict(obj: Any) -> bool:
     )
 
 
+def _has_tensor(obj: Any, depth: int = 3) -> bool:
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return True
+    if depth == 0 or not isinstance(obj, Mapping):
+        return False
+    return any(_has_tensor(v, depth - 1) for v in obj.values())
+
+
 def _top(key: str) -> str:
     return key.split(".", 1)[0]
 
@@ -248,7 +258,10 @@ def locate_state_dict(
     seen = 0
     while isinstance(obj, Mapping) and not _is_state_dict(obj) and seen < 8:
         seen += 1
-        present = [k for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)]
+        # a wrapper without tensors (``"model": {"name": ...}`` config) is not the weights
+        present = [
+            k for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping) and _has_tensor(obj[k])
+        ]
         if not present:
             break
         key = present[0]
