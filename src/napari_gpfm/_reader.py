@@ -3,7 +3,9 @@
 ``napari_get_reader(path)`` opens the slide (cheap: OpenSlide reads headers only) and
 returns a reader function, or None when the file is not a slide it can read; a broken
 slide file (empty, truncated, text renamed ``.svs`` ...) also shows ONE notification
-line so the user learns why. The layer keeps a token of its open :class:`Slide` in
+line so the user learns why. A folder is accepted when it holds a DICOM whole-slide series
+(the manifest sets ``accepts_directories``); any other folder gets None, silently (napari
+offers every folder to every reader that accepts folders). The layer keeps a token of its open :class:`Slide` in
 ``layer.metadata["gpfm_slide"]``; the handle is closed when the last layer holding it
 leaves the viewer.
 """
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from gpfm_core.errors import GpfmError
-from gpfm_core.slide import Slide, open_slide
+from gpfm_core.slide import Slide, dicom_series_file, open_slide
 from napari_gpfm._notify import notify_error, notify_warning
 from napari_gpfm._pyramid import build_pyramid
 
@@ -87,6 +89,8 @@ def napari_get_reader(path: str | Sequence[str]) -> ReaderFunction | None:
         path = path[0]
     if not isinstance(path, (str, os.PathLike)):
         return None
+    if os.path.isdir(path) and dicom_series_file(path) is None:
+        return None  # not a slide folder: no notification, another reader may take it
     slide = open_slide_quietly(path)
     if slide is None:
         return None
@@ -128,7 +132,7 @@ def slide_layer_data(slide: Slide, *, name: str | None = None) -> LayerDataTuple
     slide
         An open slide; it is registered and closed when its layer is removed.
     name
-        Layer name (default: the file stem).
+        Layer name (default: the file stem; for a DICOM series, its folder's name).
 
     Returns
     -------
@@ -159,7 +163,7 @@ def slide_layer_data(slide: Slide, *, name: str | None = None) -> LayerDataTuple
         SLIDE_KEY: token,
     }
     kwargs = {
-        "name": name or slide.path.stem,
+        "name": name or _default_name(slide),
         "rgb": True,
         "multiscale": True,
         "contrast_limits": (0, 255),
@@ -169,6 +173,11 @@ def slide_layer_data(slide: Slide, *, name: str | None = None) -> LayerDataTuple
     }
     _hook_current_viewer()
     return (pyramid.levels, kwargs, "image")
+
+
+def _default_name(slide: Slide) -> str:
+    # a DICOM series is a folder of files named by level or by UID: the folder names the slide
+    return slide.path.parent.name if slide.info.vendor == "dicom" else slide.path.stem
 
 
 def slide_for_layer(layer: Any) -> Slide | None:

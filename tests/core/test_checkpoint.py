@@ -57,6 +57,7 @@ def _feat(enc: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         },
         lambda sd: {f"model.{k}": v for k, v in sd.items()},
         lambda sd: {"model": {**sd, "head.weight": torch.ones(5, 64), "head.bias": torch.ones(5)}},
+        lambda sd: {"model": {"name": "vit", "depth": 2}, "state_dict": sd},
     ],
     ids=[
         "model",
@@ -65,6 +66,7 @@ def _feat(enc: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         "teacher+backbone+head",
         "model-prefix",
         "classifier",
+        "config-under-model",
     ],
 )
 def test_wrappers_and_prefixes_unwrap(tmp_path: Path, tiny, x, wrap) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import ast
 import pickle
 import re
@@ -38,12 +39,17 @@ def _payload(marker: Path) -> dict:
     return {"model": dict(sd), "evil": Exploit(marker)}
 
 
-@pytest.fixture(params=["torch-zip", "raw-pickle"])
+@pytest.fixture(params=["torch-zip", "raw-pickle", "inside-timm-args-namespace"])
 def crafted(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Path, Path]:
     marker = tmp_path / "PWNED"
     path = tmp_path / "GPFM.pth"
     if request.param == "torch-zip":
         torch.save(_payload(marker), path)
+    elif request.param == "inside-timm-args-namespace":
+        # timm's train.py stores argparse.Namespace, which the loader admits: what it holds must not
+        payload = _payload(marker)
+        payload["args"] = argparse.Namespace(model="vit", evil=payload.pop("evil"))
+        torch.save(payload, path)
     else:
         with open(path, "wb") as fh:
             pickle.dump(_payload(marker), fh)

@@ -56,7 +56,9 @@ def test_gpfm_embed_writes_a_trident_readable_file(
     enc = create_encoder("tiny-vit", device="cpu")
     with torch.inference_mode():
         direct = enc(preprocess(tiles, enc.meta)).numpy()
-    np.testing.assert_allclose(features[idx], direct, atol=1e-5, rtol=0)
+    # batched run vs a direct forward of a few tiles: float32 GEMMs of other shapes round
+    # differently (machine-dependent); a wrong tile would differ by O(1)
+    np.testing.assert_allclose(features[idx], direct, rtol=0, atol=1e-4 * np.abs(direct).max())
 
     mtime = path.stat().st_mtime_ns  # a second run reuses the file
     assert (

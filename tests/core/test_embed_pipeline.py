@@ -74,7 +74,9 @@ def test_features_equal_direct_forward(
         info = slide.info
     with torch.inference_mode():
         direct = tiny(preprocess(tiles, tiny.meta)).numpy()
-    np.testing.assert_allclose(emb.features[idx], direct, atol=1e-5, rtol=0)
+    # batched run vs a direct forward of a few tiles: float32 GEMMs of other shapes round
+    # differently (machine-dependent); a wrong tile would differ by O(1)
+    np.testing.assert_allclose(emb.features[idx], direct, rtol=0, atol=1e-4 * np.abs(direct).max())
     a = emb.attrs
     assert a["encoder"] == "tiny-vit" and a["weights_hash"] == tiny.weights_hash
     assert a["requested_mpp"] == MPP and a["effective_mpp"] == pytest.approx(grid.effective_mpp)

@@ -149,6 +149,32 @@ def test_github_release_layout_loads_exactly(
     assert (got - expected).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("with_student", [True, False], ids=["teacher+student", "teacher"])
+def test_training_checkpoint_of_sslmetaarch_loads_the_teacher(
+    tmp_path: Path, weights, images, expected, with_student: bool
+) -> None:
+    """DINOv2's training checkpoint (fvcore ``Checkpointer``): ``{"model": SSLMetaArch.state_dict()}``.
+
+    No top-level ``teacher`` key: the teacher is ``teacher.backbone.*`` beside
+    ``student.backbone.*``, the heads and the losses' centres. GPFM releases the teacher.
+    """
+    sd = {f"teacher.{k}": v for k, v in github_layout(weights, chunks=2)["teacher"].items()}
+    if with_student:
+        student = github_layout(_random_state_dict(seed=5), chunks=2)["teacher"]
+        sd |= {f"student.{k}": v for k, v in student.items()}
+        sd["student.ibot_head.mlp.0.weight"] = torch.randn(32, SMALL["embed_dim"])
+    sd["dino_loss.center"] = torch.randn(1, 128)
+    sd["ibot_patch_loss.center"] = torch.randn(1, 1, 128)
+    path = tmp_path / "model_0012499.rank_0.pth"
+    torch.save(
+        {"model": sd, "optimizer": {"state": {}, "param_groups": []}, "iteration": 12499}, path
+    )
+    enc = create_encoder("gpfm", weights=path, **SMALL)
+    assert enc.weights_origin == "model > teacher.backbone"
+    with torch.no_grad():
+        assert (enc(images) - expected).abs().max().item() <= 1e-5
+
+
 def test_hf_bare_timm_layout_loads_exactly(tmp_path: Path, weights, images, expected) -> None:
     path = tmp_path / "GPFM.pth"
     torch.save(weights, path)

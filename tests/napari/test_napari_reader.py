@@ -86,7 +86,6 @@ def test_removing_layer_closes_slide_only_when_last_user_goes(
 
 BAD = [
     ("missing", "does not exist"),
-    ("folder", "folder"),
     ("text_svs", "not a readable .svs"),
     ("empty_svs", "empty"),
     ("truncated_svs", "truncated"),

@@ -35,6 +35,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="registry name or checkpoint path (default: %(default)s)",
     )
     p.add_argument(
+        "--weights",
+        default=None,
+        metavar="FILE",
+        help="weights file for --encoder, e.g. --encoder timm:NAME --weights FILE "
+        "(wins over GPFM_WEIGHTS and the Hugging Face cache)",
+    )
+    p.add_argument(
         "--mpp", type=float, default=None, help="µm/px of the tiles (default: the encoder's)"
     )
     p.add_argument(
@@ -112,9 +119,15 @@ def run(args: argparse.Namespace) -> int:
         how = "reused existing file" if r.reused else f"{r.tiles_per_s:.1f} tiles/s"
         print(f"{o.slide} -> {r.path} ({r.n_tiles} tiles, {how})")
 
+    encoder: Any = args.encoder
+    if args.weights is not None:
+        from gpfm_core.encoders import create_encoder
+
+        # built here on the CPU; embed_slides moves it to --device
+        encoder = create_encoder(args.encoder, weights=args.weights, device="cpu")
     outcomes = embed_slides(
         args.slides,
-        encoder=args.encoder,
+        encoder=encoder,
         out_dir=args.out,
         mpp=args.mpp,
         tile_px=args.tile_px,

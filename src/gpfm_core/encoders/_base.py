@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gpfm_core.encoders._checkpoint import file_sha256, load_checkpoint_file, load_state_dict_strict
+from gpfm_core.encoders._checkpoint import file_sha256, load_state_dict_strict, read_checkpoint
 from gpfm_core.encoders._hub import resolve_weights
 from gpfm_core.encoders._meta import EncoderMeta
 from gpfm_core.errors import EncoderError
@@ -41,6 +41,10 @@ class Encoder(nn.Module):
         timm model name (or a free description for non-timm models).
     model_kwargs : dict
         Keyword arguments given to ``timm.create_model`` (JSON-serialisable for timm models).
+    weights_origin : str
+        Where in the weights file the weights were found (``"state_dict_ema"``,
+        ``"model > teacher.backbone"`` ...; ``""`` for a bare state dict or no file), see
+        :func:`~gpfm_core.encoders.locate_state_dict`.
     """
 
     def __init__(
@@ -51,6 +55,7 @@ class Encoder(nn.Module):
         weights_hash: str,
         arch: str | None = None,
         model_kwargs: Mapping[str, Any] | None = None,
+        weights_origin: str = "",
     ) -> None:
         super().__init__()
         self.model = model
@@ -58,6 +63,7 @@ class Encoder(nn.Module):
         self.weights_hash = weights_hash
         self.arch = arch or meta.arch
         self.model_kwargs = dict(model_kwargs or {})
+        self.weights_origin = weights_origin
 
     @property
     def device(self) -> torch.device:
@@ -197,7 +203,7 @@ def build_timm_encoder(
             arch=arch,
             model_kwargs=model_kwargs,
         )
-    sd = load_checkpoint_file(path)
+    sd, origin = read_checkpoint(path)
     if adapter is not None:
         sd = adapter(sd)
     with torch.device("meta"):  # no wasted random init of large models
@@ -206,11 +212,12 @@ def build_timm_encoder(
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
         model = create_timm_model(arch, model_kwargs, seed=seed)  # non-persistent buffers
         load_state_dict_strict(model, sd, source=str(path))
-    log.info("loaded %s weights from %s", meta.name, path)
+    log.info("loaded %s weights from %s%s", meta.name, path, f" [{origin}]" if origin else "")
     return Encoder(
         model,
         _meta_from_model(meta, model),
         weights_hash=file_sha256(path),
         arch=arch,
         model_kwargs=model_kwargs,
+        weights_origin=origin,
     )

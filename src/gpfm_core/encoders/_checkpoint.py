@@ -34,6 +34,8 @@ __all__ = [
     "file_sha256",
     "load_checkpoint_file",
     "load_state_dict_strict",
+    "locate_state_dict",
+    "read_checkpoint",
     "read_safetensors_metadata",
     "save_encoder_safetensors",
     "unwrap_state_dict",
@@ -41,20 +43,31 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+#: ``.pth.tar`` is what timm's ``train.py`` writes (``model_best.pth.tar``).
+CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".pth.tar")
 #: Wrapper keys tried in order when a checkpoint is a dict of dicts. ``teacher`` comes first:
-#: in DINOv2-style training (GPFM included) the EMA teacher is the published model.
+#: in DINOv2-style training (GPFM included) the EMA teacher is the published model. EMA copies
+#: (timm's ``train.py`` saves ``state_dict_ema`` beside ``state_dict``) come before the raw model.
 WRAPPER_KEYS = (
     "teacher",
+    "state_dict_ema",
     "model_ema",
+    "ema",
     "model",
     "state_dict",
     "model_state_dict",
     "student",
     "module",
 )
-#: Prefixes stripped when every key carries them (DDP, torch.compile, encoder wrappers).
-STRIP_PREFIXES = ("module.", "_orig_mod.", "model.", "backbone.", "encoder.backbone.")
+#: Wrapper keys that hold an exponential moving average of the weights.
+EMA_KEYS = frozenset({"state_dict_ema", "model_ema", "ema"})
+#: Top-level names of model copies kept side by side in ONE flat state dict (DINOv2's
+#: ``SSLMetaArch``: ``teacher.*`` and ``student.*``; an EMA beside the model), preferred first.
+COPY_NAMESPACES = ("teacher", "model_ema", "ema_model", "ema", "student")
+#: Wrapper prefixes stripped when most keys carry them (DDP and ``AveragedModel``
+#: ``module.``, torch.compile ``_orig_mod.``, Lightning ``model.``, encoder wrappers); the few
+#: keys outside are the wrapper's bookkeeping (``n_averaged``, loss buffers) and are dropped.
+STRIP_PREFIXES = ("module.", "_orig_mod.", "model.", "encoder.backbone.")
 #: Heads of self-supervised training that are not part of the feature extractor.
 DROP_PREFIXES = ("dino_head.", "ibot_head.", "head.", "heads.", "fc.", "classifier.")
 _MAX_LISTED = 6
@@ -111,15 +124,34 @@ def read_safetensors_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
 def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Read a checkpoint file into a flat ``{name: tensor}`` dict, safely, on CPU.
 
+    :func:`read_checkpoint` without the origin.
+    """
+    return read_checkpoint(path)[0]
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], str]:
+    """Read a checkpoint file safely, on CPU: its state dict and where in the file it was.
+
     ``.safetensors`` is read with safetensors; anything else with
-    ``torch.load(weights_only=True)``. Wrappers and prefixes are removed with
-    :func:`unwrap_state_dict`.
+    ``torch.load(weights_only=True)``, which also admits ``argparse.Namespace`` (timm's
+    ``train.py`` stores its arguments that way; a namespace holds plain values and runs no
+    code). Wrappers and prefixes are removed with :func:`locate_state_dict`.
+
+    Returns
+    -------
+    state_dict : dict of str to Tensor
+        Flat ``{name: tensor}``.
+    origin : str
+        Where the weights were found (``"state_dict_ema"``, ``"model > teacher.backbone"``,
+        ``""`` for a bare state dict); see :func:`locate_state_dict`.
 
     Raises
     ------
     EncoderError
         Missing/empty/corrupt file, or a pickle holding non-tensor Python objects.
     """
+    import argparse
+
     import torch
 
     p = Path(path)
@@ -137,9 +169,10 @@ def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
         import pickle
 
         try:
-            raw = torch.load(
-                str(p), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(p)
-            )
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                raw = torch.load(
+                    str(p), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(p)
+                )
         except pickle.UnpicklingError as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise EncoderError(
@@ -151,7 +184,7 @@ def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
                 f"cannot read checkpoint {p} ({type(exc).__name__}: {str(exc)[:160]}): "
                 "download it again or convert it to .safetensors"
             ) from exc
-    return unwrap_state_dict(raw, source=str(p))
+    return locate_state_dict(raw, source=str(p))
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -164,23 +197,80 @@ def _is_state_dict(obj: Any) -> bool:
     )
 
 
-def unwrap_state_dict(obj: Any, *, source: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """Find the feature-extractor state dict inside a checkpoint object.
+def _has_tensor(obj: Any, depth: int = 3) -> bool:
+    import torch
 
-    Descends into ``teacher`` / ``model`` / ``state_dict`` / ``student`` ... wrappers, drops
-    non-tensor entries and training heads (``dino_head.*``, ``ibot_head.*``, ``head.*``), keeps
-    only ``backbone.*`` when a backbone is present, and strips ``module.`` / ``_orig_mod.`` /
-    ``model.`` / ``backbone.`` prefixes shared by every key.
+    if isinstance(obj, torch.Tensor):
+        return True
+    if depth == 0 or not isinstance(obj, Mapping):
+        return False
+    return any(_has_tensor(v, depth - 1) for v in obj.values())
+
+
+def _top(key: str) -> str:
+    return key.split(".", 1)[0]
+
+
+def locate_state_dict(
+    obj: Any, *, source: str = "checkpoint"
+) -> tuple[dict[str, torch.Tensor], str]:
+    """Find the feature-extractor state dict inside a checkpoint object, and say where it was.
+
+    The rules follow how checkpoints are saved in the field:
+
+    - nested wrappers are descended in :data:`WRAPPER_KEYS` order: a distillation ``teacher``
+      first (DINOv2 and GPFM publish the EMA teacher), then EMA copies (timm's
+      ``state_dict_ema``, ``model_ema``), then ``model`` / ``state_dict`` / ``student`` ...;
+    - a flat dict with several model copies side by side (DINOv2's ``SSLMetaArch``:
+      ``teacher.*`` and ``student.*``; an EMA beside the model) keeps the preferred copy
+      (:data:`COPY_NAMESPACES` order) and drops the rest (loss centres, the other copy);
+    - ``backbone.*`` is kept when present (the heads around it are training-only);
+    - a wrapper prefix (:data:`STRIP_PREFIXES`: DDP ``module.``, ``torch.compile``'s
+      ``_orig_mod.``, Lightning's ``model.`` ...) carried by most keys is stripped, and the few
+      keys outside it are the wrapper's own bookkeeping (``AveragedModel.n_averaged``, loss
+      buffers of a LightningModule) and are dropped.
+
+    Every choice among alternatives is logged at INFO, so a user sees which weights were used.
+
+    Parameters
+    ----------
+    obj : object
+        What ``torch.load`` / ``safetensors`` returned.
+    source : str
+        Name used in messages (the file path).
+
+    Returns
+    -------
+    state_dict : dict of str to Tensor
+        The unwrapped state dict.
+    origin : str
+        Where the weights came from, e.g. ``"state_dict_ema"`` or ``"model > teacher.backbone"``
+        (``""`` for a bare state dict used as it is).
+
+    Raises
+    ------
+    EncoderError
+        The object holds no tensors, or is not a mapping.
     """
     import torch
 
+    path: list[str] = []
     seen = 0
     while isinstance(obj, Mapping) and not _is_state_dict(obj) and seen < 8:
         seen += 1
-        nxt = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
-        if nxt is None:
+        # a wrapper without tensors (``"model": {"name": ...}`` config) is not the weights
+        present = [
+            k for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping) and _has_tensor(obj[k])
+        ]
+        if not present:
             break
-        obj = nxt
+        key = present[0]
+        if key in EMA_KEYS or len(present) > 1:
+            what = "EMA weights" if key in EMA_KEYS else "weights"
+            others = f" (also there: {', '.join(present[1:])})" if len(present) > 1 else ""
+            log.info("%s: using the %s under %r%s", source, what, key, others)
+        path.append(key)
+        obj = obj[key]
     if not isinstance(obj, Mapping):
         raise EncoderError(
             f"{source} holds a {type(obj).__name__}, not a state dict: save model.state_dict()"
@@ -191,18 +281,38 @@ def unwrap_state_dict(obj: Any, *, source: str = "checkpoint") -> dict[str, torc
             f"{source} holds no tensors under {sorted(map(str, obj))[:_MAX_LISTED]}: "
             "pass a checkpoint with a model state dict"
         )
-    for _ in range(4):
-        if any(k.startswith("backbone.") for k in sd) and not all(
-            k.startswith("backbone.") for k in sd
-        ):
-            dropped = sorted({k.split(".")[0] for k in sd if not k.startswith("backbone.")})
-            log.debug("%s: keeping backbone.*, dropping %s", source, dropped)
-            sd = {k: v for k, v in sd.items() if k.startswith("backbone.")}
-        prefix = next((p for p in STRIP_PREFIXES if all(k.startswith(p) for k in sd)), None)
-        if prefix is None:
+    flat: list[str] = []
+    for _ in range(8):
+        tops = {_top(k) for k in sd if "." in k}
+        copies = [c for c in COPY_NAMESPACES if c in tops]
+        if copies:
+            keep = copies[0]
+            prefix = f"{keep}."
+        elif "backbone" in tops:
+            keep, prefix = "backbone", "backbone."
+        else:
+            keep = ""
+            prefix = next(
+                (p for p in STRIP_PREFIXES if 2 * sum(k.startswith(p) for k in sd) > len(sd)),
+                "",
+            )
+        if not prefix:
             break
-        sd = {k[len(prefix) :]: v for k, v in sd.items()}
-    return sd
+        dropped = sorted({_top(k) for k in sd if not k.startswith(prefix)})
+        if dropped:
+            # heads around a backbone are routine; another copy or bookkeeping is worth a line
+            level = logging.DEBUG if keep == "backbone" else logging.INFO
+            log.log(level, "%s: using %s*, dropping %s", source, prefix, _short(dropped))
+        flat.append(prefix.rstrip("."))
+        sd = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+    if flat:
+        path.append(".".join(flat))
+    return sd, " > ".join(path)
+
+
+def unwrap_state_dict(obj: Any, *, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The feature-extractor state dict inside a checkpoint object (see :func:`locate_state_dict`)."""
+    return locate_state_dict(obj, source=source)[0]
 
 
 def drop_keys(

@@ -52,7 +52,7 @@ def read_checkpoint_spec(path: str | os.PathLike[str]) -> CheckpointSpec:
     p = Path(path).expanduser()
     if not p.is_file():
         raise EncoderError(f"checkpoint {p} is not an existing file: check the path")
-    if p.suffix.lower() not in CHECKPOINT_SUFFIXES:
+    if not p.name.lower().endswith(CHECKPOINT_SUFFIXES):
         raise EncoderError(
             f"{p}: unsupported checkpoint type {p.suffix!r}, use one of {', '.join(CHECKPOINT_SUFFIXES)}"
         )

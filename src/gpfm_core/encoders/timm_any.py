@@ -77,8 +77,9 @@ def build_timm_any(
         raise EncoderError("'timm:' needs a model name, e.g. 'timm:vit_small_patch16_224'")
     if pretrained and weights is None:
         raise EncoderError(
-            f"timm:{timm_name} loads weights only from a local file (no downloads): pass weights=PATH "
-            "(CLI --weights), or pretrained=False for random weights"
+            f"timm:{timm_name} loads weights only from a local file (no downloads): pass "
+            f"weights=PATH (CLI: gpfm embed --encoder timm:{timm_name} --weights FILE), "
+            "or pretrained=False for random weights"
         )
     with torch.device("meta"):
         skeleton = create_timm_model(timm_name, kw, seed=seed)

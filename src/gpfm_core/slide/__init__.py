@@ -20,9 +20,16 @@ from pathlib import Path
 
 from gpfm_core.errors import SlideError
 from gpfm_core.slide._base import Slide, SlideInfo, rgba_to_rgb
+from gpfm_core.slide._formats import (
+    IMAGE_SUFFIXES,
+    OPENSLIDE_SUFFIXES,
+    SUPPORTED_SUFFIXES,
+    TIFF_SUFFIXES,
+    dicom_series_file,
+)
 from gpfm_core.slide._geometry import LevelGeometry, measure_levels
 from gpfm_core.slide._ids import compute_slide_id, normalise_mpp
-from gpfm_core.slide._image import IMAGE_SUFFIXES, TIFF_SUFFIXES, ImageSlide
+from gpfm_core.slide._image import ImageSlide
 from gpfm_core.slide._openslide import OpenSlideSlide, detect_openslide_format
 
 __all__ = [
@@ -34,16 +41,11 @@ __all__ = [
     "Slide",
     "SlideInfo",
     "compute_slide_id",
+    "dicom_series_file",
     "measure_levels",
     "open_slide",
     "rgba_to_rgb",
 ]
-
-#: Extensions of the formats OpenSlide reads.
-OPENSLIDE_SUFFIXES = frozenset(
-    {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm"}
-)
-SUPPORTED_SUFFIXES = OPENSLIDE_SUFFIXES | IMAGE_SUFFIXES | TIFF_SUFFIXES
 
 
 def open_slide(
@@ -55,7 +57,9 @@ def open_slide(
     ----------
     path
         Slide file (``.svs``, ``.ndpi``, ``.mrxs``, pyramidal ``.tif`` ..., or
-        ``.png``/``.jpg``/plain ``.tif``).
+        ``.png``/``.jpg``/``.bmp``/plain ``.tif``), or a DICOM whole-slide series: its
+        folder or any file in it (both open the series through the same file, see
+        :func:`~gpfm_core.slide._formats.dicom_series_file`).
     mpp
         µm per level-0 pixel, one number or ``(x, y)``; wins over the metadata and
         ``info.mpp_source`` becomes ``"override"``.
@@ -76,7 +80,12 @@ def open_slide(
     if not p.exists():
         raise SlideError(f"{p} does not exist; check the path")
     if p.is_dir():
-        raise SlideError(f"{p} is a folder, not a slide file; pass the slide file itself")
+        series = dicom_series_file(p)
+        if series is None:
+            raise SlideError(
+                f"{p} is a folder without a DICOM whole-slide image; pass the slide file itself"
+            )
+        p = series
     try:
         size = p.stat().st_size
         with p.open("rb"):
@@ -87,6 +96,8 @@ def open_slide(
         raise SlideError(f"{p} is empty (0 bytes); copy the slide again")
     suffix = p.suffix.lower()
     vendor = detect_openslide_format(p)
+    if vendor == "dicom":  # any file of a series: open it through the series' first file
+        p = dicom_series_file(p.parent, like=p) or p
     if vendor is not None:
         return OpenSlideSlide(p, vendor=vendor, mpp_override=override)
     if suffix in IMAGE_SUFFIXES or suffix in TIFF_SUFFIXES:

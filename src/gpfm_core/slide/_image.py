@@ -10,14 +10,13 @@ import numpy as np
 
 from gpfm_core.errors import SlideError
 from gpfm_core.slide._base import Slide, SlideInfo, rgba_to_rgb
+from gpfm_core.slide._formats import IMAGE_SUFFIXES, TIFF_SUFFIXES
 from gpfm_core.slide._ids import compute_slide_id, mpp_from_resolution
 
 __all__ = ["IMAGE_SUFFIXES", "TIFF_SUFFIXES", "ImageSlide"]
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp"})
-TIFF_SUFFIXES = frozenset({".tif", ".tiff"})
 DEFAULT_TILE = 256
 
 
