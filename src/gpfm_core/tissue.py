@@ -392,7 +392,7 @@ def _segment(
 _BITS = 7
 _TISSUE, _INK_WEAK, _INK_STRONG = 1, 2, 4
 #: Hues (degrees) of marker inks and marking dyes that H&E never produces: green to blue.
-INK_HUES = (70.0, 250.0)
+_INK_HUES = (70.0, 250.0)
 _STRIP_PX = 1 << 22  # pixels per strip when indexing colours (bounds temporary memory)
 
 
@@ -499,7 +499,7 @@ def _brightfield_lut(
     # black: scanner fill, black ink, and any dark colour without a hue
     dark = (colours.max(axis=1) * 255 < black_value) | ((val < 0.5) & (sat < 0.25))
     lit = ~dark
-    ink_hue = lit & (hue >= INK_HUES[0]) & (hue <= INK_HUES[1])
+    ink_hue = lit & (hue >= _INK_HUES[0]) & (hue <= _INK_HUES[1])
     # thresholds from glass and stain only: ink strokes must not pull them
     stats = lit & ~(ink_hue & (sat > min_saturation))
     t_sat = _weighted_otsu(sat[stats], counts[stats])
