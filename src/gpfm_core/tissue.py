@@ -393,6 +393,9 @@ _BITS = 7
 _TISSUE, _INK_WEAK, _INK_STRONG = 1, 2, 4
 #: Hues (degrees) of marker inks and marking dyes that H&E never produces: green to blue.
 _INK_HUES = (70.0, 250.0)
+#: Saturation (after white balance) from which an ink-hued colour seeds an ink region;
+#: strokes are 0.5-0.8, hematoxylin-blue tissue rarely above 0.3 at 8 µm/px.
+_INK_SEED_SATURATION = 0.3
 _STRIP_PX = 1 << 22  # pixels per strip when indexing colours (bounds temporary memory)
 
 
@@ -517,7 +520,7 @@ def _brightfield_lut(
     code = (
         tissue * _TISSUE
         + (ink_hue & (sat > low_sat)) * _INK_WEAK
-        + (ink_hue & (sat > 0.3)) * _INK_STRONG
+        + (ink_hue & (sat > _INK_SEED_SATURATION)) * _INK_STRONG
     ).astype(np.uint8)
     params = {
         "glass_rgb": [round(float(c) * 255, 1) for c in glass],
@@ -535,9 +538,6 @@ def _ink(code: np.ndarray, min_px: float) -> np.ndarray:
     from skimage.filters import apply_hysteresis_threshold
 
     ink = np.zeros(code.shape, bool)
-    rows = np.flatnonzero((code & _INK_STRONG).any(axis=1))
-    if rows.size == 0:
-        return ink
     # small regions first: it leaves few for the hysteresis, and its result is the same
     weak = _remove_small_objects((code & (_INK_WEAK | _INK_STRONG)) > 0, min_px)
     r = np.flatnonzero(weak.any(axis=1))
@@ -558,15 +558,14 @@ def _fluorescence(rgb: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
     for sl in _strips(rgb):
         lum[sl] = rgb[sl].sum(axis=2, dtype=np.uint16)
     hist = np.bincount(lum.ravel(), minlength=766)
-    mode = int(np.argmax(hist))
-    below = np.arange(mode + 1)
-    spread = math.sqrt(
-        float((hist[: mode + 1] * (below - mode) ** 2).sum() / hist[: mode + 1].sum())
-    )
-    floor = mode + max(4.0, 4 * spread)
-    levels = np.log1p(np.arange(766.0))
-    t = float(np.expm1(threshold_otsu(hist=(hist, levels)))) if (hist > 0).sum() > 1 else floor
-    thr = max(floor, t)
+    levels = np.log1p(np.arange(766.0))  # Otsu on log brightness: the signal is skewed
+    t = float(np.expm1(threshold_otsu(hist=(hist, levels)))) if (hist > 0).sum() > 1 else 765.0
+    # the background: the mode below Otsu's threshold (tissue may cover most of the slide),
+    # and its noise from the darker side of that mode
+    mode = int(np.argmax(hist[: math.floor(t) + 1]))
+    low = hist[: mode + 1]
+    spread = math.sqrt(float((low * (np.arange(mode + 1) - mode) ** 2).sum() / low.sum()))
+    thr = max(t, mode + max(4.0, 4 * spread))  # a blank slide stays blank
     return lum > thr, {"background_level": mode, "brightness_threshold": thr}
 
 
