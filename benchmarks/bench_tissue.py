@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -32,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench_slides import print_report
 from gpfm_core.slide import open_slide
 from gpfm_core.tissue import _segment, detect_tissue
 
@@ -94,17 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         del rgb, tissue, ink
 
-    load = os.getloadavg()
-    print(
-        f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, "
-        f"load {load[0]:.1f}; Python {platform.python_version()}"
-    )
-    print(f"command: {' '.join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])])}")
-    print(f"median of {args.repeats} runs\n")
-    print("| step | time | notes |")
-    print("|---|---|---|")
-    for step, val, note in rows:
-        print(f"| {step} | {val} | {note} |")
+    print_report(rows, argv, f"median of {args.repeats} runs", "time")
     return 0
 
 
