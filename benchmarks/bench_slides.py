@@ -153,19 +153,26 @@ def main(argv: list[str] | None = None) -> int:
         rate = n / statistics.median(times[k])
         rows.append((f"{k} ({n} tiles)", f"{rate:.0f} tiles/s", f"{rate / base:.2f}x naive"))
 
-    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     print()
+    print_report(rows, argv, f"median of {args.repeats} runs unless stated", "time / rate")
+    return 0
+
+
+def print_report(
+    rows: list[tuple[str, str, str]], argv: list[str] | None, note: str, value: str
+) -> None:
+    """Print the machine, the command, ``note`` and ``rows`` as a markdown table."""
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     print(
         f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, "
         f"load {load[0]:.1f}; Python {platform.python_version()}"
     )
     print(f"command: {' '.join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])])}")
-    print(f"median of {args.repeats} runs unless stated\n")
-    print("| step | time / rate | notes |")
+    print(f"{note}\n")
+    print(f"| step | {value} | notes |")
     print("|---|---|---|")
-    for step, val, note in rows:
-        print(f"| {step} | {val} | {note} |")
-    return 0
+    for step, val, n in rows:
+        print(f"| {step} | {val} | {n} |")
 
 
 if __name__ == "__main__":

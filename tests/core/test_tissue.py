@@ -32,6 +32,7 @@ def test_cmu_tissue_mask(cmu_svs: Path, cmu_mask: TissueMask) -> None:
     assert m.mask.dtype == bool and m.mask.shape == (185, 138)
     assert 0.2 < m.tissue_fraction < 0.9  # measured 0.375
     assert m.params["mask_mpp"] == pytest.approx(8.0, rel=0.01)
+    assert m.ink is not None and m.ink.shape == m.mask.shape and m.ink.dtype == bool
     with open_slide(cmu_svs) as s:
         thumb = s.read_scaled(m.mask.shape[::-1])
     sat = _saturation(thumb)
@@ -172,3 +173,20 @@ def test_box_fractions_exact() -> None:
 def test_bad_mask_inputs(call, match: str) -> None:
     with pytest.raises(GpfmError, match=match):
         call()
+
+
+def test_edited_masks_have_no_ink_layer() -> None:
+    m = TissueMask.from_array(np.ones((10, 20), np.uint8), level0_size=(200, 100))
+    assert m.ink is None and m.params == {"method": "array"}
+    coords = np.array([[0, 0], [50, 20], [150, 80]])
+    np.testing.assert_array_equal(m.ink_fractions(coords, 20), np.zeros(3, np.float32))
+    np.testing.assert_array_equal(m.box_fractions(coords, 20), [1.0, 1.0, 1.0])
+
+
+@pytest.mark.parametrize("close_um", [48.0, 160.0])  # disc footprint (3 px), distance map (10 px)
+def test_wider_closing_only_adds_tissue(cmu_svs: Path, cmu_mask: TissueMask, close_um) -> None:
+    with open_slide(cmu_svs) as s:
+        wide = detect_tissue(s, close_um=close_um)
+    assert (wide.mask | cmu_mask.mask).sum() == wide.mask.sum()  # a superset ...
+    assert wide.tissue_fraction > cmu_mask.tissue_fraction + 0.005  # ... with gaps closed
+    assert wide.n_regions <= cmu_mask.n_regions
