@@ -36,7 +36,9 @@ def test_annotate_train_predict_save_export(
     dock.tabs.setCurrentWidget(tab)
     assert tab.classes.names == ["tumour", "stroma"]
     shapes, points = tab.ensure_layers()
-    assert shapes.name == ov.ANNOTATIONS and points.name == ov.ANNOTATION_POINTS
+    assert shapes.name == f"gpfm: annotations ({session.name})"
+    assert points.name == f"gpfm: annotation points ({session.name})"
+    assert ov.info(shapes) == {"slide_id": session.key, "kind": "annotations"}
 
     # two regions of tiles: the top rows and the bottom rows of the embedded area
     rows = session.grid_rc[:, 0]
@@ -73,8 +75,8 @@ def test_annotate_train_predict_save_export(
         and "1 annotation(s) outside" in text
     )
 
-    pred_layer = viewer.layers[ov.PREDICTION]
-    conf_layer = viewer.layers[ov.CONFIDENCE]
+    pred_layer = ov.find(viewer, ov.PREDICTION, session)
+    conf_layer = ov.find(viewer, ov.CONFIDENCE, session)
     assert isinstance(pred_layer.colormap, DirectLabelColormap)
     np.testing.assert_allclose(
         pred_layer.colormap.map(np.array([1, 2])), tab.classes.rgba(), atol=1e-6
@@ -93,8 +95,8 @@ def test_annotate_train_predict_save_export(
     _press(points, "1")
     points.add(np.array([session.tile_center(int(bottom[0]))[::-1]]))
     qtbot.waitUntil(lambda: tab.trainings == 2, timeout=120_000)
-    assert viewer.layers[ov.PREDICTION] is pred_layer
-    assert [lay.name for lay in viewer.layers].count(ov.PREDICTION) == 1
+    assert ov.find(viewer, ov.PREDICTION, session) is pred_layer
+    assert ov.layers_of(viewer, session.key, ("prediction",)) == [pred_layer]
 
     # save / load into a fresh probe -> same predictions
     probe_path = tab.save_probe(tmp_path / "probe.safetensors")
@@ -124,7 +126,7 @@ def test_annotate_train_predict_save_export(
     viewer.layers.remove(points)
     n = tab.import_geojson(gj)
     assert n == 3
-    new_shapes = viewer.layers[ov.ANNOTATIONS]
+    new_shapes = ov.find(viewer, ov.ANNOTATIONS, session)
     np.testing.assert_array_equal(new_shapes.features["class"], [0, 1, 1])
     for a, b in zip(new_shapes.data, polys, strict=True):
         np.testing.assert_allclose(np.asarray(a)[:, ::-1], b, atol=1e-3)
