@@ -7,21 +7,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _dock_support import tile_rect
 from napari.utils.colormaps import DirectLabelColormap
 from napari.utils.key_bindings import KeyBinding
 
 from gpfm_core.analysis import LinearProbe, labels_for_shapes, read_qupath_geojson
 from napari_gpfm._widget import _overlays as ov
-from napari_gpfm._widget._session import SlideSession
 
 pytest_plugins = ["_dock_support"]
-
-
-def _rect(session: SlideSession, indices: np.ndarray) -> np.ndarray:
-    """Napari (row, col) rectangle in level-0 px around the centres of tiles ``indices``."""
-    c = session.tile_centers()[indices]
-    (x0, y0), (x1, y1) = c.min(axis=0) - 5, c.max(axis=0) + 5
-    return np.array([[y0, x0], [y0, x1], [y1, x1], [y1, x0]])
 
 
 def _press(layer: Any, key: str) -> None:
@@ -46,14 +39,14 @@ def test_annotate_train_predict_save_export(
     bottom = np.flatnonzero(rows >= np.quantile(rows, 0.85))
     _press(shapes, "1")
     assert tab.classes.current == 0
-    shapes.add_rectangles(_rect(session, top))
+    shapes.add_rectangles(tile_rect(session, top))
     # one class only -> a clear message, no training
     qtbot.waitUntil(lambda: "Cannot train" in tab.report_label.text(), timeout=10_000)
     assert "only class 'tumour'" in tab.report_label.text() and tab.trainings == 0
 
     _press(shapes, "2")
     assert tab.classes.current == 1
-    shapes.add_rectangles(_rect(session, bottom))
+    shapes.add_rectangles(tile_rect(session, bottom))
     np.testing.assert_array_equal(shapes.features["class"], [0, 1])
     # and a shape far outside the slide: ignored and counted
     shapes.add_rectangles(

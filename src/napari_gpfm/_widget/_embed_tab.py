@@ -661,12 +661,9 @@ class EmbedTab(QWidget):
 
 def add_slide_tissue_layers(
     viewer: Any, tissue: Any, grid: Any, *, slide_id: str, slide_name: str,
-    mpp: tuple[float, float], detected: bool = True,
+    mpp: tuple[float, float],
 ) -> tuple[Any, Any]:  # fmt: skip
     """Add slide ``slide_id``'s tissue and tile-grid layers, replacing only that slide's.
-
-    The tissue layer's ``metadata["gpfm"]`` holds ``detected``: the hash of its shapes as
-    detected (an edit changes it; see :func:`tissue_fingerprint`).
 
     Returns
     -------
@@ -677,12 +674,31 @@ def add_slide_tissue_layers(
 
     for layer in ov.layers_of(viewer, slide_id, ("tissue",)):
         viewer.layers.remove(layer)
-    layer = add_tissue_layer(viewer, tissue, mpp=mpp, name=ov.layer_name(ov.TISSUE, slide_name))
-    extra = {"detected": tissue_fingerprint(layer)} if detected else {}
-    ov.tag(layer, slide_id=slide_id, kind="tissue", **extra)
+    with ov.keep_active(viewer):
+        layer = add_tissue_layer(viewer, tissue, mpp=mpp, name=ov.layer_name(ov.TISSUE, slide_name))
+    own_tissue_layer(layer, slide_id=slide_id, slide_name=slide_name)
     return layer, add_slide_grid_layer(
         viewer, grid, slide_id=slide_id, slide_name=slide_name, mpp=mpp
     )
+
+
+def own_tissue_layer(layer: Any, *, slide_id: str, slide_name: str) -> None:
+    """Name a freshly detected tissue layer after its slide and tag it.
+
+    ``metadata["gpfm"]["detected"]`` is the hash of its shapes as detected: an edit changes
+    it (:func:`tissue_fingerprint`).
+    """
+    layer.name = ov.layer_name(ov.TISSUE, slide_name)
+    ov.tag(layer, slide_id=slide_id, kind="tissue", detected=tissue_fingerprint(layer))
+
+
+def own_grid_layer(layer: Any, grid: Any, *, slide_id: str, slide_name: str) -> None:
+    """Name a tile-grid layer after its slide and tag it with the grid's size and tiling."""
+    layer.name = ov.layer_name(ov.TILE_GRID, slide_name)
+    ov.tag(
+        layer, slide_id=slide_id, kind="tile_grid", n_tiles=len(grid),
+        tiling={"requested_mpp": grid.requested_mpp, "tile_px": grid.tile_px, "overlap_px": grid.overlap_px},
+    )  # fmt: skip
 
 
 def add_slide_grid_layer(
@@ -695,8 +711,5 @@ def add_slide_grid_layer(
         viewer.layers.remove(layer)
     with ov.keep_active(viewer):
         layer = add_tile_grid_layer(viewer, grid, mpp=mpp, name=ov.layer_name(ov.TILE_GRID, slide_name))
-    ov.tag(
-        layer, slide_id=slide_id, kind="tile_grid", n_tiles=len(grid),
-        tiling={"requested_mpp": grid.requested_mpp, "tile_px": grid.tile_px, "overlap_px": grid.overlap_px},
-    )  # fmt: skip
+    own_grid_layer(layer, grid, slide_id=slide_id, slide_name=slide_name)
     return layer
