@@ -246,3 +246,37 @@ def test_umap_cancel_between_steps_and_unset_cancel_changes_nothing() -> None:
     assert np.array_equal(a, b) and runs == [60]
     with pytest.raises(GpfmError, match="cancel must be"):
         umap_embed(x, cancel="yes")  # type: ignore[arg-type]
+
+
+def test_umap_cancelled_in_a_thread_leaves_the_tqdm_lock_free() -> None:
+    """The cancel unwinds through tqdm; its process-wide lock must not stay held (napari's
+    progress bars, which are tqdm, would block on it forever)."""
+    import threading
+
+    from tqdm.std import TqdmDefaultWriteLock
+
+    from gpfm_core.analysis.embedding import UmapCancelled
+
+    x, _ = _blobs(n=200)
+    cancel = threading.Event()
+    outcome: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            umap_embed(
+                x, pca_dim=16, n_epochs=100, cancel=cancel,
+                progress=lambda s, f: cancel.set() if s == "optimise" and f > 0.2 else None,
+            )  # fmt: skip
+        except BaseException as exc:  # the assertion below names it
+            outcome.append(exc)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join()
+    assert len(outcome) == 1 and isinstance(outcome[0], UmapCancelled), outcome
+    for lock in (TqdmDefaultWriteLock.th_lock, getattr(TqdmDefaultWriteLock, "mp_lock", None)):
+        if lock is None:
+            continue
+        got = lock.acquire(timeout=30)  # free: at once; leaked by the worker: never
+        assert got, "tqdm's write lock is still held by the cancelled UMAP thread"
+        lock.release()

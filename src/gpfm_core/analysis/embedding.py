@@ -26,6 +26,12 @@ graph and spectral steps inside umap-learn (a few seconds at 100,000 tiles) cann
 interrupted; the check follows them. A test asserts that a cancel set at epoch k stops the
 layout by epoch k + 1.
 
+tqdm (4.x) ``refresh()`` takes tqdm's process-wide write lock and releases it only when the
+write returns, so the raising write leaves it held by the UMAP thread, and every other tqdm
+bar (napari's progress bars are tqdm) would then block forever. :func:`umap_embed` releases
+that one level right after the cancel unwinds (an ``RuntimeError`` from the release means
+it was not held: nothing to do); a test checks the lock is free afterwards.
+
 Reproducibility and threads
 ---------------------------
 With an int ``seed`` umap-learn runs single-threaded (``random_state`` disables its parallel
@@ -149,6 +155,16 @@ class _TqdmSink:
 
     def flush(self) -> None:
         """Nothing buffered."""
+
+
+def _release_tqdm_lock() -> None:
+    """Release the level of tqdm's write lock left held by a write that raised (see above)."""
+    from tqdm.auto import tqdm
+
+    try:
+        tqdm.get_lock().release()
+    except (RuntimeError, AssertionError):  # not held by this thread: nothing leaked
+        log.debug("tqdm lock was not held after the UMAP cancel")
 
 
 #: Below this many tiles umap-learn computes exact pairwise distances (we hand it BLAS ones).
@@ -394,6 +410,10 @@ def umap_embed(
         warnings.filterwarnings("ignore", message=".*knn_search_index.*")
         try:
             out = reducer.fit_transform(x)
+        except UmapCancelled:
+            if sink.raised:
+                _release_tqdm_lock()
+            raise
         finally:
             if epochs_run is not None:
                 epochs_run.append(sink.epochs)
