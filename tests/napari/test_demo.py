@@ -57,11 +57,13 @@ def test_cli_demo_writes_a_real_screenshot(tmp_path: Path) -> None:
     img = np.asarray(Image.open(shot).convert("RGB")).astype(int)
     assert img.shape[0] >= 600 and img.shape[1] >= 900
     # the slide's white glass, H&E-stained tissue (pink/purple) and the similarity heatmap's
-    # bright orange/yellow tiles (magma's top end) are there
+    # orange-to-yellow tiles (magma's upper half over tissue: ~0.008 of the window with the
+    # heatmap shown alone, ~0.001 with it hidden) are there
     white = (img > 235).all(axis=2).mean()
     pink = ((img[..., 0] > 120) & (img[..., 1] < 110) & (img[..., 2] > 100)).mean()
-    hot = ((img[..., 0] > 200) & (img[..., 1] > 90) & (img[..., 2] < 110)).mean()
-    assert white > 0.03 and pink > 0.01 and hot > 0.001, (white, pink, hot)
+    r, g, b = img[..., 0], img[..., 1], img[..., 2]
+    warm = ((r > 190) & (g > 70) & (b < 140) & (r - b > 80)).mean()
+    assert white > 0.03 and pink > 0.01 and warm > 0.003, (white, pink, warm)
     assert "tiles embedded by " in proc.stdout
 
 

@@ -164,6 +164,19 @@ def test_embedding_uses_the_edited_tissue_layer_and_the_grid_follows(
     shown_now = grid_layer_coords(ov.find(viewer, ov.TILE_GRID, slide_id=sid))
     np.testing.assert_array_equal(shown_now, session.coords)
 
+    # another tile size: the grid shown follows it, and is again what is embedded
+    dock.embed_tab.tile_spin.setValue(80)
+    finer = make_tile_grid(slide, mpp=0.5, tile_px=80, tissue=tissue_from_layer(layer, slide))
+    assert len(finer) != len(expected)
+    qtbot.waitUntil(
+        lambda: ov.info(ov.find(viewer, ov.TILE_GRID, slide_id=sid))["n_tiles"] == len(finer),
+        timeout=10_000,
+    )
+    session = dock.embed_tab.run(sync=True)
+    shown_now = grid_layer_coords(ov.find(viewer, ov.TILE_GRID, slide_id=sid))
+    np.testing.assert_array_equal(shown_now, finer.coords)
+    np.testing.assert_array_equal(session.coords, finer.coords)
+
 
 def test_tissue_button_adds_editable_layers_in_a_worker(
     make_napari_viewer: Any, qtbot: Any, cmu_svs: Path, tmp_path: Path

@@ -216,6 +216,8 @@ class EmbedTab(QWidget):
         self._grid_timer.setInterval(GRID_DEBOUNCE_MS)
         self._grid_timer.timeout.connect(self._refresh_pending_grids)
         self._grids_pending: set[str] = set()
+        #: slide id -> (fingerprint, TissueMask) of the tissue "Tissue + grid" detected
+        self._detected: dict[str, tuple[str, Any]] = {}
 
         self.slide_combo = QComboBox()
         self.encoder_combo = QComboBox()
@@ -281,6 +283,8 @@ class EmbedTab(QWidget):
         self.cancel_btn.clicked.connect(self.job.cancel)
         self.encoder_combo.currentTextChanged.connect(self._encoder_changed)
         self.slide_combo.currentTextChanged.connect(lambda _t: self._show_slide_mpp())
+        for spin in (self.mpp_spin, self.tile_spin):  # shown grids follow the tiling
+            spin.valueChanged.connect(lambda _v: self._schedule_grids())
         self.slide_mpp_spin.editingFinished.connect(
             lambda: self.set_slide_mpp(self.slide_mpp_spin.value())
         )
@@ -469,10 +473,11 @@ class EmbedTab(QWidget):
 
         def show(result: tuple[Any, Any]) -> None:
             tissue, grid = result
-            add_slide_tissue_layers(
+            layer, _grid_layer = add_slide_tissue_layers(
                 self.viewer, tissue, grid, slide_id=params.ref.slide_id,
                 slide_name=params.ref.layer_name, mpp=params.level0_mpp,
             )  # fmt: skip
+            self._detected[params.ref.slide_id] = (ov.info(layer)["detected"], tissue)
             self.watch_tissue(params.ref.slide_id)
             self.status.setText(
                 f"{params.ref.layer_name}: {len(grid)} tiles on tissue; edit its tissue layer "
@@ -514,11 +519,16 @@ class EmbedTab(QWidget):
             return
         layer.metadata[ov.META_KEY] = {**ov.info(layer), "watched": True}
 
-        def edited(_event: Any = None) -> None:
-            self._grids_pending.add(slide_id)
-            self._grid_timer.start()
+        layer.events.data.connect(lambda _event=None: self._schedule_grids([slide_id]))
 
-        layer.events.data.connect(edited)
+    def _schedule_grids(self, slide_ids: Any = None) -> None:
+        """Redraw these slides' grid layers (default: every slide showing one) after a pause."""
+        if slide_ids is None:
+            slide_ids = [ov.info(ly)["slide_id"] for ly in self.viewer.layers
+                         if ov.info(ly).get("kind") == "tile_grid"]  # fmt: skip
+        self._grids_pending.update(slide_ids)
+        if self._grids_pending:
+            self._grid_timer.start()
 
     def _refresh_pending_grids(self) -> None:
         pending, self._grids_pending = self._grids_pending, set()
@@ -536,12 +546,17 @@ class EmbedTab(QWidget):
             return None
         params = self.params(ref)
         with self._open(params) as slide:
-            if params.tissue is None:
-                from gpfm_core.tissue import detect_tissue
+            tissue = params.tissue
+            if tissue is None:  # unedited: the detected tissue (cached from "Tissue + grid")
+                layer = ov.find(self.viewer, ov.TISSUE, slide_id=slide_id)
+                fingerprint, cached = self._detected.get(slide_id, ("", None))
+                if cached is not None and layer is not None and ov.info(layer).get("detected") == fingerprint:
+                    tissue = cached
+                else:
+                    from gpfm_core.tissue import detect_tissue
 
-                grid = grid_for(slide, params, detect_tissue(slide))
-            else:
-                grid = grid_for(slide, params, params.tissue)
+                    tissue = detect_tissue(slide)
+            grid = grid_for(slide, params, tissue)
         add_slide_grid_layer(
             self.viewer, grid, slide_id=slide_id, slide_name=ref.layer_name,
             mpp=params.level0_mpp,
