@@ -89,7 +89,7 @@ def build_demo(
     from napari_gpfm._layers import add_analysis_layers
     from napari_gpfm._reader import ensure_close_hook, slide_layer_data
     from napari_gpfm._sample import find_cmu_small_region
-    from napari_gpfm._widget._embed_tab import own_grid_layer, own_tissue_layer
+    from napari_gpfm._widget._slide_layers import own_grid_layer, own_tissue_layer
 
     if tile_mpp is None or tile_px is None:
         from gpfm_core.encoders import default_encoder_name, get_encoder_meta
