@@ -45,7 +45,12 @@ def _label_counts(session: SlideSession, shapes: Any) -> dict[str, int]:
     return {"tumour": int((ref.labels == 0).sum()), "stroma": int((ref.labels == 1).sum())}
 
 
-def _annotate(tab: Any, session: SlideSession, first: np.ndarray, second: np.ndarray) -> Any:
+def _annotate(tab: Any, session: SlideSession, *, axis: int, q: float) -> Any:
+    """Class 0 around the tiles in the first ``q`` of grid rows (axis 0) or columns (axis 1),
+    class 1 around those in the last ``q``, on ``session``'s own Shapes layer."""
+    along = session.grid_rc[:, axis]
+    first = np.flatnonzero(along <= np.quantile(along, q))
+    second = np.flatnonzero(along >= np.quantile(along, 1 - q))
     shapes, _points = tab.ensure_layers()
     assert ov.info(shapes)["slide_id"] == session.key
     tab.classes.set_current(0)
@@ -70,11 +75,7 @@ def test_annotations_train_only_their_own_slide(
     # slide A: annotate its top and bottom rows, train
     a = embed_in_dock(dock, a_layer.name)
     assert tab.session is a
-    rows = a.grid_rc[:, 0]
-    a_shapes = _annotate(
-        tab, a, np.flatnonzero(rows <= np.quantile(rows, 0.15)),
-        np.flatnonzero(rows >= np.quantile(rows, 0.85)),
-    )  # fmt: skip
+    a_shapes = _annotate(tab, a, axis=0, q=0.15)
     assert tab.train(sync=True)
     a_counts = _label_counts(a, a_shapes)
     assert tab.report.n_per_class == a_counts and tab.trainings == 1
@@ -90,11 +91,7 @@ def test_annotations_train_only_their_own_slide(
     assert b_shapes.name == f"gpfm: annotations ({b.name})"
 
     # annotate B (left / right columns) and train: B's tiles with B's shapes
-    cols = b.grid_rc[:, 1]
-    _annotate(
-        tab, b, np.flatnonzero(cols <= np.quantile(cols, 0.2)),
-        np.flatnonzero(cols >= np.quantile(cols, 0.8)),
-    )  # fmt: skip
+    _annotate(tab, b, axis=1, q=0.2)
     assert tab.train(sync=True)
     b_counts = _label_counts(b, b_shapes)
     assert tab.report.n_per_class == b_counts
@@ -234,11 +231,7 @@ def test_retrieval_and_probe_stay_within_one_encoder_weights_and_tiling(
     dock.set_active(a)
     pt = dock.probe_tab
     pt.auto_check.setChecked(False)
-    rows = a.grid_rc[:, 0]
-    _annotate(
-        pt, a, np.flatnonzero(rows <= np.quantile(rows, 0.2)),
-        np.flatnonzero(rows >= np.quantile(rows, 0.8)),
-    )  # fmt: skip
+    _annotate(pt, a, axis=0, q=0.2)
     assert pt.train(sync=True)
     pt.set_session(a)  # refresh the apply list
     pt.apply_combo.setCurrentText(b.name)
