@@ -199,7 +199,8 @@ def show_only(viewer: Any, session: SlideSession | str, name: str) -> Layer | No
             layer.visible = False
     main = find(viewer, name, slide_id=sid)
     for layer in layers_of(viewer, sid, keep):
-        if layer is main or info(layer).get("kind") != "selection":
+        # only when hidden: setting visible=True redraws the layer (napari refreshes it)
+        if not layer.visible and (layer is main or info(layer).get("kind") != "selection"):
             layer.visible = True  # the selection stays as the user left it
     return main
 
