@@ -106,7 +106,7 @@ def main() -> None:
     rows_out.append(
         ("click -> similarity drawn (callback + Qt/vispy redraw)", med, worst, "<= 150 ms")
     )
-    assert viewer.layers[ov.SIMILARITY].data.shape == (rows, cols)
+    assert ov.find(viewer, ov.SIMILARITY, session).data.shape == (rows, cols)
     assert totals[0] > 0
 
     # explore: clusters shown once, then clicks must not rebuild the colormap
@@ -117,7 +117,7 @@ def main() -> None:
     dock.explore_tab._show(session, new_colormap=True)
     app.processEvents()
     show_ms = 1e3 * (time.perf_counter() - t0)
-    clusters = viewer.layers[ov.CLUSTERS]
+    clusters = ov.find(viewer, ov.CLUSTERS, session)
     events: list[object] = []
     clusters.events.colormap.connect(events.append)
     dock.tabs.setCurrentWidget(dock.explore_tab)

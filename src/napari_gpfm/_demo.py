@@ -89,6 +89,7 @@ def build_demo(
     from napari_gpfm._layers import add_analysis_layers
     from napari_gpfm._reader import ensure_close_hook, slide_layer_data
     from napari_gpfm._sample import find_cmu_small_region
+    from napari_gpfm._widget._slide_layers import own_grid_layer, own_tissue_layer
 
     if tile_mpp is None or tile_px is None:
         from gpfm_core.encoders import default_encoder_name, get_encoder_meta
@@ -106,6 +107,9 @@ def build_demo(
     tissue, grid, tissue_layer, grid_layer = add_analysis_layers(
         viewer, slide, tile_mpp=tile_mpp, tile_px=tile_px
     )
+    # the dock's own naming and tags, as its "Tissue + grid" makes them (one set per slide)
+    own_tissue_layer(tissue_layer, slide_id=slide.slide_id, slide_name=slide_layer.name)
+    own_grid_layer(grid_layer, grid, slide_id=slide.slide_id, slide_name=slide_layer.name)
     viewer.layers.selection.active = tissue_layer
     viewer.scale_bar.visible = True
     viewer.reset_view()
@@ -134,6 +138,7 @@ def add_analysis_dock(viewer: Any, state: DemoState, *, encoder: str | None = No
 
     dock = GpfmDock(viewer)
     viewer.window.add_dock_widget(dock, name="GPFM slide analysis", area="right")
+    dock.embed_tab.watch_tissue(state.slide.slide_id)  # its grid layer follows tissue edits
     session = populate_demo(
         viewer,
         dock,
@@ -159,8 +164,9 @@ def run_demo(
 ) -> int:
     """Open napari with the demo; with ``screenshot`` render it to PNG and exit.
 
-    With ``analysis`` (the default) the dock embeds the slide, shows the clusters and a
-    similarity heatmap for a preset query, and leaves the probe ready.
+    With ``analysis`` (the default) the dock embeds the slide, clusters it, queries a preset
+    tile and leaves the probe ready; one overlay is shown at a time (the Retrieve tab's
+    similarity heatmap; the others are a click on their eye icon or tab away).
 
     Returns
     -------

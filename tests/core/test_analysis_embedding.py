@@ -195,3 +195,88 @@ def test_large_slides_default_to_a_shorter_layout(monkeypatch: pytest.MonkeyPatc
     assert np.array_equal(short, umap_embed(x, n_neighbors=5, pca_dim=None, seed=0, n_epochs=100))
     assert not np.array_equal(short, full)
     assert np.array_equal(full, umap_embed(x, n_neighbors=5, pca_dim=None, seed=0, n_epochs=500))
+
+
+@pytest.mark.parametrize("stop_at", [0, 1, 37, 120])
+def test_umap_cancel_stops_the_layout_within_one_epoch(stop_at: int) -> None:
+    """A cancel set after layout epoch k (seen through progress) stops UMAP by epoch k + 1."""
+    import threading
+
+    from gpfm_core.analysis.embedding import UmapCancelled
+
+    x, _ = _blobs(n=200)
+    n_epochs = 200
+    cancel = threading.Event()
+
+    def progress(stage: str, frac: float) -> None:
+        if stage == "optimise" and round(frac * n_epochs) >= stop_at:
+            cancel.set()
+
+    runs: list[int] = []
+    with pytest.raises(UmapCancelled, match="cancelled"):
+        umap_embed(
+            x, n_neighbors=8, pca_dim=16, seed=1, n_epochs=n_epochs, progress=progress,
+            cancel=cancel, epochs_run=runs,
+        )  # fmt: skip
+    assert len(runs) == 1 and stop_at <= runs[0] <= stop_at + 1, runs
+
+
+def test_umap_cancel_between_steps_and_unset_cancel_changes_nothing() -> None:
+    import threading
+
+    from gpfm_core.analysis.embedding import UmapCancelled
+
+    x, _ = _blobs(n=200)
+    stopped = threading.Event()
+    stopped.set()
+    runs: list[int] = []
+    with pytest.raises(UmapCancelled, match="before PCA"):
+        umap_embed(x, pca_dim=16, cancel=stopped, epochs_run=runs)
+    assert runs == []  # stopped before any layout
+    # a callable works too; stop after PCA, before the neighbour graph
+    seen: list[str] = []
+    with pytest.raises(UmapCancelled, match="neighbour graph"):
+        umap_embed(
+            x, pca_dim=16, progress=lambda s, _f: seen.append(s), cancel=lambda: "pca" in seen
+        )
+    # never set: the same layout as without a cancel, every epoch run
+    runs = []
+    a = umap_embed(x, n_neighbors=8, pca_dim=16, seed=1, n_epochs=60, cancel=threading.Event(), epochs_run=runs)
+    b = umap_embed(x, n_neighbors=8, pca_dim=16, seed=1, n_epochs=60)
+    assert np.array_equal(a, b) and runs == [60]
+    with pytest.raises(GpfmError, match="cancel must be"):
+        umap_embed(x, cancel="yes")  # type: ignore[arg-type]
+
+
+def test_umap_cancelled_in_a_thread_leaves_the_tqdm_lock_free() -> None:
+    """The cancel unwinds through tqdm; its process-wide lock must not stay held (napari's
+    progress bars, which are tqdm, would block on it forever)."""
+    import threading
+
+    from tqdm.std import TqdmDefaultWriteLock
+
+    from gpfm_core.analysis.embedding import UmapCancelled
+
+    x, _ = _blobs(n=200)
+    cancel = threading.Event()
+    outcome: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            umap_embed(
+                x, pca_dim=16, n_epochs=100, cancel=cancel,
+                progress=lambda s, f: cancel.set() if s == "optimise" and f > 0.2 else None,
+            )  # fmt: skip
+        except BaseException as exc:  # the assertion below names it
+            outcome.append(exc)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join()
+    assert len(outcome) == 1 and isinstance(outcome[0], UmapCancelled), outcome
+    for lock in (TqdmDefaultWriteLock.th_lock, getattr(TqdmDefaultWriteLock, "mp_lock", None)):
+        if lock is None:
+            continue
+        got = lock.acquire(timeout=30)  # free: at once; leaked by the worker: never
+        assert got, "tqdm's write lock is still held by the cancelled UMAP thread"
+        lock.release()

@@ -36,6 +36,22 @@ def cmu_embeddings(tmp_path_factory: pytest.TempPathFactory, cmu_svs: Path) -> P
     return _CACHE["cmu"]
 
 
+@pytest.fixture(scope="session")
+def mirror_png(tmp_path_factory: pytest.TempPathFactory, cmu_svs: Path) -> Path:
+    """The CMU sample mirrored left-right: a PNG of the same size and µm/px (0.499, as dpi)."""
+    from PIL import Image
+
+    from gpfm_core.slide import open_slide
+
+    with open_slide(cmu_svs) as slide:
+        rgb = slide.read_region((0, 0), 0, slide.dimensions)
+        mpp = slide.mpp[0]
+    path = tmp_path_factory.mktemp("mirror") / "cmu_mirror.png"
+    dpi = 25400.0 / mpp
+    Image.fromarray(np.ascontiguousarray(rgb[:, ::-1])).save(path, dpi=(dpi, dpi))
+    return path
+
+
 def open_slide_layer(viewer: Any, path: Path) -> Any:
     """Open ``path`` with the napari-gpfm reader; returns the slide layer."""
     layers = viewer.open(str(path), plugin="napari-gpfm")
@@ -55,6 +71,23 @@ def make_dock(viewer: Any, out_dir: Path, *, batch_size: int = 64) -> GpfmDock:
     tab.batch_spin.setValue(batch_size)
     tab.set_out_dir(out_dir)
     return dock
+
+
+def embed_in_dock(dock: GpfmDock, layer_name: str) -> SlideSession:
+    """Pick slide layer ``layer_name`` in the Embed tab and embed it (blocking)."""
+    tab = dock.embed_tab
+    tab.refresh_slides()
+    tab.slide_combo.setCurrentText(layer_name)
+    session = tab.run(sync=True)
+    assert session is not None, tab.status.text()
+    return session
+
+
+def tile_rect(session: SlideSession, indices: np.ndarray) -> np.ndarray:
+    """Napari (row, col) rectangle in level-0 px around the centres of tiles ``indices``."""
+    c = session.tile_centers()[indices]
+    (x0, y0), (x1, y1) = c.min(axis=0) - 5, c.max(axis=0) + 5
+    return np.array([[y0, x0], [y0, x1], [y1, x1], [y1, x0]])
 
 
 @pytest.fixture

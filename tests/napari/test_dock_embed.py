@@ -52,7 +52,10 @@ def test_threaded_embedding_paints_coverage_then_reuses_the_cache(
     assert embedded_signals == [session] and session.n_tiles == len(emb)
     np.testing.assert_array_equal(session.features, emb.features)
     # coverage: one pixel per grid cell, 2 on every embedded tile, nothing elsewhere
-    cov = viewer.layers[ov.COVERAGE]
+    cov = ov.find(viewer, ov.COVERAGE, session)
+    assert cov.name == f"gpfm: coverage ({slide.name})"
+    assert ov.info(cov)["slide_id"] == slide.metadata["slide_id"] == session.key
+    assert ov.info(cov)["encoder"] == "tiny-vit" and ov.info(cov)["tiling"]["tile_px"] == 112
     assert cov.data.shape == session.grid_shape
     assert np.all(cov.data[session.grid_rc[:, 0], session.grid_rc[:, 1]] == 2)
     assert int((cov.data == 2).sum()) == session.n_tiles
@@ -67,15 +70,15 @@ def test_threaded_embedding_paints_coverage_then_reuses_the_cache(
     assert tab.job.state == "done"
     assert files[0].stat().st_mtime_ns == mtime
     assert tab.coverage_refreshes == before + 1  # only the final paint
-    assert viewer.layers[ov.COVERAGE] is cov
-    assert [lay.name for lay in viewer.layers].count(ov.COVERAGE) == 1
+    assert tab.last_reused is True and "reused" in tab.status.text()
+    assert ov.layers_of(viewer, session.key, ("coverage",)) == [cov]
 
 
 def test_cancel_keeps_partial_coverage_and_writes_no_file(
     make_napari_viewer: Any, qtbot: Any, cmu_svs: Path, tmp_path: Path
 ) -> None:
     viewer = make_napari_viewer()
-    open_slide_layer(viewer, cmu_svs)
+    slide = open_slide_layer(viewer, cmu_svs)
     dock = make_dock(viewer, tmp_path, batch_size=2)
     tab = dock.embed_tab
     tab.run()
@@ -87,7 +90,7 @@ def test_cancel_keeps_partial_coverage_and_writes_no_file(
     assert not list(tmp_path.rglob("*.h5")) and not list(tmp_path.rglob(".*.tmp"))
     assert tab.run_btn.isEnabled() and not tab.cancel_btn.isEnabled()
     assert "cancelled" in tab.status.text()
-    cov = viewer.layers[ov.COVERAGE].data
+    cov = ov.find(viewer, ov.COVERAGE, slide_id=slide.metadata["slide_id"]).data
     done, todo = int((cov == 2).sum()), int((cov == 1).sum())
     assert done > 0 and todo > 0  # partial coverage kept on screen
     assert len(dock.store) == 0
@@ -121,42 +124,72 @@ def test_unknown_encoder_is_one_notification(embedded: Any, notes: Any, tmp_path
     assert dock.embed_tab.run_btn.isEnabled()
 
 
-def test_embedding_uses_the_edited_tissue_layer(
-    make_napari_viewer: Any, cmu_svs: Path, tmp_path: Path
+def grid_layer_coords(layer: Any) -> np.ndarray:
+    """(N, 2) int64 level-0 ``(x, y)`` top-left corners of a tile-grid Shapes layer's rectangles."""
+    return np.array(
+        [np.asarray(d).min(axis=0)[::-1] for d in layer.data], dtype=np.int64
+    ).reshape(-1, 2)
+
+
+def test_embedding_uses_the_edited_tissue_layer_and_the_grid_follows(
+    make_napari_viewer: Any, qtbot: Any, cmu_svs: Path, tmp_path: Path
 ) -> None:
-    """An edited tissue layer is what the dock's embedding tiles (issue: editable mask)."""
+    """An edited tissue layer is what the dock embeds, and the grid layer shows that grid."""
     from gpfm_core.tiling import make_tile_grid
-    from napari_gpfm._layers import add_tissue_layer, tissue_from_layer
+    from napari_gpfm._layers import tissue_from_layer
     from napari_gpfm._reader import slide_for_layer
 
     viewer = make_napari_viewer()
     slide_layer = open_slide_layer(viewer, cmu_svs)
+    sid = slide_layer.metadata["slide_id"]
     slide = slide_for_layer(slide_layer)
-    from gpfm_core.tissue import detect_tissue
-
-    layer = add_tissue_layer(viewer, detect_tissue(slide), mpp=slide.mpp)
+    dock = make_dock(viewer, tmp_path)
+    _tissue, shown = dock.embed_tab.show_tissue(sync=True)
+    layer = ov.find(viewer, ov.TISSUE, slide_id=sid)
+    grid_layer = ov.find(viewer, ov.TILE_GRID, slide_id=sid)
+    np.testing.assert_array_equal(grid_layer_coords(grid_layer), shown.coords)
     # the user keeps only a 700 x 500 px rectangle of tissue (level-0 (y, x) vertices)
     layer.data = [np.array([[1200.0, 800.0], [1200.0, 1500.0], [1700.0, 1500.0], [1700.0, 800.0]])]
     layer.features = {"kind": np.array(["tissue"], dtype=object)}
-    dock = make_dock(viewer, tmp_path)
+    expected = make_tile_grid(slide, mpp=0.5, tile_px=112, tissue=tissue_from_layer(layer, slide))
+    assert 0 < len(expected) < len(shown) // 4
+    # the grid layer follows the edit (debounced)
+    qtbot.waitUntil(
+        lambda: ov.info(ov.find(viewer, ov.TILE_GRID, slide_id=sid))["n_tiles"] == len(expected),
+        timeout=10_000,
+    )
     session = dock.embed_tab.run(sync=True)
     assert session is not None
-    expected = make_tile_grid(slide, mpp=0.5, tile_px=112, tissue=tissue_from_layer(layer, slide))
-    full = make_tile_grid(slide, mpp=0.5, tile_px=112)
-    assert 0 < len(expected) < len(full) // 4
     np.testing.assert_array_equal(session.coords, expected.coords)
+    shown_now = grid_layer_coords(ov.find(viewer, ov.TILE_GRID, slide_id=sid))
+    np.testing.assert_array_equal(shown_now, session.coords)
+
+    # another tile size: the grid shown follows it, and is again what is embedded
+    dock.embed_tab.tile_spin.setValue(80)
+    finer = make_tile_grid(slide, mpp=0.5, tile_px=80, tissue=tissue_from_layer(layer, slide))
+    assert len(finer) != len(expected)
+    qtbot.waitUntil(
+        lambda: ov.info(ov.find(viewer, ov.TILE_GRID, slide_id=sid))["n_tiles"] == len(finer),
+        timeout=10_000,
+    )
+    session = dock.embed_tab.run(sync=True)
+    shown_now = grid_layer_coords(ov.find(viewer, ov.TILE_GRID, slide_id=sid))
+    np.testing.assert_array_equal(shown_now, finer.coords)
+    np.testing.assert_array_equal(session.coords, finer.coords)
 
 
 def test_tissue_button_adds_editable_layers_in_a_worker(
     make_napari_viewer: Any, qtbot: Any, cmu_svs: Path, tmp_path: Path
 ) -> None:
-    from napari_gpfm._layers import GRID_LAYER, TISSUE_LAYER
-
     viewer = make_napari_viewer()
-    open_slide_layer(viewer, cmu_svs)
+    slide = open_slide_layer(viewer, cmu_svs)
+    sid = slide.metadata["slide_id"]
     dock = make_dock(viewer, tmp_path)
     qtbot.mouseClick(dock.embed_tab.tissue_btn, Qt.MouseButton.LeftButton)
-    qtbot.waitUntil(lambda: GRID_LAYER in viewer.layers, timeout=60_000)
-    assert len(viewer.layers[TISSUE_LAYER].data) >= 1
+    qtbot.waitUntil(lambda: ov.find(viewer, ov.TILE_GRID, slide_id=sid) is not None, timeout=60_000)
+    tissue = ov.find(viewer, ov.TISSUE, slide_id=sid)
+    assert tissue.name == f"gpfm: tissue ({slide.name})" and len(tissue.data) >= 1
     _tissue, grid = dock.embed_tab.show_tissue(sync=True)  # same result on the blocking path
-    assert len(viewer.layers[GRID_LAYER].data) == len(grid) > 20
+    grid_layer = ov.find(viewer, ov.TILE_GRID, slide_id=sid)
+    assert len(grid_layer.data) == len(grid) > 20
+    assert len(ov.layers_of(viewer, sid, ("tissue", "tile_grid"))) == 2  # replaced, not added

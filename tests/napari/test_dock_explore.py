@@ -44,7 +44,7 @@ def test_cluster_button_scatter_and_slide_are_linked(embedded: Any, qtbot: Any) 
     qtbot.waitUntil(lambda: tab.job.state != "running", timeout=400_000)
     assert tab.job.state == "done", tab.status.text()
 
-    clusters = viewer.layers[ov.CLUSTERS]
+    clusters = ov.find(viewer, ov.CLUSTERS, session)
     assert isinstance(clusters, Labels) and isinstance(clusters.colormap, DirectLabelColormap)
     assert clusters.data.shape == session.grid_shape
     rc = session.grid_rc
@@ -53,7 +53,7 @@ def test_cluster_button_scatter_and_slide_are_linked(embedded: Any, qtbot: Any) 
     assert int((clusters.data > 0).sum()) == session.n_tiles
     assert session.umap.shape == (session.n_tiles, 2)
     assert tab.scatter.n_points == session.n_tiles
-    tiles = viewer.layers[ov.TILES]
+    tiles = ov.find(viewer, ov.TILES, session)
     assert len(tiles.data) == session.n_tiles
     np.testing.assert_array_equal(tiles.features["cluster"], session.clusters)
     np.testing.assert_allclose(tiles.features["umap_x"], session.umap[:, 0])
@@ -72,7 +72,7 @@ def test_cluster_button_scatter_and_slide_are_linked(embedded: Any, qtbot: Any) 
         assert clusters.selected_label == session.clusters[index]
         assert f"tile {index}: cluster {session.clusters[index]}" in tab.status.text()
     assert cmap_events == []
-    assert clusters.colormap is not None and viewer.layers[ov.CLUSTERS] is clusters
+    assert clusters.colormap is not None and ov.find(viewer, ov.CLUSTERS, session) is clusters
 
     # a drag (pan) is not a click
     click(viewer, tile_world_centre(session, 1), drag_to=tile_world_centre(session, 2))
@@ -101,7 +101,7 @@ def test_cluster_button_scatter_and_slide_are_linked(embedded: Any, qtbot: Any) 
     expected = np.flatnonzero(inside)
     assert expected.size > 0
     np.testing.assert_array_equal(tab.scatter.selected, expected)
-    sel = viewer.layers[ov.SELECTION].data
+    sel = ov.find(viewer, ov.SELECTION, session).data
     assert int(sel.sum()) == expected.size
     assert np.all(sel[rc[expected, 0], rc[expected, 1]] == 1)
 
@@ -124,10 +124,10 @@ def test_tile_layers_are_pixel_exact_on_the_slide(embedded: Any) -> None:
     dock.explore_tab.run(sync=True)
     dock.retrieve_tab.query_tile(session, 3, thumbnails=False)
     expected = session.similarity_index().query_tiles(3)
-    np.testing.assert_allclose(viewer.layers[ov.TILES].features["similarity"], expected)
+    np.testing.assert_allclose(ov.find(viewer, ov.TILES, session).features["similarity"], expected)
     slide = viewer.layers[session.name]
     t = session.tile_size
-    layers = [viewer.layers[n] for n in (ov.COVERAGE, ov.CLUSTERS, ov.SIMILARITY)]
+    layers = [ov.find(viewer, n, session) for n in (ov.COVERAGE, ov.CLUSTERS, ov.SIMILARITY)]
     assert isinstance(layers[2], Image)
     for layer in layers:
         for index in (0, 7, session.n_tiles - 1):

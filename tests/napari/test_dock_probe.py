@@ -7,21 +7,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _dock_support import tile_rect
 from napari.utils.colormaps import DirectLabelColormap
 from napari.utils.key_bindings import KeyBinding
 
 from gpfm_core.analysis import LinearProbe, labels_for_shapes, read_qupath_geojson
 from napari_gpfm._widget import _overlays as ov
-from napari_gpfm._widget._session import SlideSession
 
 pytest_plugins = ["_dock_support"]
-
-
-def _rect(session: SlideSession, indices: np.ndarray) -> np.ndarray:
-    """Napari (row, col) rectangle in level-0 px around the centres of tiles ``indices``."""
-    c = session.tile_centers()[indices]
-    (x0, y0), (x1, y1) = c.min(axis=0) - 5, c.max(axis=0) + 5
-    return np.array([[y0, x0], [y0, x1], [y1, x1], [y1, x0]])
 
 
 def _press(layer: Any, key: str) -> None:
@@ -36,7 +29,9 @@ def test_annotate_train_predict_save_export(
     dock.tabs.setCurrentWidget(tab)
     assert tab.classes.names == ["tumour", "stroma"]
     shapes, points = tab.ensure_layers()
-    assert shapes.name == ov.ANNOTATIONS and points.name == ov.ANNOTATION_POINTS
+    assert shapes.name == f"gpfm: annotations ({session.name})"
+    assert points.name == f"gpfm: annotation points ({session.name})"
+    assert ov.info(shapes) == {"slide_id": session.key, "kind": "annotations"}
 
     # two regions of tiles: the top rows and the bottom rows of the embedded area
     rows = session.grid_rc[:, 0]
@@ -44,14 +39,14 @@ def test_annotate_train_predict_save_export(
     bottom = np.flatnonzero(rows >= np.quantile(rows, 0.85))
     _press(shapes, "1")
     assert tab.classes.current == 0
-    shapes.add_rectangles(_rect(session, top))
+    shapes.add_rectangles(tile_rect(session, top))
     # one class only -> a clear message, no training
     qtbot.waitUntil(lambda: "Cannot train" in tab.report_label.text(), timeout=10_000)
     assert "only class 'tumour'" in tab.report_label.text() and tab.trainings == 0
 
     _press(shapes, "2")
     assert tab.classes.current == 1
-    shapes.add_rectangles(_rect(session, bottom))
+    shapes.add_rectangles(tile_rect(session, bottom))
     np.testing.assert_array_equal(shapes.features["class"], [0, 1])
     # and a shape far outside the slide: ignored and counted
     shapes.add_rectangles(
@@ -73,8 +68,8 @@ def test_annotate_train_predict_save_export(
         and "1 annotation(s) outside" in text
     )
 
-    pred_layer = viewer.layers[ov.PREDICTION]
-    conf_layer = viewer.layers[ov.CONFIDENCE]
+    pred_layer = ov.find(viewer, ov.PREDICTION, session)
+    conf_layer = ov.find(viewer, ov.CONFIDENCE, session)
     assert isinstance(pred_layer.colormap, DirectLabelColormap)
     np.testing.assert_allclose(
         pred_layer.colormap.map(np.array([1, 2])), tab.classes.rgba(), atol=1e-6
@@ -93,8 +88,8 @@ def test_annotate_train_predict_save_export(
     _press(points, "1")
     points.add(np.array([session.tile_center(int(bottom[0]))[::-1]]))
     qtbot.waitUntil(lambda: tab.trainings == 2, timeout=120_000)
-    assert viewer.layers[ov.PREDICTION] is pred_layer
-    assert [lay.name for lay in viewer.layers].count(ov.PREDICTION) == 1
+    assert ov.find(viewer, ov.PREDICTION, session) is pred_layer
+    assert ov.layers_of(viewer, session.key, ("prediction",)) == [pred_layer]
 
     # save / load into a fresh probe -> same predictions
     probe_path = tab.save_probe(tmp_path / "probe.safetensors")
@@ -124,7 +119,7 @@ def test_annotate_train_predict_save_export(
     viewer.layers.remove(points)
     n = tab.import_geojson(gj)
     assert n == 3
-    new_shapes = viewer.layers[ov.ANNOTATIONS]
+    new_shapes = ov.find(viewer, ov.ANNOTATIONS, session)
     np.testing.assert_array_equal(new_shapes.features["class"], [0, 1, 1])
     for a, b in zip(new_shapes.data, polys, strict=True):
         np.testing.assert_allclose(np.asarray(a)[:, ::-1], b, atol=1e-3)

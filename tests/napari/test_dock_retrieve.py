@@ -35,7 +35,7 @@ def test_click_query_heatmap_gallery_and_navigation(
 
     query = cmu.n_tiles // 3
     click(viewer, tile_world_centre(cmu, query))
-    sim = viewer.layers[ov.SIMILARITY]
+    sim = ov.find(viewer, ov.SIMILARITY, cmu)
     assert isinstance(sim, Image) and sim.opacity == 0.6 and sim.data.shape == cmu.grid_shape
     q = unit(cmu.features)[query]
     expected = unit(cmu.features) @ q
@@ -56,6 +56,8 @@ def test_click_query_heatmap_gallery_and_navigation(
     np.testing.assert_allclose(got, sorted(ref.values(), reverse=True)[:9], atol=1e-5)
     assert all(a >= b - 1e-5 for a, b in itertools.pairwise(got))
     np.testing.assert_allclose([h.score for h in tab.hits], got, atol=1e-5)
+    assert tab.searched == [cmu.key, other.key]
+    assert f"Searched: {cmu.name}, {other.name}" in tab.status.text()
     assert len(tab.gallery.buttons) == 9
     qtbot.waitUntil(lambda: len(tab.gallery.thumbnails_shown) == 9, timeout=60_000)
     assert all(not b.isHidden() and "\n" in b.text() for b in tab.gallery.buttons)
@@ -63,7 +65,7 @@ def test_click_query_heatmap_gallery_and_navigation(
     # a second click updates the same layer and the same array in place
     data_id = id(sim.data)
     click(viewer, tile_world_centre(cmu, 0))
-    assert viewer.layers[ov.SIMILARITY] is sim and id(sim.data) == data_id
+    assert ov.find(viewer, ov.SIMILARITY, cmu) is sim and id(sim.data) == data_id
     assert abs(sim.data[rc[0, 0], rc[0, 1]] - 1.0) < 1e-5
     assert tab.last_timing["total_ms"] > 0
     qtbot.waitUntil(lambda: not tab.thumbs.running, timeout=60_000)
@@ -106,15 +108,19 @@ def test_populate_demo_fills_every_tab(embedded: Any, cmu_embeddings: Path) -> N
         viewer, dock, query_xy=(x, y), out_dir=cmu_embeddings, encoder="tiny-vit", k=4
     )
     assert session.n_tiles == cmu.n_tiles
-    names = {lay.name for lay in viewer.layers}
+    kinds = {ov.info(lay).get("kind") for lay in ov.layers_of(viewer, session.key)}
     assert {
-        ov.CLUSTERS,
-        ov.SIMILARITY,
-        ov.COVERAGE,
-        ov.TILES,
-        ov.ANNOTATIONS,
-        ov.ANNOTATION_POINTS,
-    } <= names
+        "clusters",
+        "similarity",
+        "coverage",
+        "tiles",
+        "annotations",
+        "annotation_points",
+    } <= kinds
+    # one overlay at a time: the Retrieve tab's similarity is the one shown
+    shown = {ov.info(lay)["kind"] for lay in ov.layers_of(viewer, session.key) if lay.visible}
+    assert shown & {"clusters", "coverage", "prediction", "confidence"} == set()
+    assert "similarity" in shown
     assert session.query_index == 5 and session.clusters.max() == 4
     assert dock.tabs.currentWidget() is dock.retrieve_tab and len(dock.retrieve_tab.hits) == 12
     assert dock.probe_tab.session is session

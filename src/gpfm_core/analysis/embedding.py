@@ -12,6 +12,26 @@ exposed by umap-learn) and ``("optimise", epoch fraction)`` ending at 1.0. Under
 kernel ``tqdm.auto`` may pick the notebook bar, which ignores ``file``: the callback then only
 sees the stage boundaries.
 
+Cancel
+------
+``umap_embed(..., cancel=event)`` stops a run asked to stop (a :class:`threading.Event` or a
+callable returning True) by raising :class:`UmapCancelled`: between the steps (PCA, neighbour
+graph, layout) and, inside the layout, after the current epoch. umap-learn runs the layout
+epoch by epoch from Python (``umap.layouts.optimize_layout_euclidean``:
+``for n in tqdm(range(n_epochs), **tqdm_kwds)``), and the same tqdm sink that reports
+progress is told to write after *every* epoch (``miniters=1``, ``mininterval=0``); when the
+cancel is set it raises from that write, which unwinds umap-learn's epoch loop. Nothing of
+umap-learn is patched or re-implemented, and a run that is not cancelled is unchanged. The
+graph and spectral steps inside umap-learn (a few seconds at 100,000 tiles) cannot be
+interrupted; the check follows them. A test asserts that a cancel set at epoch k stops the
+layout by epoch k + 1.
+
+tqdm (4.x) ``refresh()`` takes tqdm's process-wide write lock and releases it only when the
+write returns, so the raising write leaves it held by the UMAP thread, and every other tqdm
+bar (napari's progress bars are tqdm) would then block forever. :func:`umap_embed` releases
+that one level right after the cancel unwinds (an ``RuntimeError`` from the release means
+it was not held: nothing to do); a test checks the lock is free afterwards.
+
 Reproducibility and threads
 ---------------------------
 With an int ``seed`` umap-learn runs single-threaded (``random_state`` disables its parallel
@@ -61,6 +81,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import warnings
 from collections.abc import Callable
 
@@ -71,6 +92,7 @@ from gpfm_core.analysis.knn import exact_knn, ivf_knn
 from gpfm_core.errors import GpfmError
 
 __all__ = [
+    "UmapCancelled",
     "default_umap_epochs",
     "enable_umap_numba_cache",
     "exact_knn",
@@ -82,29 +104,67 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[str, float], None]
+CancelLike = threading.Event | Callable[[], bool]
 _COUNT = re.compile(r"(\d+)/(\d+)")
 
 
-class _TqdmSink:
-    """File-like object handed to tqdm; turns ``"n/total"`` writes into progress calls."""
+class UmapCancelled(GpfmError):
+    """:func:`umap_embed` stopped because its ``cancel`` was set; nothing is returned."""
 
-    def __init__(self, progress: ProgressFn) -> None:
+
+def _cancel_check(cancel: CancelLike | None) -> Callable[[], bool]:
+    if cancel is None:
+        return lambda: False
+    if isinstance(cancel, threading.Event):
+        return cancel.is_set
+    if callable(cancel):
+        return lambda: bool(cancel())
+    raise GpfmError(f"cancel must be a threading.Event or a callable, not {type(cancel).__name__}")
+
+
+class _TqdmSink:
+    """File-like object handed to tqdm; turns ``"n/total"`` writes into progress calls.
+
+    ``epochs`` counts the layout epochs finished (the highest ``n`` written). When
+    ``cancelled()`` turns True, the next write raises :class:`UmapCancelled` (once: tqdm's
+    clean-up writes after it pass), which stops umap-learn's epoch loop.
+    """
+
+    def __init__(self, progress: ProgressFn, cancelled: Callable[[], bool]) -> None:
         self._progress = progress
+        self._cancelled = cancelled
         self.last = -1.0
+        self.epochs = 0
+        self.raised = False
 
     def write(self, text: str) -> int:
         found = _COUNT.findall(text)
         if found:
             done, total = (int(v) for v in found[-1])
+            self.epochs = max(self.epochs, done)
             if total > 0:
                 frac = min(done / total, 1.0)
                 if frac > self.last:
                     self.last = frac
                     self._progress("optimise", frac)
+        # the message must not say "closed": tqdm turns such ValueErrors into "disable the bar"
+        if not self.raised and self._cancelled():
+            self.raised = True
+            raise UmapCancelled(f"UMAP cancelled after {self.epochs} layout epochs")
         return len(text)
 
     def flush(self) -> None:
         """Nothing buffered."""
+
+
+def _release_tqdm_lock() -> None:
+    """Release the level of tqdm's write lock left held by a write that raised (see above)."""
+    from tqdm.auto import tqdm
+
+    try:
+        tqdm.get_lock().release()
+    except (RuntimeError, AssertionError):  # not held by this thread: nothing leaked
+        log.debug("tqdm lock was not held after the UMAP cancel")
 
 
 #: Below this many tiles umap-learn computes exact pairwise distances (we hand it BLAS ones).
@@ -227,6 +287,8 @@ def umap_embed(
     seed: int | None = 0,
     progress: ProgressFn | None = None,
     n_epochs: int | None = None,
+    cancel: CancelLike | None = None,
+    epochs_run: list[int] | None = None,
 ) -> np.ndarray:
     """Embed tiles in 2-D with UMAP (optionally after PCA).
 
@@ -247,11 +309,22 @@ def umap_embed(
     n_epochs
         Optimisation epochs; None = :func:`default_umap_epochs` (umap-learn's 500 / 200 up
         to 50,000 tiles, 100 above). Pass 200 for umap-learn's full layout of a large slide.
+    cancel
+        A :class:`threading.Event` (or a callable returning True) that stops the run between
+        steps and after the current layout epoch (see the module docstring).
+    epochs_run
+        When given, a list to which the number of layout epochs run is appended (also when
+        cancelled).
 
     Returns
     -------
     numpy.ndarray
         (N, 2) float32 coordinates.
+
+    Raises
+    ------
+    UmapCancelled
+        ``cancel`` was set before the layout finished.
     """
     x = as_features(features)
     n = x.shape[0]
@@ -271,22 +344,32 @@ def umap_embed(
         )
         n_neighbors = n - 1
     report: ProgressFn = progress if progress is not None else (lambda _s, _f: None)
+    cancelled = _cancel_check(cancel)
 
+    def stop_if_cancelled(step: str) -> None:
+        if cancelled():
+            raise UmapCancelled(f"UMAP cancelled before {step}")
+
+    stop_if_cancelled("PCA")
     if pca_dim is not None and x.shape[1] > int(pca_dim):
         report("pca", 0.0)
         x = pca_reduce(x, n_components=int(pca_dim), seed=0 if seed is None else seed)
         report("pca", 1.0)
+    stop_if_cancelled("the neighbour graph")
 
     import umap  # lazy: pulls numba / pynndescent
 
     enable_umap_numba_cache()
 
-    sink = _TqdmSink(report)
+    sink = _TqdmSink(report, cancelled)
+    watched = progress is not None or cancel is not None
     tqdm_kwds = {
         "file": sink,
         "bar_format": "{n}/{total}",
-        "disable": progress is None,
-        "mininterval": 0.1,
+        "disable": not watched,
+        # with a cancel: a write after every epoch (a few µs), so a cancel stops within one
+        "mininterval": 0.0 if cancel is not None else 0.1,
+        "miniters": 1 if cancel is not None else None,
         "ascii": True,
         "leave": False,
     }
@@ -306,6 +389,7 @@ def umap_embed(
     knn: tuple[np.ndarray, np.ndarray] | tuple[None, None, None] = (None, None, None)
     if not precomputed:
         knn = exact_knn(x, n_neighbors) if n <= _EXACT_KNN_MAX else ivf_knn(x, n_neighbors)
+    stop_if_cancelled("the layout")
     reducer = umap.UMAP(
         precomputed_knn=knn,
         metric="precomputed" if precomputed else "euclidean",
@@ -324,7 +408,16 @@ def umap_embed(
         warnings.filterwarnings("ignore", message=".*precomputed metric.*")
         # we never call transform(): no search index is needed with our own graph
         warnings.filterwarnings("ignore", message=".*knn_search_index.*")
-        out = reducer.fit_transform(x)
+        try:
+            out = reducer.fit_transform(x)
+        except UmapCancelled:
+            if sink.raised:
+                _release_tqdm_lock()
+            raise
+        finally:
+            if epochs_run is not None:
+                epochs_run.append(sink.epochs)
+    stop_if_cancelled("returning")  # set during the last epoch: the caller asked to stop
     report("optimise", 1.0)
     log.info("UMAP of %d tiles done (n_neighbors=%d, seed=%s)", n, n_neighbors, seed)
     return np.ascontiguousarray(out, dtype=np.float32)

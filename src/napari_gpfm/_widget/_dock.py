@@ -5,6 +5,11 @@ the slide is mapped to level-0 pixels through the slide layer's ``world_to_data`
 tile with :func:`~gpfm_core.analysis.similarity.query_from_point`; the active tab decides
 what happens (Explore: highlight the tile's point and cluster; Retrieve: similarity query).
 Dragging keeps panning the view. Clicks off the embedded tiles only set a status message.
+
+Each tab has one overlay per slide (Embed: coverage, Explore: clusters, Retrieve:
+similarity, Probe: prediction). Opening a tab, or a tab producing its result, shows that
+overlay of the active slide and hides the slide's other analysis overlays; the eye icons
+still turn any back on, and :data:`TOGGLE_KEY` toggles the current tab's overlay.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _DRAG_PX = 4.0
+#: Viewer key that shows / hides the current tab's overlay of the active slide.
+TOGGLE_KEY = "Shift-O"
 
 
 class GpfmDock(QWidget):
@@ -59,8 +66,11 @@ class GpfmDock(QWidget):
         lay.setContentsMargins(2, 2, 2, 2)
         lay.addWidget(self.tabs)
         self.embed_tab.embedded.connect(self.set_active)
+        self.embed_tab.forget.connect(self.forget)
         self.tabs.currentChanged.connect(self._tab_changed)
+        self.tabs.setToolTip(f"{TOGGLE_KEY} in the viewer shows / hides this tab's overlay")
         napari_viewer.mouse_drag_callbacks.append(self._on_mouse)
+        napari_viewer.bind_key(TOGGLE_KEY, self._toggle_key, overwrite=True)
         napari_viewer.layers.events.removed.connect(self._layer_removed)
         self.destroyed.connect(lambda *_: self._disconnect())
 
@@ -75,16 +85,67 @@ class GpfmDock(QWidget):
         self.store.add(session)
         self.explore_tab.set_session(session)
         self.probe_tab.set_session(session)
+        if self.tabs.currentWidget() is self.probe_tab:
+            self.probe_tab.ensure_layers()  # the new slide's own annotation layers
+
+    def forget(self, key: str) -> None:
+        """Drop slide ``key``'s session (its layer was closed or its µm/px changed)."""
+        if self.store.get(key) is None:
+            return
+        self.store.remove(key)
+        active = self.store.active
+        if self.explore_tab.session is not None and self.explore_tab.session.key == key:
+            self.explore_tab.set_session(active)
+        if self.probe_tab.session is not None and self.probe_tab.session.key == key:
+            self.probe_tab.set_session(active)
 
     def _tab_changed(self, _index: int) -> None:
         if self.tabs.currentWidget() is self.probe_tab and self.probe_tab.session is not None:
             self.probe_tab.ensure_layers()  # annotation layers appear when the user opens Probe
+        self.show_tab_overlay()
+
+    # ------------------------------------------------------------------ overlays
+    def tab_overlay(self) -> str:
+        """Overlay kind (``ov.CLUSTERS`` ...) of the current tab."""
+        return {
+            self.embed_tab: ov.COVERAGE,
+            self.explore_tab: ov.CLUSTERS,
+            self.retrieve_tab: ov.SIMILARITY,
+            self.probe_tab: ov.PREDICTION,
+        }[self.tabs.currentWidget()]
+
+    def show_tab_overlay(self) -> Any:
+        """Show the current tab's overlay of the active slide alone (if it has one yet)."""
+        session = self.store.active
+        if session is None or ov.find(self.viewer, self.tab_overlay(), session) is None:
+            return None
+        return ov.show_only(self.viewer, session, self.tab_overlay())
+
+    def toggle_overlay(self) -> bool | None:
+        """Show (alone) or hide the current tab's overlay of the active slide.
+
+        Returns its new visibility, None when the slide has no such overlay yet.
+        """
+        session = self.store.active
+        name = self.tab_overlay()
+        layer = None if session is None else ov.find(self.viewer, name, session)
+        if layer is None:
+            self.viewer.status = f"no {name.removeprefix('gpfm: ')} overlay yet"
+            return None
+        if layer.visible:
+            layer.visible = False
+        else:
+            ov.show_only(self.viewer, session, name)
+        return bool(layer.visible)
+
+    def _toggle_key(self, _viewer: Any) -> None:
+        self.toggle_overlay()
 
     def _layer_removed(self, event: Any) -> None:
         name = getattr(event.value, "name", None)
         for s in self.store:
             if s.name == name:
-                self.store.remove(s.key)
+                self.forget(s.key)
 
     @property
     def jobs(self) -> list[Any]:
@@ -99,6 +160,8 @@ class GpfmDock(QWidget):
             job.cancel()
         with contextlib.suppress(ValueError):
             self.viewer.mouse_drag_callbacks.remove(self._on_mouse)
+        with contextlib.suppress(Exception):  # the viewer may be gone already
+            self.viewer.bind_key(TOGGLE_KEY, None)
 
     # ------------------------------------------------------------------ clicks
     def level0_at(self, session: SlideSession, position: Sequence[float]) -> tuple[float, float]:

@@ -1,10 +1,22 @@
 """Embed tab: slide layer, encoder and tiling -> tile embeddings, with live coverage.
 
 The run goes through :func:`gpfm_core.embed.iter_embed_slide` in a napari worker; each
-batch paints its tiles on the ``gpfm: coverage`` Labels layer (1 = tile to embed,
-2 = embedded), redrawn at most every 0.25 s. Cached embeddings (same slide, encoder and
-tiling in the output folder) are reused at once. Cancel leaves the partial coverage on
-screen and no ``.h5`` file (the core writes a temporary file and renames it when complete).
+batch paints its tiles on the slide's ``gpfm: coverage (<slide>)`` Labels layer (1 = tile
+to embed, 2 = embedded), redrawn at most every 0.25 s. Cached embeddings (same slide,
+encoder and tiling in the output folder) are reused at once. Cancel leaves the partial
+coverage on screen and no ``.h5`` file (the core writes a temporary file and renames it only
+when complete).
+
+Each slide owns its tissue and grid layers (``gpfm: tissue (<slide>)``, ``gpfm: tile grid
+(<slide>)``, tagged with its ``slide_id``); embedding a slide uses only its own tissue
+layer. "Tissue + grid" and Embed lay the grid with the same call (:func:`grid_for`, the
+arguments :func:`~gpfm_core.embed.iter_embed_slide` passes to ``make_tile_grid``): an
+unedited tissue layer is embedded as *detected* tissue (so an existing file is reused),
+an edited one as that mask, and the grid layer follows the edits.
+
+The slide's µm/px comes from its metadata or, for a slide without it (or with a wrong
+one), from the "Slide µm/px" field; the value is remembered per slide and used for tiling,
+the layers' scale and the session.
 """
 
 from __future__ import annotations
@@ -19,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from napari.layers import Image
-from qtpy.QtCore import Signal
+from qtpy.QtCore import QTimer, Signal
 from qtpy.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
@@ -38,6 +50,12 @@ from qtpy.QtWidgets import (
 from gpfm_core.errors import GpfmError
 from napari_gpfm._widget import _overlays as ov
 from napari_gpfm._widget._session import SessionStore, SlideSession
+from napari_gpfm._widget._slide_layers import (
+    add_slide_grid_layer,
+    add_slide_tissue_layers,
+    rescale_slide_layers,
+    tissue_fingerprint,
+)
 from napari_gpfm._widget._workers import Job, Step
 
 if TYPE_CHECKING:
@@ -47,6 +65,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_OUT = Path.home() / ".cache" / "napari-gpfm" / "embeddings"
 _REFRESH_S = 0.25
+#: Debounce between an edit of the tissue layer and the grid layer following it.
+GRID_DEBOUNCE_MS = 300
+MIN_TISSUE = 0.25
 
 
 @dataclass(frozen=True)
@@ -56,6 +77,7 @@ class SlideRef:
     layer_name: str
     path: Path
     slide_id: str
+    #: µm/px from the slide's metadata (None when it has none)
     mpp: tuple[float, float] | None
 
 
@@ -80,19 +102,60 @@ class EmbedParams:
     device: str
     out_dir: Path
     batch_size: int = 64
-    #: TissueMask from the viewer's (possibly edited) tissue layer; None: detect tissue
+    #: TissueMask from the slide's edited tissue layer; None: detect tissue
     tissue: Any = None
+    #: µm/px entered in the dock (None: the slide's metadata)
+    slide_mpp: tuple[float, float] | None = None
+    min_tissue: float = MIN_TISSUE
+
+    @property
+    def level0_mpp(self) -> tuple[float, float]:
+        """The slide's level-0 µm/px used for everything (entered value, else metadata)."""
+        mpp = self.slide_mpp or self.ref.mpp
+        assert mpp is not None  # params() refuses slides without one
+        return mpp
+
+
+def grid_for(slide: Any, params: EmbedParams, tissue: Any) -> Any:
+    """The tile grid a run with ``params`` embeds on ``slide`` with ``tissue``.
+
+    The one grid of the dock: "Tissue + grid" shows it and :func:`embed_job` embeds it,
+    with exactly the arguments :func:`~gpfm_core.embed.iter_embed_slide` hands
+    ``make_tile_grid`` (``tissue=None`` there detects tissue with
+    :func:`~gpfm_core.tissue.detect_tissue`'s defaults, as "Tissue + grid" does).
+
+    Parameters
+    ----------
+    slide
+        The slide, opened with ``params.slide_mpp`` as its µm/px override.
+    tissue
+        ``TissueMask`` (detected or from the edited layer).
+
+    Returns
+    -------
+    TileGrid
+    """
+    from gpfm_core.tiling import make_tile_grid
+
+    return make_tile_grid(
+        slide, mpp=float(params.mpp), tile_px=int(params.tile_px), overlap_px=0,
+        min_tissue=float(params.min_tissue), tissue=tissue,
+    )  # fmt: skip
 
 
 def embed_job(params: EmbedParams, *, cancel: threading.Event) -> Generator[Step, None, Any]:
-    """Worker body: embed (or reuse) and load; yields coverage steps, returns Embeddings."""
+    """Worker body: embed (or reuse) and load; yields coverage steps.
+
+    Returns ``(Embeddings, reused)``.
+    """
     from gpfm_core.embed import iter_embed_slide, load_embeddings
 
     params.out_dir.mkdir(parents=True, exist_ok=True)
     gen = iter_embed_slide(
         params.ref.path, encoder=params.encoder, out_dir=params.out_dir, mpp=params.mpp,
         tile_px=params.tile_px, device=params.device, batch_size=params.batch_size, cancel=cancel, reuse=True,
-        tissue=params.tissue, force=True,  # a cache: a file made otherwise (edited mask) is replaced
+        tissue=params.tissue, slide_mpp=params.slide_mpp, min_tissue=params.min_tissue,
+        force=True,  # a cache: a file made otherwise (an edited mask) is replaced
     )  # fmt: skip
     grid = None
     while True:
@@ -105,13 +168,22 @@ def embed_job(params: EmbedParams, *, cancel: threading.Event) -> Generator[Step
             grid = ev.grid
             yield Step(0, ev.total, "tiles", ("grid", grid))
         yield Step(ev.done, ev.total, "tiles", ("batch", grid.grid_rc[ev.indices]))
-    return load_embeddings(result.path)
+    return load_embeddings(result.path), bool(result.reused)
 
 
 class EmbedTab(QWidget):
-    """The Embed tab. ``embedded(SlideSession)`` fires when a slide's embeddings are loaded."""
+    """The Embed tab.
+
+    Signals
+    -------
+    embedded(SlideSession)
+        A slide's embeddings are loaded.
+    forget(str)
+        The slide with this id changed its µm/px: its session no longer holds.
+    """
 
     embedded = Signal(object)
+    forget = Signal(str)
 
     def __init__(
         self, viewer: napari.Viewer, store: SessionStore, parent: QWidget | None = None
@@ -132,6 +204,16 @@ class EmbedTab(QWidget):
         self._cov_session: SlideSession | None = None
         self._last_refresh = 0.0
         self.coverage_refreshes = 0
+        self.last_reused: bool | None = None
+        #: µm/px entered per slide id (used instead of the slide's metadata)
+        self.slide_mpp: dict[str, float] = {}
+        self._grid_timer = QTimer(self)
+        self._grid_timer.setSingleShot(True)
+        self._grid_timer.setInterval(GRID_DEBOUNCE_MS)
+        self._grid_timer.timeout.connect(self._refresh_pending_grids)
+        self._grids_pending: set[str] = set()
+        #: slide id -> (fingerprint, TissueMask) of the tissue "Tissue + grid" detected
+        self._detected: dict[str, tuple[str, Any]] = {}
 
         self.slide_combo = QComboBox()
         self.encoder_combo = QComboBox()
@@ -139,6 +221,15 @@ class EmbedTab(QWidget):
             decimals=3, minimum=0.05, maximum=64.0, singleStep=0.25, value=0.5
         )
         self.mpp_spin.setSuffix(" µm/px")
+        self.slide_mpp_spin = QDoubleSpinBox(
+            decimals=4, minimum=0.0, maximum=100.0, singleStep=0.01, value=0.0
+        )
+        self.slide_mpp_spin.setSuffix(" µm/px")
+        self.slide_mpp_spin.setSpecialValueText("unknown: enter it")
+        self.slide_mpp_spin.setToolTip(
+            "level-0 µm per pixel of the chosen slide (from its metadata; enter it for a "
+            "slide without one). Remembered per slide; used for tiling, layers and results."
+        )
         self.tile_spin = QSpinBox(minimum=16, maximum=4096, singleStep=32, value=224)
         self.tile_spin.setSuffix(" px")
         self.device_combo = QComboBox()
@@ -165,6 +256,7 @@ class EmbedTab(QWidget):
 
         form = QFormLayout()
         form.addRow("Slide", self.slide_combo)
+        form.addRow("Slide µm/px", self.slide_mpp_spin)
         form.addRow("Encoder", self.encoder_combo)
         form.addRow("Resolution", self.mpp_spin)
         form.addRow("Tile size", self.tile_spin)
@@ -186,6 +278,12 @@ class EmbedTab(QWidget):
         self.tissue_btn.clicked.connect(lambda: self.show_tissue())
         self.cancel_btn.clicked.connect(self.job.cancel)
         self.encoder_combo.currentTextChanged.connect(self._encoder_changed)
+        self.slide_combo.currentTextChanged.connect(lambda _t: self._show_slide_mpp())
+        for spin in (self.mpp_spin, self.tile_spin):  # shown grids follow the tiling
+            spin.valueChanged.connect(lambda _v: self._schedule_grids())
+        self.slide_mpp_spin.editingFinished.connect(
+            lambda: self.set_slide_mpp(self.slide_mpp_spin.value())
+        )
         self.out_edit.editingFinished.connect(
             lambda: setattr(self, "out_dir", Path(self.out_edit.text()))
         )
@@ -233,6 +331,59 @@ class EmbedTab(QWidget):
         if current in names:
             self.slide_combo.setCurrentText(current)
         self.slide_combo.blockSignals(False)
+        self._show_slide_mpp()
+
+    # ------------------------------------------------------------------ slide µm/px
+    def current_ref(self) -> SlideRef | None:
+        """The slide chosen in the combo."""
+        return {r.layer_name: r for r in self.slide_refs()}.get(self.slide_combo.currentText())
+
+    def mpp_for(self, ref: SlideRef) -> tuple[float, float] | None:
+        """Level-0 µm/px ``(x, y)`` of ``ref``'s slide: entered in the dock, else metadata."""
+        entered = self.slide_mpp.get(ref.slide_id)
+        return (entered, entered) if entered else ref.mpp
+
+    def _show_slide_mpp(self) -> None:
+        ref = self.current_ref()
+        mpp = None if ref is None else self.mpp_for(ref)
+        self.slide_mpp_spin.blockSignals(True)
+        self.slide_mpp_spin.setValue(0.0 if mpp is None else float(mpp[0]))
+        self.slide_mpp_spin.blockSignals(False)
+
+    def set_slide_mpp(self, value: float, ref: SlideRef | None = None) -> None:
+        """Use ``value`` µm/px (square pixels) for ``ref``'s slide (default: the chosen one).
+
+        The slide layer is rescaled to µm and its tissue and annotation layers with it; its
+        tile-resolution layers and its session are dropped (their tiles were cut at the old
+        µm/px: embed it again). 0 or the metadata value clears the entry.
+        """
+        ref = ref or self.current_ref()
+        if ref is None:
+            return
+        old = self.mpp_for(ref)
+        value = float(value)
+        if value <= 0 or (ref.mpp is not None and np.allclose(ref.mpp, value, rtol=1e-6)):
+            self.slide_mpp.pop(ref.slide_id, None)
+        else:
+            self.slide_mpp[ref.slide_id] = value
+        new = self.mpp_for(ref)
+        self._show_slide_mpp()
+        if new == old:
+            return
+        self._rescale_slide(ref, old, new)
+        self.status.setText(
+            f"{ref.layer_name}: "
+            + (f"{new[0]:g} µm/px" if new else "no µm/px")
+            + (" (entered)" if ref.slide_id in self.slide_mpp else " (from the slide)")
+        )
+
+    def _rescale_slide(
+        self, ref: SlideRef, old: tuple[float, float] | None, new: tuple[float, float] | None
+    ) -> None:
+        rescale_slide_layers(
+            self.viewer, ov.find(self.viewer, ref.layer_name), ref.slide_id, old, new
+        )
+        self.forget.emit(ref.slide_id)
 
     def set_out_dir(self, folder: str | Path) -> None:
         """Use ``folder`` for embeddings (cached files there are reused)."""
@@ -245,56 +396,73 @@ class EmbedTab(QWidget):
             self.set_out_dir(folder)
 
     # ------------------------------------------------------------------ run
-    def params(self) -> EmbedParams:
-        """Settings of the next run; raises :class:`GpfmError` when no slide is chosen."""
-        refs = {r.layer_name: r for r in self.slide_refs()}
-        ref = refs.get(self.slide_combo.currentText())
+    def params(self, ref: SlideRef | None = None, *, tissue: bool = True) -> EmbedParams:
+        """Settings of the next run on ``ref`` (default: the chosen slide).
+
+        ``tissue=False`` leaves the slide's tissue layer unread (``params.tissue`` None).
+        Raises :class:`GpfmError` when no slide is chosen or its µm/px is unknown.
+        """
+        ref = ref or self.current_ref()
         if ref is None:
             raise GpfmError(
                 "no slide chosen: open a slide (File > Open) and pick it in the Embed tab"
             )
-        if ref.mpp is None:
-            raise GpfmError(f"{ref.layer_name} has no µm/px: open a slide with resolution metadata")
-        return EmbedParams(
+        if self.mpp_for(ref) is None:
+            raise GpfmError(
+                f"{ref.layer_name} has no µm/px: enter it in the Embed tab's 'Slide µm/px' field"
+            )
+        entered = self.slide_mpp.get(ref.slide_id)
+        params = EmbedParams(
             ref, self.encoder_combo.currentText().strip(), float(self.mpp_spin.value()),
             int(self.tile_spin.value()), self.device_combo.currentText(), Path(self.out_dir),
-            int(self.batch_spin.value()), self._edited_tissue(ref),
+            int(self.batch_spin.value()), None, None if entered is None else (entered, entered),
         )  # fmt: skip
+        if tissue:
+            from dataclasses import replace
+
+            params = replace(params, tissue=self._edited_tissue(params))
+        return params
+
+    def _open(self, params: EmbedParams) -> Any:
+        from gpfm_core.slide import open_slide
+
+        return open_slide(params.ref.path, mpp=params.slide_mpp)
 
     def show_tissue(self, *, sync: bool = False) -> Any:
         """Detect tissue and lay the tile grid for the chosen slide, as editable layers.
 
         Detection runs in a worker thread (``sync=True`` blocks, for tests and scripts);
-        the ``gpfm: tissue`` and ``gpfm: tile grid`` layers are added on the main thread.
-        Returns the worker, or ``(tissue, grid)`` when ``sync``.
+        the slide's ``gpfm: tissue (<slide>)`` and ``gpfm: tile grid (<slide>)`` layers are
+        added (replacing that slide's earlier ones only) on the main thread. Returns the
+        worker, or ``(tissue, grid)`` when ``sync``.
         """
         from napari.qt.threading import create_worker
         from napari.utils.notifications import show_warning
 
         try:
-            params = self.params()
+            params = self.params(tissue=False)
         except GpfmError as exc:
             show_warning(str(exc))
             return None
 
         def compute() -> tuple[Any, Any]:
-            from gpfm_core.slide import open_slide
-            from gpfm_core.tiling import make_tile_grid
             from gpfm_core.tissue import detect_tissue
 
-            with open_slide(params.ref.path) as slide:
+            with self._open(params) as slide:
                 tissue = detect_tissue(slide)
-                grid = make_tile_grid(slide, mpp=params.mpp, tile_px=params.tile_px, tissue=tissue)
+                grid = grid_for(slide, params, tissue)
             return tissue, grid
 
         def show(result: tuple[Any, Any]) -> None:
-            from napari_gpfm._layers import add_tile_grid_layer, add_tissue_layer
-
             tissue, grid = result
-            add_tissue_layer(self.viewer, tissue, mpp=params.ref.mpp)
-            add_tile_grid_layer(self.viewer, grid, mpp=params.ref.mpp)
+            layer, _grid_layer = add_slide_tissue_layers(
+                self.viewer, tissue, grid, slide_id=params.ref.slide_id,
+                slide_name=params.ref.layer_name, mpp=params.level0_mpp,
+            )  # fmt: skip
+            self._detected[params.ref.slide_id] = (ov.info(layer)["detected"], tissue)
+            self.watch_tissue(params.ref.slide_id)
             self.status.setText(
-                f"{params.ref.layer_name}: {len(grid)} tiles on tissue; edit gpfm: tissue "
+                f"{params.ref.layer_name}: {len(grid)} tiles on tissue; edit its tissue layer "
                 "to change what is embedded."
             )
 
@@ -308,30 +476,74 @@ class EmbedTab(QWidget):
         worker.start()
         return worker
 
-    def _edited_tissue(self, ref: SlideRef) -> Any:
-        """The viewer's tissue layer for ``ref``'s slide as a TissueMask, else None.
+    def _edited_tissue(self, params: EmbedParams) -> Any:
+        """The slide's own tissue layer as a TissueMask when the user edited it, else None.
 
-        The tissue layer the reader/demo adds is editable; what the user left there is
-        what tiling uses (None lets the pipeline detect tissue itself).
+        Only the layer tagged with this slide's id counts. An unedited layer (its shapes
+        hash to the detection's) gives None: the pipeline detects the same tissue itself
+        and reuses a file made that way.
         """
-        from napari.layers import Shapes
-
         from napari_gpfm._layers import tissue_from_layer
-        from napari_gpfm._reader import slide_for_layer
 
-        slide_layer = next((ly for ly in self.viewer.layers if ly.name == ref.layer_name), None)
-        slide = slide_for_layer(slide_layer) if slide_layer is not None else None
-        if slide is None:
+        layer = ov.find(self.viewer, ov.TISSUE, slide_id=params.ref.slide_id)
+        if layer is None:
             return None
-        for layer in self.viewer.layers:
-            meta = getattr(layer, "metadata", None) or {}
-            if (
-                isinstance(layer, Shapes)
-                and meta.get("gpfm_kind") == "tissue"
-                and list(meta.get("level0_size", ())) == list(slide.dimensions)
-            ):
-                return tissue_from_layer(layer, slide)
-        return None
+        if tissue_fingerprint(layer) == ov.info(layer).get("detected"):
+            return None
+        with self._open(params) as slide:
+            return tissue_from_layer(layer, slide)
+
+    # ------------------------------------------------------------------ grid follows edits
+    def watch_tissue(self, slide_id: str) -> None:
+        """Redraw ``slide_id``'s grid layer (debounced) whenever its tissue layer is edited."""
+        layer = ov.find(self.viewer, ov.TISSUE, slide_id=slide_id)
+        if layer is None or ov.info(layer).get("watched"):
+            return
+        layer.metadata[ov.META_KEY] = {**ov.info(layer), "watched": True}
+
+        layer.events.data.connect(lambda _event=None: self._schedule_grids([slide_id]))
+
+    def _schedule_grids(self, slide_ids: Any = None) -> None:
+        """Redraw these slides' grid layers (default: every slide showing one) after a pause."""
+        if slide_ids is None:
+            slide_ids = [ov.info(ly)["slide_id"] for ly in self.viewer.layers
+                         if ov.info(ly).get("kind") == "tile_grid"]  # fmt: skip
+        self._grids_pending.update(slide_ids)
+        if self._grids_pending:
+            self._grid_timer.start()
+
+    def _refresh_pending_grids(self) -> None:
+        pending, self._grids_pending = self._grids_pending, set()
+        for slide_id in pending:
+            try:
+                self.refresh_grid(slide_id)
+            except Exception as exc:  # a half-drawn shape must not raise into napari
+                log.warning("grid not refreshed: %s", exc)
+
+    def refresh_grid(self, slide_id: str) -> Any:
+        """Lay ``slide_id``'s grid again from its (edited) tissue layer; returns the grid."""
+        ref = next((r for r in self.slide_refs() if r.slide_id == slide_id), None)
+        old = ov.find(self.viewer, ov.TILE_GRID, slide_id=slide_id)
+        if ref is None or old is None or self.mpp_for(ref) is None:
+            return None
+        params = self.params(ref)
+        with self._open(params) as slide:
+            tissue = params.tissue
+            if tissue is None:  # unedited: the detected tissue (cached from "Tissue + grid")
+                layer = ov.find(self.viewer, ov.TISSUE, slide_id=slide_id)
+                fingerprint, cached = self._detected.get(slide_id, ("", None))
+                if cached is not None and layer is not None and ov.info(layer).get("detected") == fingerprint:
+                    tissue = cached
+                else:
+                    from gpfm_core.tissue import detect_tissue
+
+                    tissue = detect_tissue(slide)
+            grid = grid_for(slide, params, tissue)
+        add_slide_grid_layer(
+            self.viewer, grid, slide_id=slide_id, slide_name=ref.layer_name,
+            mpp=params.level0_mpp,
+        )  # fmt: skip
+        return grid
 
     def run(self, *, sync: bool = False) -> SlideSession | None:
         """Embed the chosen slide (threaded; ``sync=True`` blocks and returns the session)."""
@@ -356,6 +568,15 @@ class EmbedTab(QWidget):
             return None
         return self.store.get(self._params.ref.slide_id)
 
+    def _coverage_session(self, grid: Any) -> SlideSession:
+        assert self._params is not None
+        ref = self._params.ref
+        return SlideSession(
+            key=ref.slide_id, name=ref.layer_name, slide_path=None, features=np.zeros((len(grid), 0)),
+            coords=grid.coords, grid_rc=grid.grid_rc, grid_shape=grid.grid_shape,
+            stride=grid.stride_level0, tile_size=grid.tile_size_level0, mpp=grid.slide_mpp,
+        )  # fmt: skip
+
     def cancel(self) -> None:
         """Stop the running embedding after its current batch."""
         self.job.cancel()
@@ -368,11 +589,7 @@ class EmbedTab(QWidget):
         kind, data = step.payload
         if kind == "grid":
             grid = data
-            self._cov_session = SlideSession(
-                key="coverage", name="coverage", slide_path=None, features=np.zeros((len(grid), 0)),
-                coords=grid.coords, grid_rc=grid.grid_rc, grid_shape=grid.grid_shape,
-                stride=grid.stride_level0, tile_size=grid.tile_size_level0, mpp=grid.slide_mpp,
-            )  # fmt: skip
+            self._cov_session = self._coverage_session(grid)
             self._coverage = self._cov_session.raster(np.ones(len(grid), np.uint8), fill=0)
             self._paint_coverage(force=True)
             self.progress.setRange(0, max(step.total, 1))
@@ -393,22 +610,25 @@ class EmbedTab(QWidget):
         if self._cov_session is None or self._coverage is None:
             return
         cmap = ov.label_colormap(np.array([[0.6, 0.6, 0.6, 0.35], [0.1, 0.9, 0.3, 0.55]]))
-        layer = ov.find(self.viewer, ov.COVERAGE)
+        layer = ov.find(self.viewer, ov.COVERAGE, self._cov_session)
         ov.upsert_labels(
             self.viewer, ov.COVERAGE, self._coverage, self._cov_session, self._slide_layer(),
             colormap=cmap if layer is None else None, opacity=0.6,
         )  # fmt: skip
+        if layer is None:  # a new coverage: it is what this slide shows now
+            ov.show_only(self.viewer, self._cov_session, ov.COVERAGE)
         self.coverage_refreshes += 1
 
-    def _on_done(self, emb: Any) -> None:
+    def _on_done(self, result: tuple[Any, bool]) -> None:
         assert self._params is not None
+        emb, self.last_reused = result
         ref = self._params.ref
         session = SlideSession.from_embeddings(
             emb,
             key=ref.slide_id,
             name=ref.layer_name,
             slide_path=ref.path,
-            mpp=ref.mpp,
+            mpp=self._params.level0_mpp,
             path=emb.path,
         )
         if session.n_tiles == 0:
@@ -418,10 +638,10 @@ class EmbedTab(QWidget):
         self._cov_session = session
         self._coverage = session.raster(np.full(session.n_tiles, 2, np.uint8), fill=0)
         self._paint_coverage(force=True)
+        ov.show_only(self.viewer, session, ov.COVERAGE)
         self.store.add(session)
-        self.status.setText(
-            f"{ref.layer_name}: {session.n_tiles} tiles embedded ({emb.path.name})."
-        )
+        how = "reused" if self.last_reused else "embedded"
+        self.status.setText(f"{ref.layer_name}: {session.n_tiles} tiles {how} ({emb.path.name}).")
         self.embedded.emit(session)
 
     def _on_end(self, state: str) -> None:
@@ -434,3 +654,4 @@ class EmbedTab(QWidget):
             self.status.setText("Embedding cancelled: partial coverage shown, nothing saved.")
         elif state == "error":
             self.status.setText("Embedding failed (see the notification).")
+

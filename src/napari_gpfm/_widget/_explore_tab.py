@@ -1,10 +1,13 @@
 """Explore tab: PCA -> UMAP and clustering, shown on the slide and in a scatter panel.
 
-Clusters are numbered from 1 everywhere (UI, ``gpfm: clusters`` label values, the
-``cluster`` column of ``gpfm: tiles``); 0 means "no tile" or HDBSCAN noise. Hovering the
-slide shows the cluster through napari's own Labels status (``gpfm: clusters`` value).
-The clusters colormap is set once per clustering; a click only moves ``selected_label``
-and the scatter highlight. Scatter lasso / box selections paint ``gpfm: selection``.
+Clusters are numbered from 1 everywhere (UI, the slide's ``gpfm: clusters (<slide>)`` label
+values, the ``cluster`` column of its ``gpfm: tiles``); 0 means "no tile" or HDBSCAN noise.
+Hovering the slide shows the cluster through napari's own Labels status. The clusters
+colormap is set once per clustering; a click only moves ``selected_label`` and the scatter
+highlight. Scatter lasso / box selections paint ``gpfm: selection (<slide>)``.
+
+Cancel stops the job between PCA, UMAP and clustering, and inside UMAP's layout after the
+current epoch (:func:`~gpfm_core.analysis.umap_embed`'s ``cancel``).
 """
 
 from __future__ import annotations
@@ -50,9 +53,11 @@ def explore_job(
 ) -> Generator[Step, None, tuple[SlideSession, np.ndarray, np.ndarray]]:
     """Worker body: UMAP (cached per session) then clusters.
 
-    Returns ``(session, umap (N, 2) float32, labels (N,) int32)``; labels -1 are noise.
+    Returns ``(session, umap (N, 2) float32, labels (N,) int32)``; labels -1 are noise;
+    None when cancelled. ``session.cache["umap_epochs"]`` holds the layout epochs run.
     """
     from gpfm_core.analysis import density_clusters, kmeans_clusters, pca_reduce, umap_embed
+    from gpfm_core.analysis.embedding import UmapCancelled
 
     stage: dict[str, Any] = {"name": "pca", "frac": 0.0}
 
@@ -65,12 +70,25 @@ def explore_job(
     if cancel.is_set():
         return None  # type: ignore[return-value]
     if session.umap is None:
+        epochs: list[int] = []
         with ThreadPoolExecutor(1) as pool:
-            fut = pool.submit(umap_embed, session.cache["pca"], pca_dim=None, progress=report)
-            while not fut.done():
-                yield Step(10 + int(80 * float(stage["frac"])), 100, f"UMAP {stage['name']}")
-                time.sleep(0.1)
-            umap = fut.result()
+            fut = pool.submit(
+                umap_embed, session.cache["pca"], pca_dim=None, progress=report, cancel=cancel,
+                epochs_run=epochs,
+            )  # fmt: skip
+            try:
+                while not fut.done():
+                    yield Step(10 + int(80 * float(stage["frac"])), 100, f"UMAP {stage['name']}")
+                    time.sleep(0.1)
+            finally:
+                if not fut.done():  # the generator was closed early: stop the layout too
+                    cancel.set()
+            try:
+                umap = fut.result()
+            except UmapCancelled:
+                return None  # type: ignore[return-value]
+            finally:
+                session.cache["umap_epochs"] = epochs[-1] if epochs else 0
     else:
         umap = session.umap
     if cancel.is_set():
@@ -80,6 +98,8 @@ def explore_job(
         labels = density_clusters(umap)
     else:
         labels = kmeans_clusters(session.cache["pca"], min(int(k), session.n_tiles))
+    if cancel.is_set():
+        return None  # type: ignore[return-value]
     yield Step(100, 100, "done")
     return session, umap, labels
 
@@ -185,6 +205,7 @@ class ExploreTab(QWidget):
         session.clusters = np.where(labels >= 0, labels + 1, 0).astype(np.int32)
         if session is self.session:
             self._show(session, new_colormap=True)
+            ov.show_only(self.viewer, session, ov.CLUSTERS)
 
     def _on_end(self, state: str) -> None:
         self.run_btn.setEnabled(True)
@@ -210,7 +231,7 @@ class ExploreTab(QWidget):
         colors = self.cluster_colors(session)
         slide_layer = self._slide_layer(session)
         raster = session.raster(session.clusters, fill=0, dtype=np.int32)
-        existing = ov.find(self.viewer, ov.CLUSTERS)
+        existing = ov.find(self.viewer, ov.CLUSTERS, session)
         cmap = ov.label_colormap(colors) if new_colormap or existing is None else None
         if cmap is not None:
             self.colormap_sets += 1
@@ -248,7 +269,7 @@ class ExploreTab(QWidget):
         idx = np.asarray(indices, dtype=np.int64)
         rc = session.grid_rc[idx]
         raster[rc[:, 0], rc[:, 1]] = 1
-        new = ov.find(self.viewer, ov.SELECTION) is None
+        new = ov.find(self.viewer, ov.SELECTION, session) is None
         cmap = ov.label_colormap(np.array([[1.0, 1.0, 0.0, 1.0]])) if new else None
         ov.upsert_labels(
             self.viewer,
@@ -270,7 +291,7 @@ class ExploreTab(QWidget):
             return
         self.scatter.highlight([index])
         cluster = int(session.clusters[index])
-        layer = ov.find(self.viewer, ov.CLUSTERS)
+        layer = ov.find(self.viewer, ov.CLUSTERS, session)
         if layer is not None and cluster > 0:
             layer.selected_label = cluster
         self.status.setText(f"tile {index}: cluster {cluster if cluster else 'noise'}")

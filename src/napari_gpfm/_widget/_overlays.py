@@ -1,17 +1,27 @@
-"""Create or update the dock's stable-name layers in place.
+"""Create or update the dock's per-slide layers in place, and show one overlay at a time.
 
 Every tile-resolution layer (one pixel per tile) is placed on the slide with
 :func:`gpfm_core.analysis.raster.tile_layer_placement` (``scale = stride * mpp``,
 ``translate = ((stride - 1) / 2 + origin) * mpp`` in ``(row, col)`` order) plus the slide
-layer's own translate, so each pixel covers exactly its tile's level-0 region. Layers are
-looked up by name and updated (data / colormap / placement); they are added only once.
+layer's own translate, so each pixel covers exactly its tile's level-0 region.
+
+Each slide owns its layers. A layer the dock makes carries
+``layer.metadata["gpfm"] = {"slide_id": ..., "kind": ..., "encoder": ..., "weights_hash": ...,
+"tiling": {...}}`` (:func:`tag`) and is found by slide id and kind (:func:`find` with a
+session), never by its name or size alone; its name is ``"<kind name> (<slide name>)"``
+(:func:`layer_name`), e.g. ``gpfm: clusters (CMU-1)``. Layers are added once and then
+updated (data / colormap / placement).
+
+The analysis overlays of a slide (coverage, clusters, similarity, prediction and their
+companions) would stack into muddy colours; :func:`show_only` shows one of them and hides
+the others of that slide (the user may turn any back on with its eye icon).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -32,6 +42,23 @@ ANNOTATION_POINTS = "gpfm: annotation points"
 COVERAGE = "gpfm: coverage"
 TILES = "gpfm: tiles"
 SELECTION = "gpfm: selection"
+TISSUE = "gpfm: tissue"
+TILE_GRID = "gpfm: tile grid"
+
+#: ``layer.metadata`` key of the dock's provenance dict (see the module docstring).
+META_KEY = "gpfm"
+
+#: The overlay a tab shows -> the kinds shown with it (``query``: the query-tile marker).
+OVERLAY_GROUPS: dict[str, tuple[str, ...]] = {
+    COVERAGE: ("coverage",),
+    CLUSTERS: ("clusters", "selection"),
+    SIMILARITY: ("similarity", "query"),
+    PREDICTION: ("prediction",),
+}
+#: Kinds hidden whenever another analysis overlay of the slide is shown.
+_OVERLAY_KINDS = frozenset(
+    [k for group in OVERLAY_GROUPS.values() for k in group] + ["confidence", "tile_grid"]
+)
 
 #: Qualitative palette (Tableau 20 order, saturated first) for clusters and classes.
 PALETTE_HEX = (
@@ -104,9 +131,78 @@ def keep_active(viewer: Any) -> Iterator[None]:
             viewer.layers.selection.active = before
 
 
-def find(viewer: Any, name: str) -> Layer | None:
-    """The layer called ``name`` or None."""
-    return viewer.layers[name] if name in viewer.layers else None  # noqa: SIM401 - LayerList has no .get
+def kind_of(name: str) -> str:
+    """Short kind of a layer-name constant: ``"gpfm: annotation points"`` -> ``"annotation_points"``."""
+    return name.removeprefix("gpfm: ").replace(" ", "_")
+
+
+def layer_name(name: str, slide_name: str) -> str:
+    """Display name of slide ``slide_name``'s layer of kind ``name``: ``"gpfm: clusters (A)"``."""
+    return f"{name} ({slide_name})"
+
+
+def tag(layer: Layer, *, slide_id: str, kind: str, **extra: Any) -> dict[str, Any]:
+    """Record ``layer.metadata["gpfm"] = {"slide_id", "kind", **extra}`` (replaced wholesale)."""
+    info = {"slide_id": str(slide_id), "kind": str(kind), **extra}
+    layer.metadata[META_KEY] = info
+    return info
+
+
+def info(layer: Any) -> Mapping[str, Any]:
+    """The dock's provenance dict of ``layer`` (empty for layers the dock did not make)."""
+    meta = getattr(layer, "metadata", None) or {}
+    value = meta.get(META_KEY)
+    return value if isinstance(value, Mapping) else {}
+
+
+def layers_of(viewer: Any, slide_id: str, kinds: Any = None) -> list[Layer]:
+    """Layers tagged with ``slide_id`` (and, when given, one of ``kinds``), in viewer order."""
+    out = []
+    for layer in viewer.layers:
+        meta = info(layer)
+        if meta.get("slide_id") == slide_id and (kinds is None or meta.get("kind") in kinds):
+            out.append(layer)
+    return out
+
+
+def find(
+    viewer: Any, name: str, session: SlideSession | None = None, *, slide_id: str | None = None
+) -> Layer | None:
+    """A layer of the viewer, or None.
+
+    Parameters
+    ----------
+    name
+        Without ``session`` / ``slide_id``: the exact layer name (e.g. a slide layer).
+        With them: a kind constant (``CLUSTERS``, ``ANNOTATIONS`` ...) whose layer of that
+        slide is wanted, matched on the layer's ``metadata["gpfm"]``.
+    session, slide_id
+        The slide whose layer is wanted.
+    """
+    sid = slide_id if slide_id is not None else (session.key if session is not None else None)
+    if sid is None:
+        return viewer.layers[name] if name in viewer.layers else None  # noqa: SIM401 - LayerList has no .get
+    found = layers_of(viewer, sid, (kind_of(name),))
+    return found[0] if found else None
+
+
+def show_only(viewer: Any, session: SlideSession | str, name: str) -> Layer | None:
+    """Show slide ``session``'s overlay ``name`` (a key of ``OVERLAY_GROUPS``), hide its others.
+
+    Only layers of that slide are touched; the user can turn any of them on again. Returns
+    the overlay shown (None when the slide has none of that kind yet).
+    """
+    sid = session if isinstance(session, str) else session.key
+    keep = set(OVERLAY_GROUPS.get(name, (kind_of(name),)))
+    for layer in layers_of(viewer, sid, _OVERLAY_KINDS - keep):
+        if layer.visible:
+            layer.visible = False
+    main = find(viewer, name, slide_id=sid)
+    for layer in layers_of(viewer, sid, keep):
+        # only when hidden: setting visible=True redraws the layer (napari refreshes it)
+        if not layer.visible and (layer is main or info(layer).get("kind") != "selection"):
+            layer.visible = True  # the selection stays as the user left it
+    return main
 
 
 def _place(layer: Layer, scale: np.ndarray, translate: np.ndarray) -> None:
@@ -136,16 +232,16 @@ def upsert_labels(
     colormap: DirectLabelColormap | None = None,
     opacity: float = 0.5,
 ) -> Labels:
-    """Create the Labels layer ``name`` or update its data / placement / colormap in place."""
+    """Create slide ``session``'s Labels layer of kind ``name`` or update it in place."""
     scale, translate = placement(session, slide_layer)
-    layer = find(viewer, name)
+    layer = find(viewer, name, session)
     if not isinstance(layer, Labels):
         if layer is not None:
             viewer.layers.remove(layer)
         with keep_active(viewer):
             layer = viewer.add_labels(
                 data,
-                name=name,
+                name=layer_name(name, session.name),
                 scale=scale,
                 translate=translate,
                 opacity=opacity,
@@ -155,9 +251,17 @@ def upsert_labels(
     else:
         _place(layer, scale, translate)
         set_raster(layer, data)
+    _tag_from(layer, session, name)
     if colormap is not None:
         layer.colormap = colormap
     return layer
+
+
+def _tag_from(layer: Layer, session: SlideSession, name: str) -> None:
+    """Tag ``layer`` with ``session``'s provenance unless it already carries exactly that."""
+    want = {"kind": kind_of(name), **session.provenance()}
+    if dict(info(layer)) != want:
+        tag(layer, **want)
 
 
 def upsert_image(
@@ -180,7 +284,7 @@ def upsert_image(
     choice survives the next update. Cells below the range (no tile) are transparent.
     """
     scale, translate = placement(session, slide_layer)
-    layer = find(viewer, name)
+    layer = find(viewer, name, session)
     lo, hi = float(contrast_limits[0]), float(contrast_limits[1])
     if hi <= lo:
         hi = lo + 1e-3
@@ -190,7 +294,7 @@ def upsert_image(
         with keep_active(viewer):
             layer = viewer.add_image(
                 data,
-                name=name,
+                name=layer_name(name, session.name),
                 scale=scale,
                 translate=translate,
                 colormap=transparent_low(colormap),
@@ -210,13 +314,14 @@ def upsert_image(
         if tuple(layer.contrast_limits) != (lo, hi):
             layer.contrast_limits = (lo, hi)  # a shader uniform: no texture upload
         set_raster(layer, data)  # the one data refresh
+    _tag_from(layer, session, name)
     return layer
 
 
 def upsert_tiles(
     viewer: Any, session: SlideSession, slide_layer: Layer | None, columns: dict[str, np.ndarray]
 ) -> Points:
-    """The ``gpfm: tiles`` Points layer: tile centres with a ``features`` table.
+    """Slide ``session``'s ``gpfm: tiles`` Points layer: tile centres with a ``features`` table.
 
     Parameters
     ----------
@@ -227,11 +332,11 @@ def upsert_tiles(
     """
     import pandas as pd
 
-    layer = find(viewer, TILES)
+    layer = find(viewer, TILES, session)
     same = (
         isinstance(layer, Points)
         and len(layer.data) == session.n_tiles
-        and layer.metadata.get("gpfm_key") == session.key
+        and dict(info(layer)) == {"kind": kind_of(TILES), **session.provenance()}
     )
     if not same:
         centres = session.tile_centers()
@@ -250,16 +355,16 @@ def upsert_tiles(
         with keep_active(viewer):
             layer = viewer.add_points(
                 centres[:, ::-1],
-                name=TILES,
+                name=layer_name(TILES, session.name),
                 features=table,
                 scale=scale,
                 translate=translate,
                 size=max(session.stride // 4, 1),
                 face_color="white",
                 visible=False,
-                metadata={"gpfm_key": session.key},
                 **_units(slide_layer),
             )
+        _tag_from(layer, session, TILES)
     assert isinstance(layer, Points)
     for key, values in columns.items():
         layer.features[key] = np.asarray(values)  # in place: no per-point redraw
@@ -269,26 +374,30 @@ def upsert_tiles(
 def upsert_shapes(
     viewer: Any, name: str, session: SlideSession, slide_layer: Layer | None
 ) -> Shapes:
-    """The annotation Shapes layer (data in level-0 pixels), created once."""
-    layer = find(viewer, name)
+    """Slide ``session``'s annotation Shapes layer (data in level-0 pixels), created once."""
+    layer = find(viewer, name, session)
     if isinstance(layer, Shapes):
         return layer
     scale, translate = slide_placement(session, slide_layer)
-    return viewer.add_shapes(
-        name=name, scale=scale, translate=translate, edge_width=max(session.stride / 16, 2.0),
+    layer = viewer.add_shapes(
+        name=layer_name(name, session.name), scale=scale, translate=translate, edge_width=max(session.stride / 16, 2.0),
         face_color=[0, 0, 0, 0], features={"class": np.empty(0, dtype=int)}, ndim=2, **_units(slide_layer),
     )  # fmt: skip
+    tag(layer, slide_id=session.key, kind=kind_of(name))
+    return layer
 
 
 def upsert_points(
     viewer: Any, name: str, session: SlideSession, slide_layer: Layer | None
 ) -> Points:
-    """The annotation Points layer (data in level-0 pixels), created once."""
-    layer = find(viewer, name)
+    """Slide ``session``'s annotation Points layer (data in level-0 pixels), created once."""
+    layer = find(viewer, name, session)
     if isinstance(layer, Points):
         return layer
     scale, translate = slide_placement(session, slide_layer)
-    return viewer.add_points(
-        name=name, scale=scale, translate=translate, size=max(session.stride / 2, 4.0),
+    layer = viewer.add_points(
+        name=layer_name(name, session.name), scale=scale, translate=translate, size=max(session.stride / 2, 4.0),
         features={"class": np.empty(0, dtype=int)}, ndim=2, **_units(slide_layer),
     )  # fmt: skip
+    tag(layer, slide_id=session.key, kind=kind_of(name))
+    return layer

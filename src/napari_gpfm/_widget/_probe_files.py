@@ -11,7 +11,6 @@ from napari.utils.notifications import show_info
 from qtpy.QtWidgets import QFileDialog
 
 from gpfm_core.errors import GpfmError
-from napari_gpfm._widget import _overlays as ov
 from napari_gpfm._widget import _probe_io as pio
 from napari_gpfm._widget._session import SlideSession
 from napari_gpfm._widget._workers import notify_error
@@ -30,6 +29,9 @@ class ProbeFilesMixin:
     store: Any
     session: SlideSession | None
     probe: Any
+    probe_key: Any
+    check_probe_fits: Any
+    annotation_layers: Any
     classes: Any
     apply_combo: Any
     report_label: Any
@@ -38,12 +40,7 @@ class ProbeFilesMixin:
     # ------------------------------------------------------------------ apply / files
     def apply_to(self, session: SlideSession) -> np.ndarray:
         """Predict every tile of another embedded slide with the current probe."""
-        if self.probe is None:
-            raise GpfmError("no probe yet: annotate and train, or load a saved probe")
-        if self.probe.embed_dim != session.features.shape[1]:
-            raise GpfmError(
-                f"{session.name} was embedded with another encoder: re-embed it with {self.probe.encoder}"
-            )
+        self.check_probe_fits(session)  # same encoder, weights and tiling
         pred, conf = self.probe.predict(session.features)
         self.show_prediction(session, pred, conf)
         self.report_label.setText(
@@ -70,6 +67,7 @@ class ProbeFilesMixin:
 
         dim = self.session.features.shape[1] if self.session is not None else None
         self.probe = LinearProbe.load(path, embed_dim=dim)
+        self.probe_key = None  # its file names the encoder and width only
         self.classes.set_classes(list(self.probe.class_names), self.probe.class_colours)
         if self.session is not None:
             self.apply_to(self.session)
@@ -77,9 +75,7 @@ class ProbeFilesMixin:
     def export_geojson(self, path: str | Path) -> Path:
         """Annotations and per-tile predictions of the current slide to QuPath GeoJSON."""
         s = self._need_session()
-        ann = pio.collect(
-            ov.find(self.viewer, ov.ANNOTATIONS), ov.find(self.viewer, ov.ANNOTATION_POINTS)
-        )
+        ann = pio.collect(*self.annotation_layers(s))  # this slide's layers only
         return pio.export_geojson(
             path,
             s,

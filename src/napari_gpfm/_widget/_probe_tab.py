@@ -1,10 +1,14 @@
 """Probe tab: annotate classes, train a linear probe, show predictions over the slide.
 
-Shapes (polygons, rectangles, ellipses) on ``gpfm: annotations`` and points on
-``gpfm: annotation points`` carry a ``class`` feature. Keys 1-9 on those layers pick the
-current class. Every annotation change retrains after a 500 ms debounce (in a worker) and
-repaints ``gpfm: prediction`` (Labels, label = class index + 1, one colour per class) and
-``gpfm: confidence`` (Image). Annotations that touch no embedded tile are counted.
+Each slide has its own annotation layers, ``gpfm: annotations (<slide>)`` (Shapes: polygons,
+rectangles, ellipses) and ``gpfm: annotation points (<slide>)``, tagged with its ``slide_id``;
+shapes and points carry a ``class`` feature (classes are shared by all slides). Keys 1-9 on
+those layers pick the current class. The probe trains on the active slide's annotation
+layers only; an edit of another slide's layers does not retrain it. Every annotation change
+retrains after a 500 ms debounce (in a worker) and repaints the slide's ``gpfm: prediction``
+(Labels, label = class index + 1, one colour per class) and ``gpfm: confidence`` (Image).
+Annotations that touch no embedded tile are counted. A probe is applied only to slides
+embedded with the encoder, weights and tiling it was trained on.
 """
 
 from __future__ import annotations
@@ -72,6 +76,8 @@ class ProbeTab(ProbeFilesMixin, QWidget):
         self.store = store
         self.session: SlideSession | None = None
         self.probe: Any = None
+        #: ``SlideSession.feature_key`` of the slide the probe was trained on (None: loaded)
+        self.probe_key: tuple[Any, ...] | None = None
         self.report: Any = None
         self.n_outside = 0
         self.trainings = 0
@@ -161,23 +167,33 @@ class ProbeTab(ProbeFilesMixin, QWidget):
     def _slide_layer(self, session: SlideSession) -> Any:
         return ov.find(self.viewer, session.name)
 
+    def annotation_layers(self, session: SlideSession | None = None) -> tuple[Any, Any]:
+        """``(shapes, points)`` annotation layers of ``session``'s slide (default: the active
+        one); None for a layer not made yet. Never another slide's layers."""
+        s = session or self.session
+        if s is None:
+            return None, None
+        return (
+            ov.find(self.viewer, ov.ANNOTATIONS, s),
+            ov.find(self.viewer, ov.ANNOTATION_POINTS, s),
+        )
+
+    def _all_annotation_layers(self) -> list[Any]:
+        kinds = (ov.kind_of(ov.ANNOTATIONS), ov.kind_of(ov.ANNOTATION_POINTS))
+        return [ly for ly in self.viewer.layers if ov.info(ly).get("kind") in kinds]
+
     def ensure_layers(self) -> tuple[Any, Any]:
-        """The annotation Shapes and Points layers (created once, wired to retrain)."""
-        if self.session is None:
+        """The active slide's annotation Shapes and Points layers (created once, wired to retrain)."""
+        session = self.session
+        if session is None:
             raise GpfmError("no embedded slide: embed a slide in the Embed tab first")
-        fresh = (
-            ov.find(self.viewer, ov.ANNOTATIONS) is None,
-            ov.find(self.viewer, ov.ANNOTATION_POINTS) is None,
-        )
-        shapes = ov.upsert_shapes(
-            self.viewer, ov.ANNOTATIONS, self.session, self._slide_layer(self.session)
-        )
-        points = ov.upsert_points(
-            self.viewer, ov.ANNOTATION_POINTS, self.session, self._slide_layer(self.session)
-        )
+        fresh = tuple(layer is None for layer in self.annotation_layers(session))
+        slide_layer = self._slide_layer(session)
+        shapes = ov.upsert_shapes(self.viewer, ov.ANNOTATIONS, session, slide_layer)
+        points = ov.upsert_points(self.viewer, ov.ANNOTATION_POINTS, session, slide_layer)
         for layer, new in zip((shapes, points), fresh, strict=True):
             if new:
-                layer.events.data.connect(self._data_changed)
+                layer.events.data.connect(self._data_changed_for(session.key))
                 for n in range(1, 10):
                     layer.bind_key(str(n), self._class_key(n - 1), overwrite=True)
         self.set_current_class(self.classes.current)
@@ -205,12 +221,9 @@ class ProbeTab(ProbeFilesMixin, QWidget):
         rgba = self.classes.rgba()
         if not 0 <= index < len(rgba):
             return
-        for name in (ov.ANNOTATIONS, ov.ANNOTATION_POINTS):
-            layer = ov.find(self.viewer, name)
-            if layer is None:
-                continue
+        for layer in self._all_annotation_layers():
             layer.feature_defaults = {"class": index}
-            if name == ov.ANNOTATIONS:
+            if ov.info(layer).get("kind") == ov.kind_of(ov.ANNOTATIONS):
                 layer.current_edge_color = rgba[index]
             else:
                 layer.current_face_color = rgba[index]
@@ -219,37 +232,40 @@ class ProbeTab(ProbeFilesMixin, QWidget):
         rgba = self.classes.rgba()
         self._recolouring = True
         try:
-            for name in (ov.ANNOTATIONS, ov.ANNOTATION_POINTS):
-                layer = ov.find(self.viewer, name)
-                if layer is None or not len(layer.data):
+            for layer in self._all_annotation_layers():
+                if not len(layer.data):
                     continue
                 cls = np.clip(pio._classes(layer, len(layer.data)), 0, len(rgba) - 1)
-                if name == ov.ANNOTATIONS:
+                if ov.info(layer).get("kind") == ov.kind_of(ov.ANNOTATIONS):
                     layer.edge_color = rgba[cls]
                 else:
                     layer.face_color = rgba[cls]
         finally:
             self._recolouring = False
 
-    def _data_changed(self, event: Any) -> None:
-        if self._recolouring or getattr(event, "action", "added") not in (
-            "added",
-            "removed",
-            "changed",
-        ):
-            return
-        self._recolour()
-        if self.auto_check.isChecked():
-            self.timer.start()
+    def _data_changed_for(self, slide_id: str) -> Any:
+        def changed(event: Any) -> None:
+            if self._recolouring or getattr(event, "action", "added") not in (
+                "added",
+                "removed",
+                "changed",
+            ):
+                return
+            self._recolour()
+            # only the active slide's annotations train its probe
+            active = self.session.key if self.session is not None else None
+            if self.auto_check.isChecked() and active == slide_id:
+                self.timer.start()
+
+        return changed
 
     def _classes_changed(self) -> None:
         self._recolour()
         self.set_current_class(self.classes.current)
 
     def _class_removed(self, index: int) -> None:
-        for name in (ov.ANNOTATIONS, ov.ANNOTATION_POINTS):
-            layer = ov.find(self.viewer, name)
-            if layer is None or not len(layer.data):
+        for layer in self._all_annotation_layers():
+            if not len(layer.data):
                 continue
             cls = np.asarray(pio._classes(layer, len(layer.data)))
             drop = np.flatnonzero(cls == index)
@@ -270,13 +286,12 @@ class ProbeTab(ProbeFilesMixin, QWidget):
         if self.job.running:
             self._pending = True
             return False
-        ann = pio.collect(
-            ov.find(self.viewer, ov.ANNOTATIONS), ov.find(self.viewer, ov.ANNOTATION_POINTS)
-        )
+        ann = pio.collect(*self.annotation_layers(session))
         names = self.classes.names
         if ann.count == 0:
             self.report_label.setText(
-                "No annotations yet: draw shapes or points for two or more classes."
+                f"No annotations on {session.name} yet: draw shapes or points for two or "
+                "more classes."
             )
             return False
         try:
@@ -308,6 +323,7 @@ class ProbeTab(ProbeFilesMixin, QWidget):
         if result is None:
             return
         session, self.probe, self.report, pred, conf = result
+        self.probe_key = session.feature_key
         self.trainings += 1
         self.show_prediction(session, pred, conf)
         r = self.report
@@ -331,7 +347,7 @@ class ProbeTab(ProbeFilesMixin, QWidget):
             self.probe.class_colours if self.probe is not None else None
         ) or self.classes.colours
         rgba = np.array([(*(v / 255 for v in c[:3]), 1.0) for c in colours], np.float32)
-        layer = ov.find(self.viewer, ov.PREDICTION)
+        layer = ov.find(self.viewer, ov.PREDICTION, session)
         key = (tuple(names), tuple(map(tuple, rgba.round(4).tolist())))
         cmap = (
             ov.label_colormap(rgba)
@@ -350,7 +366,32 @@ class ProbeTab(ProbeFilesMixin, QWidget):
             contrast_limits=(1.0 / max(len(names), 2), 1.0), opacity=0.7,
             visible=False,  # created hidden (eye icon shows it): it would hide the class colours
         )  # fmt: skip
-        tiles = ov.find(self.viewer, ov.TILES)
-        if tiles is not None and tiles.metadata.get("gpfm_key") == session.key:
+        ov.show_only(self.viewer, session, ov.PREDICTION)
+        tiles = ov.find(self.viewer, ov.TILES, session)
+        if tiles is not None and len(tiles.data) == session.n_tiles:
             tiles.features["prediction"] = pred + 1
             tiles.features["confidence"] = conf
+
+    def check_probe_fits(self, session: SlideSession) -> None:
+        """Raise :class:`GpfmError` unless the probe reads features like ``session``'s.
+
+        A probe trained here needs the encoder, weights and tiling of its training slide; a
+        loaded probe (its file names the encoder and width only) needs those two.
+        """
+        if self.probe is None:
+            raise GpfmError("no probe yet: annotate and train, or load a saved probe")
+        if self.probe_key is not None:
+            if self.probe_key != session.feature_key:
+                enc, _weights, mpp, px, _overlap, _dim = self.probe_key
+                raise GpfmError(
+                    f"{session.name} was embedded with another encoder, weights or tiling than "
+                    f"the probe ({enc}, {mpp} µm/px, {px} px tiles): embed it with those"
+                )
+            return
+        if self.probe.embed_dim != session.features.shape[1] or (
+            self.probe.encoder and session.encoder and self.probe.encoder != session.encoder
+        ):
+            raise GpfmError(
+                f"{session.name} was embedded with another encoder: re-embed it with "
+                f"{self.probe.encoder}"
+            )

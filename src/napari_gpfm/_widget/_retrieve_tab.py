@@ -76,6 +76,8 @@ class RetrieveTab(QWidget):
         self.viewer = viewer
         self.store = store
         self.hits: list[Hit] = []
+        #: keys of the slides the last query searched
+        self.searched: list[str] = []
         self.last_timing: dict[str, float] = {}
         self.thumbs = Job(thumbnails_job, name="GPFM gallery", on_step=self._on_thumb)
 
@@ -123,11 +125,9 @@ class RetrieveTab(QWidget):
         else:
             vector = index_obj.normalized[index]
         scores_by: dict[str, np.ndarray] = {}
-        skipped = 0
-        for other in self.store:
-            if other.features.shape[1] != session.features.shape[1]:
-                skipped += 1  # another encoder: not comparable
-                continue
+        # only slides embedded with the same encoder, weights and tiling are comparable
+        searched, skipped = self.store.split_comparable(session)
+        for other in searched:
             scores = other.similarity_index().query(vector)
             other.similarity = scores
             scores_by[other.key] = scores
@@ -154,8 +154,12 @@ class RetrieveTab(QWidget):
             if self.hits
             else "no hits"
         )
+        msg += ". Searched: " + ", ".join(s.name for s in searched)
         if skipped:
-            msg += f" ({skipped} slide(s) embedded with another encoder skipped)"
+            msg += "; not searched (another encoder, weights or tiling): " + ", ".join(
+                s.name for s in skipped
+            )
+        self.searched = [s.key for s in searched]
         self.status.setText(msg)
         if thumbnails and self.hits:
             self._load_thumbnails(sync=sync)
@@ -172,11 +176,9 @@ class RetrieveTab(QWidget):
             self.viewer, ov.SIMILARITY, raster, session, ov.find(self.viewer, session.name),
             colormap="magma", contrast_limits=(lo, hi), opacity=0.6, contrast_range=(-1.0, 1.0),
         )  # fmt: skip
-        layer = ov.find(self.viewer, ov.SIMILARITY)
-        if layer is not None and not layer.visible:
-            layer.visible = True  # a query shows its answer
-        tiles = ov.find(self.viewer, ov.TILES)
-        if tiles is not None and tiles.metadata.get("gpfm_key") == session.key:
+        ov.show_only(self.viewer, session, ov.SIMILARITY)  # a query shows its answer alone
+        tiles = ov.find(self.viewer, ov.TILES, session)
+        if tiles is not None and len(tiles.data) == session.n_tiles:
             tiles.features["similarity"] = scores
 
     def _load_thumbnails(self, *, sync: bool) -> None:

@@ -69,6 +69,11 @@ class SlideSession:
         Level-0 µm/px ``(x, y)`` of the slide.
     embeddings_path : Path or None
         HDF5 file the embeddings came from.
+    encoder, weights_hash : str
+        Encoder name and weights hash the features came from ("" when the file does not say).
+    tiling : dict
+        ``requested_mpp`` (µm/px), ``tile_px`` and ``overlap_px`` of the tile grid (empty when
+        unknown). With ``encoder`` and ``weights_hash`` it decides :meth:`comparable`.
     """
 
     key: str
@@ -83,6 +88,8 @@ class SlideSession:
     mpp: tuple[float, float]
     embeddings_path: Path | None = None
     encoder: str = ""
+    weights_hash: str = ""
+    tiling: dict[str, Any] = field(default_factory=dict)
     umap: np.ndarray | None = None
     clusters: np.ndarray | None = None
     similarity: np.ndarray | None = None
@@ -161,6 +168,9 @@ class SlideSession:
         if shape is None:
             shape = (int(grid_rc[:, 0].max()) + 1, int(grid_rc[:, 1].max()) + 1)
         encoder = str(_attr(attrs, ("encoder", "encoder_name"), ""))
+        tiling = {
+            k: attrs[k] for k in ("requested_mpp", "tile_px", "overlap_px") if k in attrs
+        }
         return cls(
             key=key,
             name=name,
@@ -174,7 +184,46 @@ class SlideSession:
             mpp=_pair(mpp),
             embeddings_path=Path(path) if path else None,
             encoder=encoder,
+            weights_hash=str(attrs.get("weights_hash", "") or ""),
+            tiling=tiling,
         )
+
+    # ------------------------------------------------------------------ provenance
+    @property
+    def slide_id(self) -> str:
+        """The slide's id (the session key)."""
+        return self.key
+
+    @property
+    def feature_key(self) -> tuple[Any, ...]:
+        """What makes two sessions' features comparable: encoder, weights, tiling, width.
+
+        ``(encoder, weights_hash, requested_mpp rounded to 1e-4 µm/px, tile_px, overlap_px,
+        D)``; values a file does not record are ``""``.
+        """
+        t = self.tiling
+        mpp = t.get("requested_mpp")
+        return (
+            self.encoder,
+            self.weights_hash,
+            "" if mpp is None else round(float(mpp), 4),
+            "" if t.get("tile_px") is None else int(t["tile_px"]),
+            "" if t.get("overlap_px") is None else int(t["overlap_px"]),
+            int(self.features.shape[1]),
+        )
+
+    def comparable(self, other: SlideSession) -> bool:
+        """Whether ``other``'s features come from the same encoder, weights and tiling."""
+        return self.feature_key == other.feature_key
+
+    def provenance(self) -> dict[str, Any]:
+        """Slide id, encoder, weights hash and tiling, for the metadata of layers made from it."""
+        return {
+            "slide_id": self.key,
+            "encoder": self.encoder,
+            "weights_hash": self.weights_hash,
+            "tiling": {k: (v.item() if hasattr(v, "item") else v) for k, v in self.tiling.items()},
+        }
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -288,6 +337,17 @@ class SessionStore:
         self._sessions.pop(key, None)
         if self.active_key == key:
             self.active_key = next(iter(self._sessions), None)
+
+    def split_comparable(
+        self, session: SlideSession
+    ) -> tuple[list[SlideSession], list[SlideSession]]:
+        """Sessions whose features are comparable with ``session``'s (itself first), and the rest.
+
+        Comparable means the same encoder, weights and tiling (:meth:`SlideSession.comparable`).
+        """
+        same = [session] + [s for s in self if s is not session and s.comparable(session)]
+        other = [s for s in self if s is not session and not s.comparable(session)]
+        return same, other
 
     def __iter__(self) -> Iterator[SlideSession]:
         return iter(list(self._sessions.values()))
