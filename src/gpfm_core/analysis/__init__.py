@@ -2,7 +2,7 @@
 
 Everything takes plain arrays: ``features (N, D)`` float32, ``coords (N, 2)`` int64 level-0
 (x, y) top-left corners, ``grid_rc (N, 2)`` int64 (row, col). scikit-learn, umap-learn,
-numba and scikit-image are imported lazily inside the functions that need them, so importing
+numba, shapely and scikit-image are imported lazily inside the functions that need them, so importing
 this package is cheap.
 """
 
@@ -12,6 +12,8 @@ from gpfm_core.analysis.clustering import density_clusters, kmeans_clusters, ord
 from gpfm_core.analysis.embedding import pca_reduce, umap_embed
 from gpfm_core.analysis.io import (
     Annotation,
+    QuPathObjects,
+    annotations_to_geojson,
     predictions_to_geojson,
     read_qupath_geojson,
     shapes_to_geojson,
@@ -35,8 +37,10 @@ __all__ = [
     "Annotation",
     "LinearProbe",
     "ProbeReport",
+    "QuPathObjects",
     "ShapeLabels",
     "SimilarityIndex",
+    "annotations_to_geojson",
     "cosine_similarity",
     "density_clusters",
     "kmeans_clusters",
