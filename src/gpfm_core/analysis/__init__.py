@@ -19,10 +19,11 @@ from gpfm_core.analysis.io import (
     shapes_to_geojson,
 )
 from gpfm_core.analysis.labels import ShapeLabels, labels_for_shapes
-from gpfm_core.analysis.probe import LinearProbe, ProbeReport
+from gpfm_core.analysis.probe import CVPlan, LinearProbe, ProbeReport, plan_cv
 from gpfm_core.analysis.raster import tile_layer_placement, tiles_to_raster
 from gpfm_core.analysis.similarity import (
     SimilarityIndex,
+    center_features,
     cosine_similarity,
     neighbourhood_indices,
     neighbourhood_query,
@@ -35,12 +36,14 @@ from gpfm_core.analysis.tables import predictions_to_csv
 
 __all__ = [
     "Annotation",
+    "CVPlan",
     "LinearProbe",
     "ProbeReport",
     "QuPathObjects",
     "ShapeLabels",
     "SimilarityIndex",
     "annotations_to_geojson",
+    "center_features",
     "cosine_similarity",
     "density_clusters",
     "kmeans_clusters",
@@ -50,6 +53,7 @@ __all__ = [
     "normalize_rows",
     "order_by_size",
     "pca_reduce",
+    "plan_cv",
     "predictions_to_csv",
     "predictions_to_geojson",
     "query_from_point",

@@ -253,10 +253,16 @@ def annotations_to_geojson(
         (``{"name", "color"}``; when unclassified, the colour as the object's ``color``)
         and ``isLocked`` when locked.
     """
+    import shapely
+
     features = []
     for a in annotations:
         if a.geometry is None or a.geometry.is_empty:
             raise GpfmError(f"annotation {a.name or a.class_name!r} has no geometry: redraw it")
+        if not np.isfinite(shapely.get_coordinates(a.geometry)).all():
+            raise GpfmError(
+                f"annotation {a.name or a.class_name!r} has NaN or infinite coordinates: redraw it"
+            )
         props: dict[str, Any] = {"objectType": a.object_type}
         if a.name:
             props["name"] = a.name
@@ -433,7 +439,7 @@ def predictions_to_geojson(
                 "objectType": object_type,
                 "classification": _classification(str(class_names[c]), rgb[c]),
             }
-            if conf is not None:
+            if conf is not None and np.isfinite(conf[i]):  # JSON has no NaN
                 props["measurements"] = {"confidence": round(float(conf[i]), 6)}
             features.append(_feature([ring], props))
     return _dump({"type": "FeatureCollection", "features": features}, path)
