@@ -71,7 +71,10 @@ def test_collect_reads_classes_and_shape_kinds() -> None:
     shapes.add_lines(np.array([[0.0, 0.0], [5.0, 5.0]]))
     points = Points(np.array([[7.0, 3.0]]), features={"class": [1]})
     ann = pio.collect(shapes, points)
-    assert ann.classes == [1, 0] and ann.skipped == 1 and ann.count == 3
+    # a line labels the tiles it crosses, as QuPath's line annotations do
+    assert ann.classes == [1, 0, 0] and ann.skipped == 0 and ann.count == 4
+    assert [g.geom_type for g in ann.geometries] == ["Polygon", "Polygon", "LineString"]
+    assert ann.stored == [None, None, None]  # drawn, nothing stored beside the layer
     np.testing.assert_allclose(ann.polygons[0], [[20, 10], [60, 10], [60, 50], [20, 50]])  # (x, y)
     assert ann.polygons[1].shape == (48, 2)
     np.testing.assert_allclose(ann.polygons[1].min(axis=0), [0, 0], atol=0.1)
@@ -88,9 +91,9 @@ def test_geojson_uses_qupath_pixel_edges(cmu_session: SlideSession, tmp_path: Pa
     feats = json.loads(path.read_text())["features"]
     assert len(feats) == 1 and feats[0]["properties"]["classification"]["name"] == "b"
     assert feats[0]["geometry"]["coordinates"][0][0] == [100.5, 200.5]
-    polys, names, colours = pio.import_geojson(path)
-    np.testing.assert_allclose(polys[0], square)
-    assert names == ["b"] and colours == {"b": (4, 5, 6)}
+    imported = pio.import_geojson(path)
+    np.testing.assert_allclose(imported.polygons[0], square)
+    assert imported.shape_classes == ["b"] and imported.colours == {"b": (4, 5, 6)}
     with pytest.raises(GpfmError, match="nothing to export"):
         pio.export_geojson(
             tmp_path / "b.geojson",
