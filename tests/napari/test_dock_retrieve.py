@@ -55,13 +55,16 @@ def test_click_query_heatmap_gallery_and_navigation(
     np.testing.assert_allclose(sim.contrast_limits, [np.percentile(rest, 2), rest.max()], atol=1e-5)
     assert expected.min() < 0 < rest.max() < 1  # readable: unlike tissue scores below zero
     # the query tile is outlined on the slide
-    marker = viewer.layers[QUERY]
+    marker, slide = viewer.layers[QUERY], viewer.layers[cmu.name]
+
+    def outline_on_slide() -> np.ndarray:  # the outline's corners in slide pixel coordinates
+        corners = np.asarray(marker.data[0])[[0, 2]]
+        return np.array([slide.world_to_data(marker.data_to_world(c))[-2:] for c in corners])
+
     (x0, y0), t = cmu.coords[query], cmu.tile_size
-    np.testing.assert_allclose(
-        marker.data[0][[0, 2]], [[y0 - 0.5, x0 - 0.5], [y0 + t - 0.5, x0 + t - 0.5]], atol=1e-3
-    )
+    expected_outline = [[y0 - 0.5, x0 - 0.5], [y0 + t - 0.5, x0 + t - 0.5]]
+    np.testing.assert_allclose(outline_on_slide(), expected_outline, atol=1e-3)
     assert marker.metadata["gpfm"] == {"slide_id": cmu.key, "kind": "query"}
-    np.testing.assert_allclose(marker.scale, viewer.layers[cmu.name].scale[-2:])
 
     # top-k over both slides, query excluded, best first
     expected_other = cu_other @ q
@@ -98,7 +101,11 @@ def test_click_query_heatmap_gallery_and_navigation(
     np.testing.assert_allclose(
         sim.data[rc[:, 0], rc[:, 1]], cu @ (qn / np.linalg.norm(qn)), atol=1e-5
     )
-    assert len(viewer.layers[QUERY].data) == 1  # one outline around the neighbourhood
+    assert len(marker.data) == 1  # one outline around the neighbourhood
+    lo, hi = cmu.coords[near].min(axis=0), cmu.coords[near].max(axis=0) + t
+    np.testing.assert_allclose(
+        outline_on_slide(), [[lo[1] - 0.5, lo[0] - 0.5], [hi[1] - 0.5, hi[0] - 0.5]], atol=1e-3
+    )
 
     # outside the embedded tiles: status message only, heatmap unchanged
     before = sim.data.copy()

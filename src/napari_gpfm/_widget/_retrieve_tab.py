@@ -87,12 +87,17 @@ def heatmap_limits(scores: np.ndarray, query: np.ndarray) -> tuple[float, float]
     return (lo, hi) if hi > lo else (lo - 1e-3, lo + 1e-3)
 
 
-def query_outline(session: SlideSession, query: np.ndarray) -> np.ndarray:
-    """(4, 2) napari (row, col) level-0 rectangle around the query tiles' pixels."""
+def query_outline(session: SlideSession, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The query tiles' outline: level-0 ``(row, col)`` origin and a (4, 2) rectangle from it.
+
+    The rectangle covers the tiles' pixels (pixel-centre coordinates, so from -0.5 to the
+    extent - 0.5) relative to the origin, the top-left tile corner.
+    """
     xy = session.coords[np.asarray(query, dtype=np.int64)]
-    t = session.tile_size
-    (x0, y0), (x1, y1) = xy.min(axis=0) - 0.5, xy.max(axis=0) + t - 0.5
-    return np.array([[y0, x0], [y0, x1], [y1, x1], [y1, x0]], dtype=np.float64)
+    lo, hi = xy.min(axis=0), xy.max(axis=0) + session.tile_size
+    h, w = float(hi[1] - lo[1]), float(hi[0] - lo[0])
+    rect = np.array([[0, 0], [0, w], [h, w], [h, 0]], dtype=np.float64) - 0.5
+    return np.array([lo[1], lo[0]], dtype=np.float64), rect
 
 
 class RetrieveTab(QWidget):
@@ -210,9 +215,15 @@ class RetrieveTab(QWidget):
             tiles.features["similarity"] = scores
 
     def _mark_query(self, session: SlideSession, query: np.ndarray) -> None:
-        """Outline the query tile(s) on the slide: ``gpfm: query``, one rectangle."""
-        rect = query_outline(session, query)
+        """Outline the query tile(s) on the slide: ``gpfm: query``, one rectangle.
+
+        The rectangle is drawn once at the origin and moved by the layer's translate: a
+        click changes a transform (cheap), not the Shapes data (re-triangulated by napari,
+        ~20 ms a click).
+        """
+        origin, rect = query_outline(session, query)
         scale, translate = ov.slide_placement(session, ov.find(self.viewer, session.name))
+        translate = translate + origin * scale
         layer = ov.find(self.viewer, QUERY)
         if layer is None:
             with ov.keep_active(self.viewer):
@@ -223,11 +234,14 @@ class RetrieveTab(QWidget):
                 )  # fmt: skip
             layer.editable = False
         else:
-            if not (np.allclose(layer.scale, scale) and np.allclose(layer.translate, translate)):
-                layer.scale, layer.translate = scale, translate
-            layer.data = [rect]
-            layer.shape_type = ["rectangle"]
-            layer.visible = True
+            if not np.allclose(layer.data[0], rect):  # another size: neighbourhood, slide
+                layer.data = [rect]
+                layer.shape_type = ["rectangle"]
+            if not np.allclose(layer.scale, scale):
+                layer.scale = scale
+            layer.translate = translate
+            if not layer.visible:
+                layer.visible = True
         layer.metadata["gpfm"] = {"slide_id": session.key, "kind": "query"}
 
     def _load_thumbnails(self, *, sync: bool) -> None:
