@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
             f"CV bal. acc {rep.cv_balanced_accuracy:.3f}, median of 3",
         )
     )
-    groups = np.arange(n) // 50  # 200 annotations of 50 tiles among the labelled ones
+    groups = np.arange(n) // 50  # "annotations" of 50 consecutive tiles (classes mixed)
     med, best = _time(
         lambda: probe.fit(xp, labels, class_names=names, groups=groups, cv_folds=5), 3
     )
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
             f"probe fit + 5-fold CV grouped by annotation, {n_fit:,}",
             _fmt(med, best),
             "",
-            f"{rep.cv_groups} annotations (StratifiedGroupKFold, scaler per fold), median of 3",
+            f"{rep.cv_groups} groups (StratifiedGroupKFold, scaler per fold), median of 3",
         )
     )
     rows.append(
