@@ -27,7 +27,6 @@ from gpfm_core.analysis import (
     read_qupath_geojson,
     shapes_to_geojson,
 )
-from gpfm_core.analysis._outline import cell_outlines
 from gpfm_core.analysis.io import to_rgb255
 from gpfm_core.errors import GpfmError
 
@@ -334,17 +333,23 @@ def test_merged_predictions_have_exact_area(tmp_path: Path) -> None:
         )
 
 
-def test_cell_outlines_holes_and_diagonal_touch() -> None:
+def test_merged_regions_keep_holes_and_split_at_corners() -> None:
+    # a ring of 8 cells around a hole, and one cell touching it only at a corner
     cells = [(i, j) for i in range(3) for j in range(3) if (i, j) != (1, 1)] + [(3, 3)]
-    polys = cell_outlines(np.array(cells))
-    assert len(polys) == 2  # diagonal neighbours are not merged (4-connectivity)
-    ring, holes = polys[0]
-    assert ring.tolist() == [[0, 0], [3, 0], [3, 3], [0, 3]]
-    assert [h.tolist() for h in holes] == [[[1, 2], [2, 2], [2, 1], [1, 1]]]
+    coords = np.array(cells, np.int64) * 10
+    fc = predictions_to_geojson(coords, 10, np.zeros(len(cells), int), ["a"], merge=True)
+    geom = fc["features"][0]["geometry"]
+    assert geom["type"] == "MultiPolygon" and len(geom["coordinates"]) == 2  # 4-connectivity
+    ring = next(p for p in geom["coordinates"] if len(p) == 2)  # the part with a hole
+    assert Polygon(ring[0]).equals(box(0, 0, 30, 30)) and Polygon(ring[1]).equals(box(10, 10, 20, 20))
+    assert len(ring[0]) == 5  # corners only, no vertices left mid-edge
     rng = np.random.default_rng(5)
     cells = np.argwhere(rng.random((20, 20)) < 0.55)
-    total = sum(_ring_area(e) - sum(_ring_area(h) for h in hs) for e, hs in cell_outlines(cells))
-    assert total == len(cells)
+    fc = predictions_to_geojson(cells * 10, 10, np.zeros(len(cells), int), ["a"], merge=True)
+    geom = fc["features"][0]["geometry"]
+    polys = [geom["coordinates"]] if geom["type"] == "Polygon" else geom["coordinates"]
+    total = sum(_ring_area(np.array(p[0])) - sum(_ring_area(np.array(h)) for h in p[1:]) for p in polys)
+    assert total == 100 * len(cells)
 
 
 def test_predictions_csv(tmp_path: Path) -> None:

@@ -202,9 +202,8 @@ def _classification(name: str, colour: Colour | None) -> dict:
     return {"name": name, "color": list(colour if colour is not None else DEFAULT_CLASS_COLOUR)}
 
 
-def _feature(rings: list[list[list[float]]], props: dict, *, multi: bool = False) -> dict:
-    geom = {"type": "MultiPolygon" if multi else "Polygon", "coordinates": rings}
-    return {"type": "Feature", "id": str(uuid.uuid4()), "geometry": geom, "properties": props}
+def _feature(geometry: dict, props: dict) -> dict:
+    return {"type": "Feature", "id": str(uuid.uuid4()), "geometry": geometry, "properties": props}
 
 
 def _json_coords(obj: Any) -> Any:
@@ -272,14 +271,10 @@ def annotations_to_geojson(
             props["color"] = list(a.colour)  # the object's own colour
         if a.locked:
             props["isLocked"] = True
-        features.append(
-            {
-                "type": "Feature",
-                "id": a.uid or str(uuid.uuid4()),
-                "geometry": geometry_to_geojson(a.geometry),
-                "properties": props,
-            }
-        )
+        feature = _feature(geometry_to_geojson(a.geometry), props)
+        if a.uid:
+            feature["id"] = a.uid
+        features.append(feature)
     return _dump({"type": "FeatureCollection", "features": features}, path)
 
 
@@ -406,7 +401,7 @@ def predictions_to_geojson(
     rgb = [to_rgb255(c) for c in colours] if colours is not None else [None] * len(class_names)
     features: list[dict] = []
     if merge:
-        from gpfm_core.analysis._outline import cell_outlines
+        import shapely
 
         s = positive_int(stride_level0 if stride_level0 is not None else t, name="stride_level0")
         offset = (t - s) / 2.0
@@ -418,18 +413,17 @@ def predictions_to_geojson(
             sel = lab == c
             if not sel.any():
                 continue
-            polys = []
-            for ext, hs in cell_outlines(cells[sel]):
-                polys.append([_ring(r * s + base + offset) for r in [ext, *hs]])
+            # one stride cell per tile; cells only share edges, so their exact union is a
+            # coverage union (holes kept; cells touching at a corner stay separate parts)
+            lo = np.unique(cells[sel], axis=0) * s + base + offset
+            region = shapely.coverage_union_all(shapely.box(lo[:, 0], lo[:, 1], lo[:, 0] + s, lo[:, 1] + s))
+            region = shapely.simplify(region, 0)  # drop the vertices left mid-edge
             props = {
                 "objectType": object_type,
                 "classification": _classification(str(name), rgb[c]),
+                "measurements": {"tiles": int(sel.sum())},
             }
-            props["measurements"] = {"tiles": int(sel.sum())}
-            if len(polys) == 1:
-                features.append(_feature(polys[0], props))
-            else:
-                features.append(_feature(polys, props, multi=True))
+            features.append(_feature(geometry_to_geojson(region), props))
     else:
         for i in np.flatnonzero(lab >= 0):
             x, y = int(xy[i, 0]), int(xy[i, 1])
@@ -441,7 +435,7 @@ def predictions_to_geojson(
             }
             if conf is not None and np.isfinite(conf[i]):  # JSON has no NaN
                 props["measurements"] = {"confidence": round(float(conf[i]), 6)}
-            features.append(_feature([ring], props))
+            features.append(_feature({"type": "Polygon", "coordinates": [ring]}, props))
     return _dump({"type": "FeatureCollection", "features": features}, path)
 
 
