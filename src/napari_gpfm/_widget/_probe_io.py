@@ -300,6 +300,7 @@ def annotations_of(
             order.append(key)
         grouped[key].append(i)
     out = []
+    used: set[str] = set()  # a UUID names one object: a split object keeps it once
     for item in order:
         if isinstance(item, int):
             c = ann.classes[item]
@@ -310,9 +311,11 @@ def annotations_of(
         assert entry is not None
         geom = assemble_parts([ann.geometries[i] for i in idx])
         c = item[1]
+        uid = entry.group if _is_uuid(entry.group) and entry.group not in used else None
+        used.add(entry.group)
         out.append(
             Annotation(to_qupath(geom), cls_name(c), colour(c), "annotation", entry.name,
-                       entry.locked, entry.group if _is_uuid(entry.group) else None)
+                       entry.locked, uid)
         )  # fmt: skip
     pcls = np.asarray(ann.point_classes, dtype=np.int64)
     for c in dict.fromkeys(ann.point_classes):
