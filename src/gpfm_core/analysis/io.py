@@ -511,8 +511,12 @@ def _label(index: int, props: Mapping) -> str:
     return f"{name!r}" if isinstance(name, str) and name else f"feature #{index + 1}"
 
 
-def _parse_geometry(geom: Mapping, where: str) -> tuple[Any, bool]:
-    """(shapely geometry, 2-D, repaired; or None when empty) and whether it was repaired."""
+def _parse_geometry(geom: Mapping, where: str, *, repair: bool = True) -> tuple[Any, bool]:
+    """(shapely geometry, 2-D, repaired; or None when empty) and whether it was repaired.
+
+    ``repair=False`` skips the validity check (detections: counted, never labelled; a
+    QuPath export can hold hundreds of thousands of cells).
+    """
     import shapely
     from shapely.geometry import shape
 
@@ -532,7 +536,7 @@ def _parse_geometry(geom: Mapping, where: str) -> tuple[Any, bool]:
         raise GpfmError(f"{where} has NaN or infinite coordinates: export it from QuPath again")
     repaired = False
     polys = [p for p in shapely.get_parts(g) if p.geom_type in ("Polygon", "MultiPolygon")]
-    if polys and not g.is_valid:
+    if repair and polys and not g.is_valid:
         g = _repair(g)
         repaired = True
     return g, repaired
@@ -655,7 +659,9 @@ def read_qupath_geojson(path: str | os.PathLike[str]) -> QuPathObjects:
             continue
         g, fixed = (None, False)
         if isinstance(geom, Mapping) and geom.get("type") is not None:
-            g, fixed = _parse_geometry(geom, f"{p.name}: {label}")
+            g, fixed = _parse_geometry(
+                geom, f"{p.name}: {label}", repair=otype not in DETECTION_TYPES
+            )
         if g is None:
             out.unread.append(f"{label} (no geometry)")
             continue
