@@ -89,8 +89,8 @@ def test_umap_small_input_clamps_neighbours_with_warning() -> None:
 
 
 def test_umap_rejects_bad_input() -> None:
-    with pytest.raises(GpfmError, match="at least 3"):
-        umap_embed(np.ones((2, 4), np.float32))
+    with pytest.raises(GpfmError, match="at least 4"):
+        umap_embed(np.ones((3, 4), np.float32))
     with pytest.raises(GpfmError, match="n_neighbors"):
         umap_embed(np.ones((20, 4), np.float32), n_neighbors=1)
     with pytest.raises(GpfmError, match="min_dist"):

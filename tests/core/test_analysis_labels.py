@@ -70,3 +70,36 @@ def test_bad_input() -> None:
         labels_for_shapes([], [], coords, T, points=np.zeros((2, 2)), point_classes=[1])
     with pytest.raises(GpfmError, match="tile_size_level0"):
         labels_for_shapes([], [], coords, 0)
+
+
+def test_geometry_holes_lines_and_groups() -> None:
+    from shapely.geometry import LineString, MultiPoint, Polygon
+
+    coords = _grid()  # 4 rows x 5 cols; centres at 49.5, 149.5, ... (pixel centres)
+    ring = Polygon(_rect(0, 0, 500, 400), [_rect(100, 100, 300, 300)])  # hole: tiles 6, 7, 11, 12
+    line = LineString([(20, 350), (480, 350)])  # the bottom row, crossed
+    res = labels_for_shapes(
+        [ring, line, MultiPoint([(260, 50)])], [0, 1, 2], coords, T, points=np.array([[460, 40]]),
+        point_classes=[3],
+    )  # fmt: skip
+    expected = np.zeros(20, np.int64)
+    expected[[6, 7, 11, 12]] = -1
+    expected[15:] = 1
+    expected[2] = 2
+    expected[4] = 3
+    assert res.labels.tolist() == expected.tolist() and res.n_outside == 0
+    groups = np.zeros(20, np.int64)
+    groups[[6, 7, 11, 12]] = -1
+    groups[15:], groups[2], groups[4] = 1, 2, 3  # shapes 0..2, then the point (3)
+    assert res.groups.tolist() == groups.tolist()
+
+
+@pytest.mark.parametrize(
+    ("pixel_edges", "x", "expected"),
+    [(False, 99.4, 0), (False, 99.6, 1), (True, 99.9, 0), (True, 100.0, 1)],
+)
+def test_pixel_convention_of_points(pixel_edges: bool, x: float, expected: int) -> None:
+    """napari pixel centres: tile 0 spans [-0.5, 99.5); QuPath pixel edges: [0, 100)."""
+    res = labels_for_shapes([], [], _grid(1, 2), T, points=np.array([[x, 10.0]]), point_classes=[5],
+                            pixel_edges=pixel_edges)  # fmt: skip
+    assert res.labels.tolist() == [5 if i == expected else -1 for i in range(2)]

@@ -144,3 +144,51 @@ def test_half_precision_index_close_to_exact(precision: str, max_err: float) -> 
     assert np.abs(half.normalized - exact.normalized).max() <= 4 * max_err
     with pytest.raises(GpfmError, match="precision"):
         SimilarityIndex(x, precision="int8")
+
+
+def _centred_unit(x: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    c = x.astype(np.float64) - mean
+    return c / np.linalg.norm(c, axis=1, keepdims=True)
+
+
+def test_center_features_slide_or_given_mean() -> None:
+    from gpfm_core.analysis import center_features
+
+    rng = np.random.default_rng(3)
+    x = (rng.normal(size=(40, 12)) + 5.0).astype(np.float32)
+    centred, mean = center_features(x)
+    assert centred.dtype == np.float32 and mean.shape == (12,)
+    np.testing.assert_allclose(mean, x.mean(axis=0), atol=1e-5)
+    np.testing.assert_allclose(centred.mean(axis=0), 0, atol=1e-5)
+    cohort = np.full(12, 5.0, np.float32)
+    np.testing.assert_allclose(center_features(x, mean=cohort)[0], x - 5.0, atol=1e-6)
+    with pytest.raises(GpfmError, match=r"finite \(12,\)"):
+        center_features(x, mean=np.zeros(3))
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_centred_index_matches_definition_and_crosses_slides(precision: str) -> None:
+    rng = np.random.default_rng(4)
+    common = rng.normal(size=16) * 20  # the shared component that makes raw cosine ~1
+    a = (rng.normal(size=(60, 16)) + common).astype(np.float32)
+    b = (rng.normal(size=(30, 16)) + common + 3.0).astype(np.float32)
+    raw = SimilarityIndex(a).query_tiles(0)
+    assert raw.min() > 0.9  # everything looks alike
+    ia = SimilarityIndex(a, center=True, precision=precision)
+    ib = SimilarityIndex(b, center=True, precision=precision)
+    tol = 1e-5 if precision == "float32" else 4e-3
+    ua, ub = _centred_unit(a, a.mean(axis=0)), _centred_unit(b, b.mean(axis=0))
+    np.testing.assert_allclose(ia.mean, a.mean(axis=0), atol=1e-4)
+    np.testing.assert_allclose(ia.query_tiles(0), ua @ ua[0], atol=tol)
+    assert ia.query_tiles(0).min() < -0.3  # readable: unlike tiles score below zero
+    # a raw feature vector is centred on the index's mean; a direction is used as it is
+    np.testing.assert_allclose(ia.query(a[5]), ua @ ua[5], atol=tol)
+    d = ia.direction([0, 1])
+    expected = (ua[0] + ua[1]) / np.linalg.norm(ua[0] + ua[1])
+    np.testing.assert_allclose(d, expected, atol=tol)
+    np.testing.assert_allclose(ib.query(d, centred=True), ub @ expected, atol=tol)
+    np.testing.assert_allclose(cosine_similarity(a, a[2], center=True), ua @ ua[2], atol=1e-5)
+    # one tile that is the slide's average: one line, not a zero division
+    flat = np.vstack([a[:1], a[:1]])
+    with pytest.raises(GpfmError, match="average tile"):
+        SimilarityIndex(flat, center=True).query_tiles(0)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from _dock_support import tile_rect
 from napari.utils.colormaps import DirectLabelColormap
 from napari.utils.key_bindings import KeyBinding
@@ -102,14 +103,12 @@ def test_annotate_train_predict_save_export(
 
     # export GeoJSON (annotations + tile predictions) and CSV, import the annotations again
     gj = tab.export_geojson(tmp_path / "out.geojson")
-    anns = read_qupath_geojson(gj)
-    kinds = [a.object_type for a in anns]
-    assert kinds.count("annotation") == 3 and kinds.count("detection") == session.n_tiles
-    assert [a.class_name for a in anns if a.object_type == "annotation"] == [
-        "tumour",
-        "stroma",
-        "stroma",
-    ]
+    objs = read_qupath_geojson(gj)
+    assert len(objs.annotations) == 4  # 3 rectangles + the point (a MultiPoint of its class)
+    assert len(objs.detections) == session.n_tiles
+    assert [(a.class_name, a.kind) for a in objs.annotations] == [
+        ("tumour", "region"), ("stroma", "region"), ("stroma", "region"), ("tumour", "points"),
+    ]  # fmt: skip
     with open(tab.export_csv(tmp_path / "tiles.csv")) as fh:
         rows_csv = list(csv.DictReader(fh))
     assert len(rows_csv) == session.n_tiles
@@ -118,11 +117,15 @@ def test_annotate_train_predict_save_export(
     viewer.layers.remove(shapes)
     viewer.layers.remove(points)
     n = tab.import_geojson(gj)
-    assert n == 3
+    assert n == 4
     new_shapes = ov.find(viewer, ov.ANNOTATIONS, session)
     np.testing.assert_array_equal(new_shapes.features["class"], [0, 1, 1])
     for a, b in zip(new_shapes.data, polys, strict=True):
         np.testing.assert_allclose(np.asarray(a)[:, ::-1], b, atol=1e-3)
+    new_points = viewer.layers[ov.ANNOTATION_POINTS]
+    np.testing.assert_allclose(new_points.data, [session.tile_center(int(bottom[0]))[::-1]])
+    assert new_points.features["class"].tolist() == [0]
+    assert any(f"{session.n_tiles} detection(s) left out" in m for m in notes())
     assert all("\n" not in m for m in notes())
 
 
@@ -149,3 +152,103 @@ def test_class_editing_and_apply_without_probe(embedded: Any, notes: Any) -> Non
     tab.apply_combo.setCurrentText(session.name)
     tab.buttons["apply"].click()  # no probe yet -> one line, no traceback
     assert any("no probe yet" in m for m in notes())
+
+
+def _box(x0: float, y0: float, x1: float, y1: float) -> list[list[float]]:
+    return [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
+
+
+def test_qupath_holes_survive_import_labelling_edit_and_export(
+    embedded: Any, tmp_path: Path, notes: Any
+) -> None:
+    """A QuPath annotation with an erased hole, in a file of mixed dialects, through the dock."""
+    import json
+
+    from napari_gpfm._widget import _probe_io as pio
+
+    _, dock, session = embedded
+    tab = dock.probe_tab
+    rc, t = session.grid_rc, session.tile_size
+    index = session.index_raster
+    # a tile whose 5x5 neighbourhood is all embedded: the region; its 3x3 core: the hole
+    q = next(
+        i for i in range(session.n_tiles)
+        if (r := rc[i, 0]) >= 2 and (c := rc[i, 1]) >= 2
+        and (index[r - 2 : r + 3, c - 2 : c + 3] >= 0).all()
+    )  # fmt: skip
+    region = index[rc[q, 0] - 2 : rc[q, 0] + 3, rc[q, 1] - 2 : rc[q, 1] + 3].ravel()
+    hole = index[rc[q, 0] - 1 : rc[q, 0] + 2, rc[q, 1] - 1 : rc[q, 1] + 2].ravel()
+
+    def edges(tiles: np.ndarray) -> tuple[float, float, float, float]:  # QuPath px edges
+        xy = session.coords[tiles]
+        return *(xy.min(axis=0) + 1.0), *(xy.max(axis=0) + t - 1.0)  # a pixel inside
+
+    outer_box, hole_box = edges(region), edges(hole)
+    far = np.flatnonzero(rc[:, 0] >= rc[:, 0].max() - 3)  # stroma: the last 4 rows
+    assert rc[far, 0].min() > rc[q, 0] + 2  # away from the tumour region
+    uid = "0f8fad5b-d9cb-469f-a165-70867728950e"
+    doc = [  # QuPath 0.4 with a UUID, 0.3 (object_type, string class), 0.2 (legacy id)
+        {"type": "Feature", "id": uid,
+         "geometry": {"type": "Polygon", "coordinates": [_box(*outer_box), _box(*hole_box)]},
+         "properties": {"objectType": "annotation", "name": "erased",
+                        "classification": {"name": "Tumor", "color": [200, 0, 0]}}},
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [_box(*edges(far))]},
+         "properties": {"object_type": "annotation", "classification": "Stroma"}},
+        {"type": "Feature", "id": "PathCellObject",
+         "geometry": {"type": "Polygon", "coordinates": [_box(*edges(far[:1]))]},
+         "properties": {"classification": {"name": "Negative", "colorRGB": -16776961}}},
+        {"type": "Feature", "geometry": None, "properties": {"objectType": "annotation", "name": "Lost ROI"}},
+    ]  # fmt: skip
+    path = tmp_path / "qupath.geojson"
+    path.write_text(json.dumps(doc))
+
+    assert tab.import_geojson(path) == 2
+    assert "Negative" not in tab.classes.names  # the cell is not a class
+    message = notes()[-1]
+    assert "1 cell(s) left out" in message and "'Lost ROI' (no geometry)" in message
+    assert "1 hole(s) kept" in message
+    shapes, points = tab.ensure_layers()
+    tumor, stroma = tab.classes.names.index("Tumor"), tab.classes.names.index("Stroma")
+
+    # labelling uses the true geometry: the hole's 9 tiles are not Tumor
+    ann = pio.collect(shapes, points)
+    tiles = pio.label_tiles(session, ann)
+    expected = np.full(session.n_tiles, -1)
+    expected[np.setdiff1d(region, hole)] = tumor
+    expected[far] = stroma
+    np.testing.assert_array_equal(tiles.labels, expected)
+    assert tiles.groups[region[0]] != tiles.groups[far[0]]
+
+    # the panel says how the CV score was computed: one annotation per class, cut in blocks
+    assert tab.train(sync=True)
+    text = tab.report_label.text()
+    assert "CV balanced accuracy: " in text and "5-fold CV grouped by annotation" in text
+    assert "'Tumor', 'Stroma' drawn once, cut into" in text and "scaler fitted" in text
+
+    # the round trip back to QuPath keeps the hole, the name and the UUID
+    objs = read_qupath_geojson(tab.export_geojson(tmp_path / "back.geojson"))
+    back = {a.class_name: a for a in objs.annotations}
+    assert back["Tumor"].uid == uid and back["Tumor"].name == "erased"
+    assert [list(r.coords) for r in back["Tumor"].geometry.interiors] == [
+        [tuple(p) for p in _box(*hole_box)]
+    ]
+
+    # moving the whole shape keeps its hole (moved too)
+    data = [np.asarray(d).copy() for d in shapes.data]
+    data[0] += [0.0, session.stride]  # one tile to the right, in (row, col)
+    shapes.data = data
+    moved = pio.collect(shapes, points)
+    assert moved.stored[0] is not None and len(moved.geometries[0].interiors) == 1
+    assert moved.geometries[0].interiors[0].bounds[0] == pytest.approx(hole_box[0] - 0.5 + session.stride)
+
+    # editing a vertex replaces the stored geometry by the edited outline (the hole is gone)
+    data[0][1] += [0.0, 5.0]
+    shapes.data = data
+    edited = pio.collect(shapes, points)
+    assert edited.stored[0] is None and len(edited.geometries[0].interiors) == 0
+    labels_after = pio.label_tiles(session, edited).labels
+    shifted_hole = index[rc[hole, 0], np.minimum(rc[hole, 1] + 1, index.shape[1] - 1)]
+    assert (labels_after[shifted_hole[shifted_hole >= 0]] == tumor).any()
+    objs = read_qupath_geojson(tab.export_geojson(tmp_path / "edited.geojson"))
+    tumor_back = next(a for a in objs.annotations if a.class_name == "Tumor")
+    assert len(tumor_back.geometry.interiors) == 0 and tumor_back.uid != uid

@@ -1,4 +1,5 @@
-"""Retrieve tab: click -> cosine heatmap in place, top-k gallery over every embedded slide."""
+"""Retrieve tab: click -> centred-cosine heatmap in place, query outline, top-k gallery over every
+embedded slide."""
 
 from __future__ import annotations
 
@@ -14,8 +15,14 @@ from qtpy.QtCore import Qt
 from napari_gpfm._layers import viewer_camera
 from napari_gpfm._widget import _overlays as ov
 from napari_gpfm._widget._demo_hook import populate_demo
+from napari_gpfm._widget._retrieve_tab import QUERY
 
 pytest_plugins = ["_dock_support"]
+
+
+def centred_unit(features: np.ndarray) -> np.ndarray:
+    """Rows centred on their mean, then normalised (float64 reference of the dock's scores)."""
+    return unit(features - features.astype(np.float64).mean(axis=0))
 
 
 def test_click_query_heatmap_gallery_and_navigation(
@@ -37,18 +44,32 @@ def test_click_query_heatmap_gallery_and_navigation(
     click(viewer, tile_world_centre(cmu, query))
     sim = ov.find(viewer, ov.SIMILARITY, cmu)
     assert isinstance(sim, Image) and sim.opacity == 0.6 and sim.data.shape == cmu.grid_shape
-    q = unit(cmu.features)[query]
-    expected = unit(cmu.features) @ q
+    # centred cosine: each slide's features centred on its own mean, then normalised
+    cu, cu_other = centred_unit(cmu.features), centred_unit(other.features)
+    q = cu[query]
+    expected = cu @ q
     rc = cmu.grid_rc
     np.testing.assert_allclose(sim.data[rc[:, 0], rc[:, 1]], expected, atol=1e-5)
     assert abs(sim.data[rc[query, 0], rc[query, 1]] - 1.0) < 1e-5
-    lo, hi = sim.contrast_limits
-    assert hi == float(np.float32(expected.max())) or abs(hi - expected.max()) < 1e-5
-    assert lo < hi
+    # the contrast spreads the slide's own range: 2nd percentile to the best tile but the query
+    rest = np.delete(expected, query)
+    np.testing.assert_allclose(sim.contrast_limits, [np.percentile(rest, 2), rest.max()], atol=1e-5)
+    assert expected.min() < 0 < rest.max() < 1  # readable: unlike tissue scores below zero
+    # the query tile is outlined on the slide
+    marker, slide = viewer.layers[QUERY], viewer.layers[cmu.name]
+
+    def outline_on_slide() -> np.ndarray:  # the outline's corners in slide pixel coordinates
+        corners = np.asarray(marker.data[0])[[0, 2]]
+        return np.array([slide.world_to_data(marker.data_to_world(c))[-2:] for c in corners])
+
+    (x0, y0), t = cmu.coords[query], cmu.tile_size
+    expected_outline = [[y0 - 0.5, x0 - 0.5], [y0 + t - 0.5, x0 + t - 0.5]]
+    np.testing.assert_allclose(outline_on_slide(), expected_outline, atol=1e-3)
+    assert marker.metadata["gpfm"] == {"slide_id": cmu.key, "kind": "query"}
 
     # top-k over both slides, query excluded, best first. Compared by score, not by rank: two
     # tiles closer than float32 rounding (the app) vs float64 (this reference) may swap places
-    expected_other = unit(other.features) @ q
+    expected_other = cu_other @ q
     ref = {(cmu.key, i): s for i, s in enumerate(expected) if i != query}
     ref |= {(other.key, i): s for i, s in enumerate(expected_other)}
     got = [ref[(h.key, h.index)] for h in tab.hits]  # KeyError: the query itself came back
@@ -83,9 +104,14 @@ def test_click_query_heatmap_gallery_and_navigation(
     click(viewer, tile_world_centre(cmu, query))
     near = np.flatnonzero(np.abs(rc - rc[query]).max(axis=1) <= 1)
     assert near.size > 1
-    qn = unit(cmu.features)[near].mean(axis=0)
+    qn = cu[near].mean(axis=0)
     np.testing.assert_allclose(
-        sim.data[rc[:, 0], rc[:, 1]], unit(cmu.features) @ (qn / np.linalg.norm(qn)), atol=1e-5
+        sim.data[rc[:, 0], rc[:, 1]], cu @ (qn / np.linalg.norm(qn)), atol=1e-5
+    )
+    assert len(marker.data) == 1  # one outline around the neighbourhood
+    lo, hi = cmu.coords[near].min(axis=0), cmu.coords[near].max(axis=0) + t
+    np.testing.assert_allclose(
+        outline_on_slide(), [[lo[1] - 0.5, lo[0] - 0.5], [hi[1] - 0.5, hi[0] - 0.5]], atol=1e-3
     )
 
     # outside the embedded tiles: status message only, heatmap unchanged
@@ -124,3 +150,18 @@ def test_populate_demo_fills_every_tab(embedded: Any, cmu_embeddings: Path) -> N
     assert session.query_index == 5 and session.clusters.max() == 4
     assert dock.tabs.currentWidget() is dock.retrieve_tab and len(dock.retrieve_tab.hits) == 12
     assert dock.probe_tab.session is session
+
+
+def test_gallery_shows_long_slide_names_whole(qtbot: Any) -> None:
+    from napari_gpfm._widget._gallery import Hit, TileGallery
+
+    gallery = TileGallery()
+    qtbot.addWidget(gallery)
+    names = ["TCGA-A1-A0SB-01Z-00-DX1.B34C267B.svs", "TCGA-A1-A0SB-01Z-00-DX2.91C2A8F1.svs"]
+    gallery.set_hits([Hit("a", names[0], 3, 0.91234), Hit("b", names[1], 7, 0.5)])
+    texts = [b.text().split("\n")[1] for b in gallery.buttons]
+    # shortened in the middle: both the study prefix and the distinguishing end stay visible
+    assert all(t.startswith("TCGA") and t.endswith("svs") and "…" in t for t in texts)
+    assert texts[0] != texts[1]
+    assert gallery.buttons[0].toolTip().startswith(names[0] + "\n")  # the whole name
+    assert "similarity 0.9123" in gallery.buttons[0].toolTip()

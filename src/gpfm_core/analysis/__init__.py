@@ -2,7 +2,7 @@
 
 Everything takes plain arrays: ``features (N, D)`` float32, ``coords (N, 2)`` int64 level-0
 (x, y) top-left corners, ``grid_rc (N, 2)`` int64 (row, col). scikit-learn, umap-learn,
-numba and scikit-image are imported lazily inside the functions that need them, so importing
+numba, shapely and scikit-image are imported lazily inside the functions that need them, so importing
 this package is cheap.
 """
 
@@ -12,15 +12,18 @@ from gpfm_core.analysis.clustering import density_clusters, kmeans_clusters, ord
 from gpfm_core.analysis.embedding import pca_reduce, umap_embed
 from gpfm_core.analysis.io import (
     Annotation,
+    QuPathObjects,
+    annotations_to_geojson,
     predictions_to_geojson,
     read_qupath_geojson,
     shapes_to_geojson,
 )
 from gpfm_core.analysis.labels import ShapeLabels, labels_for_shapes
-from gpfm_core.analysis.probe import LinearProbe, ProbeReport
+from gpfm_core.analysis.probe import CVPlan, LinearProbe, ProbeReport, plan_cv
 from gpfm_core.analysis.raster import tile_layer_placement, tiles_to_raster
 from gpfm_core.analysis.similarity import (
     SimilarityIndex,
+    center_features,
     cosine_similarity,
     neighbourhood_indices,
     neighbourhood_query,
@@ -33,10 +36,14 @@ from gpfm_core.analysis.tables import predictions_to_csv
 
 __all__ = [
     "Annotation",
+    "CVPlan",
     "LinearProbe",
     "ProbeReport",
+    "QuPathObjects",
     "ShapeLabels",
     "SimilarityIndex",
+    "annotations_to_geojson",
+    "center_features",
     "cosine_similarity",
     "density_clusters",
     "kmeans_clusters",
@@ -46,6 +53,7 @@ __all__ = [
     "normalize_rows",
     "order_by_size",
     "pca_reduce",
+    "plan_cv",
     "predictions_to_csv",
     "predictions_to_geojson",
     "query_from_point",

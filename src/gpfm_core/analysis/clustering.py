@@ -7,6 +7,7 @@ gives the same colours when the same slide is clustered again.
 from __future__ import annotations
 
 import logging
+import warnings
 
 import numpy as np
 
@@ -82,7 +83,10 @@ def kmeans_clusters(
         from sklearn.cluster import KMeans
 
         model = KMeans(n_clusters=k, random_state=seed, n_init=n_init)
-    raw = model.fit_predict(x)
+    with warnings.catch_warnings():
+        # identical rows: sklearn warns that it found fewer clusters; we say it below, once
+        warnings.filterwarnings("ignore", message="Number of distinct clusters")
+        raw = model.fit_predict(x)
     found = np.unique(raw).size
     if found < k:
         log.warning("k-means found %d non-empty clusters of %d requested", found, k)

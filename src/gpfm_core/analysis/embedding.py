@@ -263,6 +263,8 @@ def pca_reduce(
         raise GpfmError(f"n_components must be >= 1, got {n_components!r}")
     n, d = x.shape
     k = min(int(n_components), n, d)
+    if n == 1:  # one tile is its own mean: its scores are 0 (sklearn would divide by N - 1 = 0)
+        return np.zeros((1, k), dtype=np.float32)
     from sklearn.decomposition import PCA
 
     # randomized SVD is far faster than a full SVD when k << min(N, D)
@@ -295,7 +297,7 @@ def umap_embed(
     Parameters
     ----------
     features
-        (N, D) float array, N >= 3.
+        (N, D) float array, N >= 4, not all rows identical.
     n_neighbors
         UMAP neighbourhood size; lowered to N - 1 (with a warning) on tiny inputs.
     min_dist
@@ -328,8 +330,8 @@ def umap_embed(
     """
     x = as_features(features)
     n = x.shape[0]
-    if n < 3:
-        raise GpfmError(f"UMAP needs at least 3 tiles, got {n}: embed a larger region")
+    if n < 4:  # umap-learn's spectral start needs more points than its 2 + 1 eigenvectors
+        raise GpfmError(f"UMAP needs at least 4 tiles, got {n}: embed a larger region")
     if isinstance(n_neighbors, bool) or int(n_neighbors) < 2:
         raise GpfmError(f"n_neighbors must be >= 2, got {n_neighbors!r}")
     if not 0.0 <= float(min_dist) <= 1.0:
@@ -337,6 +339,10 @@ def umap_embed(
     n_neighbors = int(n_neighbors)
     if n_epochs is not None and (isinstance(n_epochs, bool) or int(n_epochs) < 1):
         raise GpfmError(f"n_epochs must be a positive integer or None, got {n_epochs!r}")
+    if not np.ptp(x, axis=0).any():
+        raise GpfmError(
+            f"all {n} tiles have identical features: there is nothing to lay out; check the embedding"
+        )
     if n_neighbors >= n:
         warnings.warn(
             f"n_neighbors={n_neighbors} >= number of tiles {n}; using {n - 1}",

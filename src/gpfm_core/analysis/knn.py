@@ -34,6 +34,8 @@ def _check(x: np.ndarray, k: int) -> tuple[np.ndarray, int]:
         raise GpfmError(f"expected an (N, D) array of features, got shape {x.shape}")
     if isinstance(k, bool) or int(k) < 1:
         raise GpfmError(f"k must be a positive integer, got {k!r}")
+    if not np.isfinite(x).all():
+        raise GpfmError("features contain NaN or inf: re-embed the slide or drop those tiles")
     return x, min(int(k), x.shape[0])
 
 

@@ -17,7 +17,7 @@ THUMB_PX = 80
 
 @dataclass(frozen=True)
 class Hit:
-    """One retrieved tile: slide ``key`` / ``name``, tile ``index`` and cosine ``score``."""
+    """One retrieved tile: slide ``key`` / ``name``, tile ``index`` and similarity ``score``."""
 
     key: str
     name: str
@@ -33,6 +33,11 @@ def rgb_pixmap(rgb: np.ndarray, size: int = THUMB_PX) -> QPixmap:
     return QPixmap.fromImage(img).scaled(
         size, size, Qt.AspectRatioMode.KeepAspectRatio, Qt.TransformationMode.SmoothTransformation
     )
+
+
+def elide_middle(widget: QWidget, text: str, width: int) -> str:
+    """``text`` shortened in the middle ("TCGA-A1…-01Z") to fit ``width`` px of ``widget``'s font."""
+    return widget.fontMetrics().elidedText(text, Qt.TextElideMode.ElideMiddle, width)
 
 
 def _blank_pixmap() -> QPixmap:
@@ -86,8 +91,9 @@ class TileGallery(QWidget):
         for i, b in enumerate(self._pool):
             if i < len(self.hits):
                 hit = self.hits[i]
-                b.setText(f"{hit.score:.3f}\n{hit.name[:12]}")
-                b.setToolTip(f"{hit.name} · tile {hit.index} · cosine {hit.score:.4f}")
+                b.setText(f"{hit.score:.3f}\n{elide_middle(b, hit.name, THUMB_PX + 8)}")
+                # the full slide name: slides of one study often differ only in the middle
+                b.setToolTip(f"{hit.name}\ntile {hit.index} · similarity {hit.score:.4f}")
                 b.setIcon(blank)
             b.setVisible(i < len(self.hits))
         self.buttons = self._pool[: len(self.hits)]

@@ -94,24 +94,42 @@ class ProbeFilesMixin:
         return pio.export_csv(path, s, self._prediction_names(), s.prediction, s.confidence)
 
     def import_geojson(self, path: str | Path) -> int:
-        """Add QuPath annotations to ``gpfm: annotations`` (new class names are added)."""
+        """Add QuPath annotations to the annotation layers (new class names are added).
+
+        Regions and lines go to the Shapes layer with their true geometry stored beside it
+        (holes and parts kept, see :mod:`~napari_gpfm._widget._probe_io`), point
+        annotations to the Points layer; detections and cells are counted and left out,
+        and features without geometry are named, in one notification.
+
+        Returns
+        -------
+        int
+            Number of shapes and points added.
+        """
         self._need_session()
-        polys, names, colours = pio.import_geojson(path)
-        shapes, _ = self.ensure_layers()
-        idx = []
-        for name in names:
+        imported = pio.import_geojson(path)
+        shapes, points = self.ensure_layers()
+
+        def index_of(name: str) -> int:
             if name not in self.classes.names:
                 i = self.classes.add_class(name)
-                if name in colours:
-                    self.classes.set_colour(i, colours[name])
-            idx.append(self.classes.names.index(name))
-        if polys:
-            shapes.add_polygons([p[:, ::-1] for p in polys])
-            shapes.features.loc[shapes.features.index[-len(polys) :], "class"] = idx
+                if name in imported.colours:
+                    self.classes.set_colour(i, imported.colours[name])
+            return self.classes.names.index(name)
+
+        idx = [index_of(n) for n in imported.shape_classes]
+        pidx = [index_of(n) for n in imported.point_classes]
+        pio.add_imported(shapes, imported, idx)
+        if len(imported.points):
+            points.add(imported.points[:, ::-1])
+            points.features.loc[points.features.index[-len(pidx) :], "class"] = pidx
+        added = len(idx) + len(pidx)
+        if added:
             self._recolour()
             self.timer.start()
-        show_info(f"imported {len(polys)} annotation(s) from {Path(path).name}")
-        return len(polys)
+        holes = f"; {imported.n_holes} hole(s) kept (not drawn by napari)" if imported.n_holes else ""
+        show_info(imported.message + holes)
+        return added
 
     def _prediction_names(self) -> list[str]:
         return list(self.probe.class_names) if self.probe is not None else self.classes.names

@@ -50,19 +50,34 @@ DEBOUNCE_MS = 500
 
 def train_job(
     session: SlideSession, labels: np.ndarray, names: list[str], colours: list[tuple[int, int, int]],
-    *, cancel: threading.Event,
+    *, cancel: threading.Event, groups: np.ndarray | None = None,
 ) -> Generator[Step, None, Any]:  # fmt: skip
-    """Worker body: fit the probe on labelled tiles, predict every tile."""
+    """Worker body: fit the probe on labelled tiles (CV grouped by annotation), predict all."""
     from gpfm_core.analysis import LinearProbe
 
     yield Step(0, 2, "fitting")
     probe = LinearProbe(encoder=session.encoder or None, class_colours=colours)
-    report = probe.fit(session.features, labels, class_names=names)
+    report = probe.fit(
+        session.features, labels, class_names=names, groups=groups, grid_rc=session.grid_rc
+    )
     if cancel.is_set():
         return None
     yield Step(1, 2, "predicting")
     pred, conf = probe.predict(session.features)
     return session, probe, report, pred, conf
+
+
+def score_text(report: Any) -> str:
+    """The report in words: tiles per class, the CV score and how it was computed."""
+    counts = ", ".join(f"{k}: {v}" for k, v in report.n_per_class.items())
+    if report.cv_balanced_accuracy is None:
+        cv = f"CV balanced accuracy: n/a ({report.note or 'not computed'})."
+    else:
+        how = report.cv_scheme or f"{report.cv_folds}-fold CV"
+        note = f"; {report.note}" if report.note else ""
+        cv = f"CV balanced accuracy: {report.cv_balanced_accuracy:.2f} ({how}{note})."
+    train = f" Training tiles: {report.train_balanced_accuracy:.2f} (optimistic)."
+    return f"Tiles per class: {counts}. {cv}{train}"
 
 
 class ProbeTab(ProbeFilesMixin, QWidget):
@@ -295,10 +310,11 @@ class ProbeTab(ProbeFilesMixin, QWidget):
             )
             return False
         try:
-            labels, self.n_outside = pio.tile_labels(session, ann)
+            tiles = pio.label_tiles(session, ann)
         except GpfmError as exc:
             notify_error(exc)
             return False
+        labels, self.n_outside = tiles.labels, tiles.n_outside
         counts = {n: int((labels == i).sum()) for i, n in enumerate(names)}
         used = [n for n, c in counts.items() if c > 0]
         if len(used) < 2:
@@ -309,7 +325,7 @@ class ProbeTab(ProbeFilesMixin, QWidget):
             )
             return False
         self.report_label.setText("Training…")
-        self.job.start(session, labels, names, self.classes.colours, sync=sync)
+        self.job.start(session, labels, names, self.classes.colours, groups=tiles.groups, sync=sync)
         return self.job.state == "done" if sync else True
 
     def _outside_text(self) -> str:
@@ -326,13 +342,7 @@ class ProbeTab(ProbeFilesMixin, QWidget):
         self.probe_key = session.feature_key
         self.trainings += 1
         self.show_prediction(session, pred, conf)
-        r = self.report
-        cv = "n/a" if r.cv_balanced_accuracy is None else f"{r.cv_balanced_accuracy:.2f}"
-        counts = ", ".join(f"{k}: {v}" for k, v in r.n_per_class.items())
-        note = f" ({r.note})" if r.note else ""
-        self.report_label.setText(
-            f"Tiles per class: {counts}. CV balanced accuracy: {cv}{note}." + self._outside_text()
-        )
+        self.report_label.setText(score_text(self.report) + self._outside_text())
 
     def _on_end(self, state: str) -> None:
         if self._pending:

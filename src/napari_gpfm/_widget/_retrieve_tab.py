@@ -1,11 +1,17 @@
-"""Retrieve tab: click a tile -> cosine similarity heatmap + top-k gallery over all slides.
+"""Retrieve tab: click a tile -> similarity heatmap + top-k gallery over all slides.
 
-The similarity of every tile of every embedded slide to the query is one matrix-vector
-product per slide on cached unit-norm features (:class:`~gpfm_core.analysis.similarity.SimilarityIndex`).
+Scores are centred cosine similarities: each slide's features are centred on that slide's
+mean and normalised once per session (:class:`~gpfm_core.analysis.similarity.SimilarityIndex`
+with ``center=True``), so a score says how much a tile shares the query's departure from
+the slide's average tissue (raw cosine of embeddings is 0.98-0.999 for every tile). The
+query direction (one tile, or its 3x3 neighbourhood averaged) is compared with every tile
+of every slide embedded with the same features: one matrix-vector product per slide.
 The clicked slide's scores are written into a cached raster and ``gpfm: similarity`` is
-updated in place (colormap ``magma`` with transparent bottom, opacity 0.6, contrast from
-the 2nd percentile to the maximum score; the user may change all three). Gallery
-thumbnails are read from the slide files in a worker after the heatmap is shown.
+updated in place (colormap ``magma`` with transparent bottom, opacity 0.6; contrast from
+the slide's 2nd percentile to its best score other than the query tiles, so the slide's
+own range fills the colormap; the user may change all three). The query tile is outlined
+on the slide (``gpfm: query``). Gallery thumbnails are read from the slide files in a
+worker after the heatmap is shown.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from gpfm_core.analysis import neighbourhood_query, top_k_multi
+from gpfm_core.analysis import neighbourhood_indices, top_k_multi
 from napari_gpfm._layers import viewer_camera
 from napari_gpfm._widget import _overlays as ov
 from napari_gpfm._widget._gallery import THUMB_PX, Hit, TileGallery
@@ -41,6 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _FILL = -2.0  # below any cosine: drawn with the transparent bottom colour
+QUERY = "gpfm: query"
 
 
 def thumbnails_job(
@@ -64,6 +71,33 @@ def thumbnails_job(
     finally:
         for s in slides.values():
             s.close()
+
+
+def heatmap_limits(scores: np.ndarray, query: np.ndarray) -> tuple[float, float]:
+    """Contrast limits spreading a slide's own range: its 2nd percentile to its best tile.
+
+    The query tiles (which score ~1) are left out of the top, so the slide's best matches
+    reach the top of the colormap.
+    """
+    rest = np.delete(np.asarray(scores, dtype=np.float32), np.asarray(query, dtype=np.int64))
+    rest = rest[np.isfinite(rest)]
+    if rest.size < 2:
+        return -1.0, 1.0
+    lo, hi = float(np.percentile(rest, 2)), float(rest.max())
+    return (lo, hi) if hi > lo else (lo - 1e-3, lo + 1e-3)
+
+
+def query_outline(session: SlideSession, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The query tiles' outline: level-0 ``(row, col)`` origin and a (4, 2) rectangle from it.
+
+    The rectangle covers the tiles' pixels (pixel-centre coordinates, so from -0.5 to the
+    extent - 0.5) relative to the origin, the top-left tile corner.
+    """
+    xy = session.coords[np.asarray(query, dtype=np.int64)]
+    lo, hi = xy.min(axis=0), xy.max(axis=0) + session.tile_size
+    h, w = float(hi[1] - lo[1]), float(hi[0] - lo[0])
+    rect = np.array([[0, 0], [0, w], [h, w], [h, 0]], dtype=np.float64) - 0.5
+    return np.array([lo[1], lo[0]], dtype=np.float64), rect
 
 
 class RetrieveTab(QWidget):
@@ -120,20 +154,21 @@ class RetrieveTab(QWidget):
         """
         t0 = time.perf_counter()
         index_obj = session.similarity_index()
-        if self.neigh_check.isChecked():
-            vector = neighbourhood_query(index, session.grid_rc, session.features, radius=1)
-        else:
-            vector = index_obj.normalized[index]
+        radius = 1 if self.neigh_check.isChecked() else 0
+        query_tiles = neighbourhood_indices(index, session.grid_rc, radius=radius)
+        direction = index_obj.direction(query_tiles)  # in the slide's centred space
         scores_by: dict[str, np.ndarray] = {}
         # only slides embedded with the same encoder, weights and tiling are comparable
         searched, skipped = self.store.split_comparable(session)
         for other in searched:
-            scores = other.similarity_index().query(vector)
+            # every slide is centred on its own mean: the query is a direction, not centred again
+            scores = other.similarity_index().query(direction, centred=True)
             other.similarity = scores
             scores_by[other.key] = scores
         t1 = time.perf_counter()
         session.query_index = index
-        self._show_heatmap(session, scores_by[session.key])
+        self._show_heatmap(session, scores_by[session.key], query_tiles)
+        self._mark_query(session, query_tiles)
         t2 = time.perf_counter()
         ranked = {k: v.copy() for k, v in scores_by.items()}
         ranked[session.key][index] = np.nan  # the query itself is not a hit
@@ -150,7 +185,8 @@ class RetrieveTab(QWidget):
             "total_ms": 1e3 * (time.perf_counter() - t0),
         }
         msg = (
-            f"query: tile {index} of {session.name}; best match {self.hits[0].score:.3f}"
+            f"query: tile {index} of {session.name}; best match {self.hits[0].score:.3f} "
+            "(centred cosine: 0 = like the slide's average tile, 1 = like the query)"
             if self.hits
             else "no hits"
         )
@@ -165,13 +201,12 @@ class RetrieveTab(QWidget):
             self._load_thumbnails(sync=sync)
         return scores_by[session.key]
 
-    def _show_heatmap(self, session: SlideSession, scores: np.ndarray) -> None:
+    def _show_heatmap(self, session: SlideSession, scores: np.ndarray, query: np.ndarray) -> None:
         raster = session.cache.get("sim_raster")
         if raster is None:
             raster = session.cache["sim_raster"] = np.full(session.grid_shape, _FILL, np.float32)
         session.fill_raster(raster, scores)
-        lo = float(np.percentile(scores, 2)) if scores.size > 1 else float(scores.min()) - 1e-3
-        hi = float(scores.max())
+        lo, hi = heatmap_limits(scores, query)
         ov.upsert_image(
             self.viewer, ov.SIMILARITY, raster, session, ov.find(self.viewer, session.name),
             colormap="magma", contrast_limits=(lo, hi), opacity=0.6, contrast_range=(-1.0, 1.0),
@@ -180,6 +215,36 @@ class RetrieveTab(QWidget):
         tiles = ov.find(self.viewer, ov.TILES, session)
         if tiles is not None and len(tiles.data) == session.n_tiles:
             tiles.features["similarity"] = scores
+
+    def _mark_query(self, session: SlideSession, query: np.ndarray) -> None:
+        """Outline the query tile(s) on the slide: ``gpfm: query``, one rectangle.
+
+        The rectangle is drawn once at the origin and moved by the layer's translate: a
+        click changes a transform (cheap), not the Shapes data (re-triangulated by napari,
+        ~20 ms a click).
+        """
+        origin, rect = query_outline(session, query)
+        scale, translate = ov.slide_placement(session, ov.find(self.viewer, session.name))
+        translate = translate + origin * scale
+        layer = ov.find(self.viewer, QUERY)
+        if layer is None:
+            with ov.keep_active(self.viewer):
+                layer = self.viewer.add_shapes(
+                    [rect], shape_type="rectangle", name=QUERY, edge_color="cyan",
+                    face_color=[0, 0, 0, 0], edge_width=max(session.stride / 12, 2.0),
+                    scale=scale, translate=translate,
+                )  # fmt: skip
+            layer.editable = False
+        else:
+            if not np.allclose(layer.data[0], rect):  # another size: neighbourhood, slide
+                layer.data = [rect]
+                layer.shape_type = ["rectangle"]
+            if not np.allclose(layer.scale, scale):
+                layer.scale = scale
+            layer.translate = translate
+            if not layer.visible:
+                layer.visible = True
+        layer.metadata["gpfm"] = {"slide_id": session.key, "kind": "query"}
 
     def _load_thumbnails(self, *, sync: bool) -> None:
         self.thumbs.cancel()
@@ -216,4 +281,4 @@ class RetrieveTab(QWidget):
         viewer_camera(self.viewer).zoom = width / (4.0 * session.tile_size * session.mpp[0])
         if slide_layer is not None:
             self.viewer.layers.selection.active = slide_layer
-        self.status.setText(f"{hit.name}: tile {hit.index}, cosine {hit.score:.3f}")
+        self.status.setText(f"{hit.name}: tile {hit.index}, similarity {hit.score:.3f}")

@@ -297,11 +297,12 @@ class SlideSession:
 
     # ------------------------------------------------------------------ caches
     def similarity_index(self) -> Any:
-        """The cached :class:`gpfm_core.analysis.SimilarityIndex` (normalised features)."""
+        """The cached :class:`gpfm_core.analysis.SimilarityIndex`: features centred on the
+        slide's mean and normalised, once per session."""
         if self._index is None:
             from gpfm_core.analysis import SimilarityIndex
 
-            self._index = SimilarityIndex(self.features)
+            self._index = SimilarityIndex(self.features, center=True)
         return self._index
 
 
