@@ -121,10 +121,9 @@ def test_fsdp_takes_the_same_steps_as_ddp_and_resumes(
     he_png: Path, tmp_path: Path, script: Path
 ) -> None:
     from gpfm_core.encoders import create_encoder
+    from gpfm_core.train import load_config
     from gpfm_core.train.checkpoint import load_checkpoint
     from gpfm_core.train.export import export_checkpoint
-
-    from gpfm_core.train import load_config
 
     # GPFM's clipping (backbone and DINO head each, expert heads never): under FSDP each norm
     # is taken over DTensor shards, under DDP over replicated gradients

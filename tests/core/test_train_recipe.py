@@ -168,6 +168,10 @@ def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _params(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
 def _norm(grads: dict[str, torch.Tensor], prefix: str) -> float:
     return torch.cat([g.flatten() for n, g in grads.items() if n.startswith(prefix)]).norm().item()
 
@@ -411,17 +415,13 @@ def test_heads_train_their_gains_and_freeze_last_layers_first(he_png: Path, tmp_
     eh = heads["expert_heads"]["tiny_expert"]
     assert eh.last_layer.bias is None
     assert torch.all(eh.last_layer.parametrizations.weight.original0 == 1)
-
-    def snap() -> dict[str, torch.Tensor]:
-        return {n: p.detach().clone() for n, p in heads.named_parameters()}
-
-    start = snap()
+    start = _params(heads)
     data = batches(state, 0)
     train_step(state, data)
     train_step(state, data)
-    frozen = snap()
+    frozen = _params(heads)
     train_step(state, data)
-    free = snap()
+    free = _params(heads)
     last = [n for n in start if "last_layer" in n]
     assert {n.split(".")[0] for n in last} == {"dino_head", "expert_heads"}
     assert any(n.endswith("original0") and n.startswith("dino_head") for n in last)
@@ -507,16 +507,12 @@ def test_fp16_overflow_skips_the_step_instead_of_stopping_the_run(
     state = build(cfg, tmp_path)
     state.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)  # beyond what fp16 holds
     student = state.model.student
-
-    def snap() -> dict[str, torch.Tensor]:
-        return {n: p.detach().clone() for n, p in student.named_parameters()}
-
-    before = snap()
+    before = _params(student)
     data = batches(state, 0)
     values = train_step(state, data)
     assert not np.isfinite(values["grad_norm"]) and state.scaler.get_scale() == 2.0**23
-    assert all(torch.equal(p, before[n]) for n, p in snap().items())  # skipped
+    assert all(torch.equal(p, before[n]) for n, p in _params(student).items())  # skipped
     state.scaler.update(new_scale=256.0)
     values = train_step(state, data)
     assert np.isfinite(values["grad_norm"]) and np.isfinite(values["total"])
-    assert any(not torch.equal(p, before[n]) for n, p in snap().items())
+    assert any(not torch.equal(p, before[n]) for n, p in _params(student).items())
