@@ -19,14 +19,16 @@ def test_packaged_configs_resolve_with_paper_defaults() -> None:
     assert cfg["experts"][1]["weights"] == {"cls": 0.5, "patch": 0.125}
     assert cfg["experts"][2]["weights"] == {"cls": 1.0, "patch": 0.0}
     assert cfg["crops"]["local_crops_number"] == 8 and cfg["crops"]["local_crops_size"] == 98
+    assert cfg["dino"]["centering"] == "centering"  # GPFM's ViT-L run: EMA centring
     tiny = load_config("tiny_cpu")
     assert tiny["student"]["kwargs"]["embed_dim"] == 64
     assert tiny["student"]["kwargs"]["init_values"] == 1e-5  # free-form kwargs merged
     assert tiny["dino"]["koleo_loss_weight"] == 0.1  # untouched defaults kept
-    assert cfg["dino"]["centering"] == "sinkhorn_knopp"  # DINOv2's teacher targets
+    assert tiny["dino"]["centering"] == "sinkhorn_knopp"  # short runs: DINOv2's targets
     student = load_config("student_s")
     assert [e["name"] for e in student["experts"]] == ["hed-texture"]
     assert student["expert_loss"]["standardize"] is True
+    assert load_config("gpfm")["student"]["init_weights"] == "required"
 
 
 def test_override_file_and_set_items_layer_in_order(tmp_path: Path) -> None:
@@ -39,7 +41,13 @@ def test_override_file_and_set_items_layer_in_order(tmp_path: Path) -> None:
     assert cfg["optim"]["batch_size"] == 2  # --set wins over the file
     assert cfg["student"]["kwargs"]["depth"] == 3
     assert cfg["experts"] == [
-        {"name": "tiny-vit", "weights": {"cls": 2.0, "patch": 0.0}, "pretrained": True}
+        {
+            "name": "tiny-vit",
+            "weights": {"cls": 2.0, "patch": 0.0},
+            "pretrained": True,
+            "input": "native",  # what the expert's authors feed it, unless an item says
+            "target": "embedding",
+        }
     ]
     again = load_config(f, overrides=parse_set_items(["optim.batch_size=2"]))
     assert again["optim"]["batch_size"] == 2
@@ -54,6 +62,8 @@ def test_override_file_and_set_items_layer_in_order(tmp_path: Path) -> None:
         ({"crops": {"global_crops_size": 224, "bogus": 1, "other": 2}}, "crops.bogus, crops.other"),
         ({"experts": [{"name": "uni", "weight": {"cls": 1}}]}, "experts[0].weight"),
         ({"experts": [{"name": "uni", "weights": {"clss": 1}}]}, "experts[0].weights.clss"),
+        ({"experts": [{"name": "uni", "inputs": "crop"}]}, "experts[0].inputs"),
+        ({"student": {"init_weight": "x.pth"}}, "student.init_weight"),
     ],
 )
 def test_unknown_keys_are_named(over: dict, named: str) -> None:
@@ -78,6 +88,15 @@ def test_unknown_keys_are_named(over: dict, named: str) -> None:
             "every loss weight is 0",
         ),
         (["experts=[uni, uni]"], "twice"),
+        (["experts=[{name: uni, input: resized}]"], "experts.0..input must be crop or native"),
+        (["experts=[{name: conch, target: proj}]"], "target must be embedding or contrastive"),
+        (["optim.clip_grad_mode=global"], "optim.clip_grad_mode must be per_module or joint"),
+        (["dino.koleo_reduction=max"], "dino.koleo_reduction must be sum or mean"),
+        (["crops.interpolation=nearest"], "crops.interpolation must be bicubic or bilinear"),
+        (["crops.blur_kernel_size=8"], "blur_kernel_size must be an odd int"),
+        (["train.stop_at_step=0"], "stop_at_step must be null or an int >= 1"),
+        (["student.init_weights=3"], "student.init_weights must be a file path"),
+        (["student.pretrained=true", "student.init_weights=a.pth"], "both set"),
     ],
 )
 def test_bad_values_raise_config_error(items: list[str], match: str) -> None:
@@ -92,7 +111,7 @@ def test_missing_and_invalid_files(tmp_path: Path) -> None:
     bad.write_text("optim: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
-    with pytest.raises(ConfigError, match="no packaged config"):
+    with pytest.raises(ConfigError, match="no packaged config 'huge': use one of default, gpfm"):
         packaged_config("huge")
 
 

@@ -121,9 +121,13 @@ def test_fsdp_takes_the_same_steps_as_ddp_and_resumes(
     he_png: Path, tmp_path: Path, script: Path
 ) -> None:
     from gpfm_core.encoders import create_encoder
+    from gpfm_core.train import load_config
     from gpfm_core.train.checkpoint import load_checkpoint
     from gpfm_core.train.export import export_checkpoint
 
+    # GPFM's clipping (backbone and DINO head each, expert heads never): under FSDP each norm
+    # is taken over DTensor shards, under DDP over replicated gradients
+    assert load_config("tiny_cpu")["optim"]["clip_grad_mode"] == "per_module"
     ddp = _run(script, tmp_path / "ddp", he_png, "ddp", 3, resume=False)
     fsdp = _run(script, tmp_path / "fsdp", he_png, "fsdp", 2, resume=False)
     assert isinstance(ddp, dict) and isinstance(fsdp, dict), (ddp, fsdp)
@@ -131,6 +135,8 @@ def test_fsdp_takes_the_same_steps_as_ddp_and_resumes(
     # is computed by updated weights and its agreement compares a real data-parallel step
     d = ddp["losses"]
     assert float(d["lr"][0]) > 0 and not torch.allclose(d["total"][:1], d["total"][1:2])
+    # some module is over optim.clip_grad (3.0): with all three at most 3, the norm is <= 3 sqrt 3
+    assert float(d["grad_norm"].min()) > 3.0 * 3**0.5
     # sharded or replicated, the same data-parallel steps: every loss term and the weights
     _same_steps(fsdp["losses"], ddp["losses"], slice(0, 2))
     ckpt = load_checkpoint(tmp_path / "fsdp" / "checkpoint.pt")

@@ -124,7 +124,9 @@ def test_heads_shapes_and_normalisation() -> None:
     # prototypes are unit vectors and the bottleneck is L2-normalised: |logit| <= 1
     assert out.abs().max() <= 1 + 1e-5
     g = head.last_layer.parametrizations.weight.original0
-    assert not g.requires_grad and torch.all(g == 1)
+    assert g.requires_grad and torch.all(g == 1)  # DINOv2: starts at 1, trained
+    frozen = DINOHead(16, 32, hidden_dim=24, bottleneck_dim=8, train_gain=False)
+    assert not frozen.last_layer.parametrizations.weight.original0.requires_grad
     eh = ExpertHead(16, 48, hidden_dim=8)
     assert eh(torch.randn(2, 5, 16)).shape == (2, 5, 48)
 
@@ -194,7 +196,7 @@ def test_param_groups_layer_decay_and_no_weight_decay() -> None:
     assert groups["backbone.model.blocks.0.attn.qkv.bias"]["wd_multiplier"] == 0.0
     assert groups["backbone.model.blocks.0.attn.qkv.weight"]["wd_multiplier"] == 1.0
     assert groups["dino_head.last_layer.parametrizations.weight.original1"]["is_last_layer"]
-    assert not any("original0" in k for k in groups)  # frozen weight-norm gain
+    assert groups["dino_head.last_layer.parametrizations.weight.original0"]["is_last_layer"]
 
 
 def test_student_mask_token_replaces_masked_patches() -> None:

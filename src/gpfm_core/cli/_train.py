@@ -9,9 +9,10 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 HELP = """\
-Config layers: the packaged defaults (the GPFM paper setting), then --config (a YAML file, or a
-packaged name: tiny_cpu, student_s), then each --set key=value (values parsed as YAML, e.g.
---set optim.base_lr=1e-3 --set 'experts=[{name: uni, weights: {cls: 1.0, patch: 0.25}}]').
+Config layers: the packaged defaults (GPFM's recipe), then --config (a YAML file, or a packaged
+name: gpfm = the paper's ViT-L run, see docs/recipe_card.md; tiny_cpu; student_s), then each
+--set key=value (values parsed as YAML, e.g. --set optim.base_lr=1e-3
+--set 'experts=[{name: uni, weights: {cls: 1.0, patch: 0.25}}]').
 The resolved config is written to OUT/config.yaml; metrics to OUT/metrics.csv; the checkpoint to
 OUT/checkpoint.pt. Multi-GPU / multi-process: torchrun --nproc_per_node N -m gpfm_core train ...
 """
@@ -26,7 +27,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "--config", default=None, help="override YAML file or packaged name (tiny_cpu, student_s)"
+        "--config",
+        default=None,
+        help="override YAML file or packaged name (gpfm, tiny_cpu, student_s)",
     )
     p.add_argument(
         "--out", required=True, type=Path, help="run folder (checkpoint, metrics, config)"

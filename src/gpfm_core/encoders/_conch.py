@@ -20,7 +20,22 @@ from gpfm_core.errors import EncoderError
 
 
 class ConchEncoder(Encoder):
-    """CONCH image tower: ``encode_image(x, proj_contrast=False, normalize=False)`` -> ``(B, 512)``."""
+    """CONCH image tower: ``encode_image(x, proj_contrast=False, normalize=False)`` -> ``(B, 512)``.
+
+    :meth:`forward_contrastive` gives the embedding in CONCH's image-text space instead
+    (attentional pool -> LayerNorm -> ``proj_contrast``, L2-normalised): what GPFM distils
+    (its ``pretrain/dinov2/fms.py``: ``CONCH.forward``).
+    """
+
+    @property
+    def contrastive_dim(self) -> int:
+        """Width of :meth:`forward_contrastive` (512: ``proj_contrast`` is 512x512)."""
+        return int(self.model.visual.proj_contrast.shape[-1])
+
+    def forward_contrastive(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` normalised -> ``(B, 512)`` projected, unit-norm image embedding."""
+        self._check_input(x)
+        return self.model.encode_image(x, proj_contrast=True, normalize=True)
 
     def forward_tokens(self, x: torch.Tensor) -> dict[str, torch.Tensor | None]:
         """``{"cls": (B, 512), "patch": None}`` (CONCH's pooled feature has no patch grid)."""

@@ -12,6 +12,7 @@
 * ``conch`` — MahmoodLab/CONCH: CoCa ViT-B/16 vision tower at 448 px with its own open_clip-based
   code; feature = ``encode_image(x, proj_contrast=False, normalize=False)`` (512-d). Needs the
   optional ``conch`` package; without it building raises :class:`EncoderError` (meta still listed).
+  ``forward_contrastive`` gives the projected, L2-normalised image embedding that GPFM distils.
 """
 
 from __future__ import annotations

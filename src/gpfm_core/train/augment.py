@@ -1,10 +1,17 @@
 """DINOv2 multi-crop augmentation for H&E tiles, seeded per sample.
 
-Two global crops (scale 0.32-1) and N local crops (scale 0.05-0.32), each with flips,
-90° rotations, colour jitter, HED stain jitter, Gaussian blur and (second global crop)
-solarisation. Every random draw comes from ``numpy.random.default_rng(key)`` with a key
-built from (seed, step, sample index), so a crop depends only on where it sits in the run:
-a resumed run or a run on more workers sees exactly the same crops.
+Two global crops (scale 0.32-1) and N local crops (scale 0.05-0.32), each resized bicubic,
+flipped, colour-jittered, turned grey, blurred and (second global crop) solarised, as GPFM's
+``pretrain/dinov2/data/augmentations.py`` (``DataAugmentationDINO``); 90° rotations and HED
+stain jitter are opt-in (GPFM does not use them). Every random draw comes from
+``numpy.random.default_rng(key)`` with a key built from (seed, step, sample index), so a crop
+depends only on where it sits in the run: a resumed run or a run on more workers sees exactly
+the same crops.
+
+``blur_p`` is the probability that a crop IS blurred. GPFM configures ``GaussianBlur(p=1.0)``,
+``(p=0.1)`` and ``(p=0.5)``, but its wrapper (``data/transforms.py``) passes ``1 - p`` to
+``RandomApply``, which applies with that probability: as run, the first global crop is never
+blurred, the second 90 % of the time, locals half the time. The defaults are what was run.
 """
 
 from __future__ import annotations
@@ -68,16 +75,20 @@ class MultiCropAugment:
     local_crops_number: int = 8
     local_crops_size: int = 98
     local_crops_scale: Sequence[float] = (0.05, 0.32)
+    interpolation: str = "bicubic"
     flip_p: float = 0.5
-    rot90: bool = True
+    rot90: bool = False
     color_jitter_p: float = 0.8
     brightness: float = 0.4
     contrast: float = 0.4
     saturation: float = 0.2
     hue: float = 0.1
-    hed_jitter_p: float = 0.5
+    grayscale_p: float = 0.2
+    hed_jitter_p: float = 0.0
     hed_sigma: float = 0.05
-    blur_p: Sequence[float] = (1.0, 0.1, 0.5)
+    blur_p: Sequence[float] = (0.0, 0.9, 0.5)
+    blur_sigma: Sequence[float] = (0.1, 2.0)
+    blur_kernel_size: int | None = 9
     solarize_p: float = 0.2
 
     @classmethod
@@ -87,6 +98,7 @@ class MultiCropAugment:
 
     def _crop(self, rng: np.random.Generator, img: Any, size: int, scale: Sequence[float]) -> Any:
         import torchvision.transforms.v2.functional as F
+        from torchvision.transforms import InterpolationMode
 
         _, h, w = img.shape
         area = h * w
@@ -103,7 +115,19 @@ class MultiCropAugment:
         else:  # central crop fallback, as torchvision
             ch = cw = min(h, w)
             top, left = (h - ch) // 2, (w - cw) // 2
-        return F.resized_crop(img, top, left, ch, cw, [size, size], antialias=True)
+        if self.interpolation == "bilinear":
+            return F.resized_crop(img, top, left, ch, cw, [size, size], antialias=True)
+        out = F.resized_crop(
+            img,
+            top,
+            left,
+            ch,
+            cw,
+            [size, size],
+            interpolation=InterpolationMode.BICUBIC,
+            antialias=True,
+        )
+        return out.clamp_(0.0, 1.0)  # bicubic overshoots; PIL saturates at 0 and 255
 
     def _photometric(
         self, rng: np.random.Generator, img: Any, blur_p: float, solarize_p: float
@@ -130,13 +154,16 @@ class MultiCropAugment:
                     img = F.adjust_saturation(img, s)
                 elif op == 3 and self.hue:
                     img = F.adjust_hue(img, hh)
+        # drawn only when enabled, so configs without it keep their random stream
+        if self.grayscale_p > 0 and rng.random() < self.grayscale_p:
+            img = F.rgb_to_grayscale(img, num_output_channels=3)
         if rng.random() < self.hed_jitter_p and self.hed_sigma > 0:
             alpha = rng.uniform(1 - self.hed_sigma, 1 + self.hed_sigma, 3)
             beta = rng.uniform(-self.hed_sigma, self.hed_sigma, 3)
             img = hed_jitter(img, alpha, beta)
         if rng.random() < blur_p:
-            sigma = float(rng.uniform(0.1, 2.0))
-            k = max(3, int(2 * math.ceil(2 * sigma) + 1))
+            sigma = float(rng.uniform(*self.blur_sigma))
+            k = self.blur_kernel_size or max(3, int(2 * math.ceil(2 * sigma) + 1))
             img = F.gaussian_blur(img, [k, k], [sigma, sigma])
         if rng.random() < solarize_p:
             img = F.solarize(img, 0.5)

@@ -1,10 +1,12 @@
 """Layered training configuration: packaged defaults, an override file, ``--set key=value``.
 
-The packaged ``configs/default.yaml`` lists every key (the GPFM paper setting). An override
-file (e.g. ``configs/tiny_cpu.yaml`` or the user's) and ``--set`` items may only change
+The packaged ``configs/default.yaml`` lists every key (GPFM's recipe values, with run settings
+that work on any machine). An override file (a packaged one: ``gpfm`` = exactly the paper's
+ViT-L run, ``tiny_cpu``, ``student_s``; or the user's) and ``--set`` items may only change
 existing keys; anything else is a :class:`~gpfm_core.errors.ConfigError` naming the key.
 ``student.kwargs`` is free-form (passed to ``timm.create_model``); ``experts`` is a list of
-``{name, weights: {cls, patch}, pretrained}`` items.
+``{name, weights: {cls, patch}, pretrained, input, target}`` items. ``docs/recipe_card.md``
+lists every value of ``gpfm`` with its source in GPFM's repository.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ __all__ = [
     "get_path",
     "load_config",
     "packaged_config",
+    "packaged_names",
     "parse_set_items",
     "validate_config",
 ]
@@ -32,15 +35,42 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FREEFORM: frozenset[str] = frozenset({"student.kwargs"})
-EXPERT_KEYS: frozenset[str] = frozenset({"name", "weights", "pretrained"})
+EXPERT_KEYS: frozenset[str] = frozenset({"name", "weights", "pretrained", "input", "target"})
 EXPERT_WEIGHT_KEYS: frozenset[str] = frozenset({"cls", "patch"})
+#: What an expert sees: ``crop`` = the student's global crop as the student sees it (its size,
+#: its mean/std; GPFM), ``native`` = resized to the expert's input size, its own mean/std.
+EXPERT_INPUTS = ("crop", "native")
+#: What an expert's head predicts: ``embedding`` = the encoder's feature (what ``gpfm embed``
+#: stores), ``contrastive`` = its projected, L2-normalised contrastive embedding (CONCH; GPFM).
+EXPERT_TARGETS = ("embedding", "contrastive")
+#: An item that does not say: what the expert's authors feed it, its own feature. The packaged
+#: configs list GPFM's three experts with GPFM's choice (``crop``; CONCH ``contrastive``).
+EXPERT_DEFAULTS = {"input": "native", "target": "embedding"}
+#: ``student.init_weights`` value of a config that must start from given weights (``gpfm``).
+REQUIRED = "required"
+#: Allowed values of the string-choice keys.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "dino.centering": ("sinkhorn_knopp", "centering"),
+    "dino.koleo_reduction": ("sum", "mean"),
+    "expert_loss.cls_type": ("cosine", "kl"),
+    "optim.clip_grad_mode": ("per_module", "joint"),
+    "crops.interpolation": ("bicubic", "bilinear"),
+    "train.strategy": ("ddp", "fsdp"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
+}
+
+
+def packaged_names() -> list[str]:
+    """Names of the packaged configs (``default``, ``gpfm``, ``student_s``, ``tiny_cpu``)."""
+    folder = resources.files("gpfm_core.train").joinpath("configs")
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
 def packaged_config(name: str = "default") -> Path:
-    """Path of a packaged config (``default``, ``tiny_cpu``, ``student_s``)."""
+    """Path of a packaged config (see :func:`packaged_names`)."""
     path = Path(str(resources.files("gpfm_core.train").joinpath("configs", f"{name}.yaml")))
     if not path.is_file():
-        raise ConfigError(f"no packaged config {name!r}: use default, tiny_cpu or student_s")
+        raise ConfigError(f"no packaged config {name!r}: use one of {', '.join(packaged_names())}")
     return path
 
 
@@ -135,8 +165,13 @@ def _validate_experts(experts: Any) -> list[dict[str, Any]]:
         unknown = sorted(set(item) - EXPERT_KEYS)
         if unknown:
             raise ConfigError(
-                f"unknown config key(s) experts[{i}].{', '.join(unknown)}: use name, weights, pretrained"
+                f"unknown config key(s) experts[{i}].{', '.join(unknown)}: use {', '.join(sorted(EXPERT_KEYS))}"
             )
+        for key, allowed in (("input", EXPERT_INPUTS), ("target", EXPERT_TARGETS)):
+            if item.get(key, EXPERT_DEFAULTS[key]) not in allowed:
+                raise ConfigError(
+                    f"experts[{i}].{key} must be {' or '.join(allowed)}, got {item[key]!r}"
+                )
         weights = item.get("weights") or {}
         unknown = sorted(set(weights) - EXPERT_WEIGHT_KEYS)
         if unknown:
@@ -151,6 +186,8 @@ def _validate_experts(experts: Any) -> list[dict[str, Any]]:
                 "name": str(item["name"]),
                 "weights": w,
                 "pretrained": bool(item.get("pretrained", True)),
+                "input": str(item.get("input", EXPERT_DEFAULTS["input"])),
+                "target": str(item.get("target", EXPERT_DEFAULTS["target"])),
             }
         )
     names = [e["name"] for e in out]
@@ -169,20 +206,26 @@ def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:
     for key in ("log_every", "checkpoint_every"):
         if not isinstance(t[key], int) or t[key] < 1:
             raise ConfigError(f"train.{key} must be an int >= 1, got {t[key]!r}")
-    if t["precision"] not in ("auto", "fp32", "bf16", "fp16"):
+    for key, allowed in CHOICES.items():
+        value = get_path(cfg, key)
+        if value not in allowed:
+            shown = ", ".join(allowed[:-1]) + f" or {allowed[-1]}"
+            raise ConfigError(f"{key} must be {shown}, got {value!r}")
+    for key in ("stop_after", "stop_at_step"):
+        if t[key] is not None and (not isinstance(t[key], int) or t[key] < 1):
+            raise ConfigError(f"train.{key} must be null or an int >= 1, got {t[key]!r}")
+    init = cfg["student"]["init_weights"]
+    if init is not None and not (isinstance(init, str) and init):
         raise ConfigError(
-            f"train.precision must be auto, fp32, bf16 or fp16, got {t['precision']!r}"
+            f"student.init_weights must be a file path, {REQUIRED!r} or null, got {init!r}"
         )
-    if cfg["expert_loss"]["cls_type"] not in ("cosine", "kl"):
+    if init is not None and cfg["student"]["pretrained"]:
         raise ConfigError(
-            f"expert_loss.cls_type must be cosine or kl, got {cfg['expert_loss']['cls_type']!r}"
+            "student.pretrained and student.init_weights are both set: start from one of them"
         )
-    if t["strategy"] not in ("ddp", "fsdp"):
-        raise ConfigError(f"train.strategy must be ddp or fsdp, got {t['strategy']!r}")
-    if cfg["dino"]["centering"] not in ("centering", "sinkhorn_knopp"):
-        raise ConfigError(
-            f"dino.centering must be sinkhorn_knopp or centering, got {cfg['dino']['centering']!r}"
-        )
+    k = c["blur_kernel_size"]
+    if k is not None and (not isinstance(k, int) or k < 3 or k % 2 == 0):
+        raise ConfigError(f"crops.blur_kernel_size must be an odd int >= 3 or null, got {k!r}")
     for key in ("global_crops_scale", "local_crops_scale"):
         lo, hi = c[key]
         if not 0 < lo <= hi <= 1:
@@ -238,7 +281,7 @@ def load_config(
     Parameters
     ----------
     path : str or Path, optional
-        Override YAML file, or a packaged config name (``tiny_cpu``, ``student_s``).
+        Override YAML file, or a packaged config name (``gpfm``, ``tiny_cpu``, ``student_s``).
     overrides : list of "key=value" strings or nested dict, optional
         Applied last (``--set``).
 

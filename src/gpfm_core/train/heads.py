@@ -28,6 +28,10 @@ class DINOHead(nn.Module):
         Number of prototypes ``K``.
     hidden_dim, bottleneck_dim, nlayers : int
         MLP shape.
+    train_gain : bool
+        The weight-norm gain ``g`` of the prototypes starts at 1 and is trained (DINOv2, GPFM:
+        ``layers/dino_head.py`` fills ``weight_g`` with 1 and leaves it trainable); False keeps
+        it at 1 (DINO's ``norm_last_layer``).
     """
 
     def __init__(
@@ -38,6 +42,7 @@ class DINOHead(nn.Module):
         hidden_dim: int = 2048,
         bottleneck_dim: int = 256,
         nlayers: int = 3,
+        train_gain: bool = True,
     ) -> None:
         super().__init__()
         dims = [in_dim] + [hidden_dim] * (nlayers - 1) + [bottleneck_dim]
@@ -51,7 +56,7 @@ class DINOHead(nn.Module):
         self.last_layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
         g = self.last_layer.parametrizations.weight.original0
         g.data.fill_(1.0)
-        g.requires_grad_(False)
+        g.requires_grad_(train_gain)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., D) -> (..., K) prototype logits."""
@@ -64,15 +69,35 @@ class ExpertHead(nn.Module):
     """Maps student tokens to one expert's feature space (shared by CLS and patch tokens).
 
     ``Linear(D -> hidden) -> L2-normalise -> weight-normalised Linear(hidden -> D_expert)``.
+    GPFM's head is DINOv2's ``DINOHead(nlayers=1, bottleneck_dim=256)``: no bias in the last
+    layer, gain ``g`` initialised to 1 and trained (``bias=False, gain=1.0``, the defaults).
+
+    Parameters
+    ----------
+    bias : bool
+        Bias in the last layer (zero-initialised).
+    gain : float or None
+        Initial weight-norm gain of every output; None keeps torch's (``g = |w|`` per row).
     """
 
-    def __init__(self, in_dim: int, expert_dim: int, *, hidden_dim: int = 256) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        expert_dim: int,
+        *,
+        hidden_dim: int = 256,
+        bias: bool = False,
+        gain: float | None = 1.0,
+    ) -> None:
         super().__init__()
         self.proj = nn.Linear(in_dim, hidden_dim)
         _init(self.proj)
-        self.out = weight_norm(nn.Linear(hidden_dim, expert_dim))
-        nn.init.zeros_(self.out.bias)
+        self.last_layer = weight_norm(nn.Linear(hidden_dim, expert_dim, bias=bias))
+        if bias:
+            nn.init.zeros_(self.last_layer.bias)
+        if gain is not None:
+            self.last_layer.parametrizations.weight.original0.data.fill_(float(gain))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., D) -> (..., D_expert)."""
-        return self.out(F.normalize(self.proj(x), dim=-1))
+        return self.last_layer(F.normalize(self.proj(x), dim=-1))

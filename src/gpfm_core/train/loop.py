@@ -40,12 +40,20 @@ from gpfm_core.train.distributed import (
     shard_model,
 )
 from gpfm_core.train.logging_csv import MetricsLogger
-from gpfm_core.train.meta_arch import UnifiedDistillation
+from gpfm_core.train.meta_arch import UnifiedDistillation, check_init_weights
 from gpfm_core.train.models import load_expert
 from gpfm_core.train.optim import apply_schedules, build_optimizer, scaled_lr
 from gpfm_core.train.schedules import Schedules
 
-__all__ = ["TrainState", "TrainingDivergedError", "build", "save", "train", "train_step"]
+__all__ = [
+    "TrainState",
+    "TrainingDivergedError",
+    "build",
+    "clip_gradients",
+    "save",
+    "train",
+    "train_step",
+]
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +134,10 @@ def build(
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     _seed_all(int(cfg["seed"]))  # identical initial weights on every rank
+    if ckpt is None:
+        check_init_weights(cfg["student"])  # before the experts take minutes to load
     experts = [load_expert(spec, device=dist.device) for spec in cfg["experts"]]
-    model = UnifiedDistillation(cfg, experts).to(dist.device)
+    model = UnifiedDistillation(cfg, experts, load_init=ckpt is None).to(dist.device)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])  # full names, before any sharding
     sharded = dist.enabled and cfg["train"]["strategy"] == "fsdp"
@@ -136,7 +146,13 @@ def build(
     o = cfg["optim"]
     optimizer = build_optimizer(model.student, cfg, num_layers=model.backbone.num_layers)
     amp = _amp_dtype(cfg["train"]["precision"], dist.device)
-    scaler = torch.amp.GradScaler(dist.device.type, enabled=amp is torch.float16)
+    if sharded and amp is torch.float16:
+        # shards differ per rank: found-inf must be all-reduced or ranks step differently
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        scaler: torch.amp.GradScaler = ShardedGradScaler(dist.device.type)
+    else:
+        scaler = torch.amp.GradScaler(dist.device.type, enabled=amp is torch.float16)
     lr = scaled_lr(
         o["base_lr"], o["batch_size"] * o["accum_steps"] * dist.world_size, o["lr_ref_batch"]
     )
@@ -242,6 +258,57 @@ def _check_finite(state: TrainState, name: str, value: float, terms: dict[str, f
     )
 
 
+def _norm(params: list[torch.Tensor], max_norm: float | None) -> torch.Tensor:
+    """Total gradient norm of ``params`` (clipped to ``max_norm`` when given), as a plain tensor."""
+    if max_norm is None:
+        grads = [p.grad for p in params]
+        norm = torch.nn.utils.get_total_norm(grads)
+    else:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if hasattr(norm, "full_tensor"):  # FSDP: a DTensor norm over the shards
+        norm = norm.full_tensor()
+    return norm
+
+
+def clip_gradients(
+    student: nn.ModuleDict, clip: float, *, mode: str = "per_module"
+) -> dict[str, torch.Tensor]:
+    """Clip the student's gradients; returns each group's norm before clipping.
+
+    Parameters
+    ----------
+    student : ModuleDict
+        ``backbone``, ``dino_head`` (``ibot_head``), ``expert_heads``.
+    clip : float
+        Largest gradient norm; 0 disables clipping (norms are still measured).
+    mode : {"per_module", "joint"}
+        ``per_module``: the backbone and each DINO/iBOT head are clipped to ``clip`` each and
+        the expert heads are not clipped (GPFM: ``train/train.py`` clips every module of
+        ``model.student``, which does not hold the distillation heads). ``joint``: one norm over
+        every student parameter, expert heads included.
+
+    Returns
+    -------
+    dict of str to scalar Tensor
+        ``{"all": norm}`` (joint) or one norm per module (per_module).
+    """
+    groups = {
+        name: [p for p in module.parameters() if p.grad is not None]
+        for name, module in student.items()
+    }
+    limit = clip if clip else None
+    if mode == "joint":
+        params = [p for ps in groups.values() for p in ps]
+        return {"all": _norm(params, limit if limit else float("inf"))} if params else {}
+    if mode != "per_module":
+        raise ValueError(f"clip mode must be per_module or joint, got {mode!r}")
+    return {
+        name: _norm(params, None if name == "expert_heads" else limit)
+        for name, params in groups.items()
+        if params
+    }
+
+
 def train_step(state: TrainState, data: Iterator[dict[str, Any]]) -> dict[str, float]:
     """One optimiser step (``accum_steps`` micro-batches), EMA update; returns logged values."""
     cfg = state.cfg
@@ -281,12 +348,14 @@ def train_step(state: TrainState, data: Iterator[dict[str, Any]]) -> dict[str, f
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + v / accum
     state.scaler.unscale_(state.optimizer)
-    params = [p for p in state.model.student.parameters() if p.grad is not None]
-    clip = cfg["optim"]["clip_grad"]
-    norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
-    if hasattr(norm, "full_tensor"):  # FSDP: a DTensor norm over the shards
-        norm = norm.full_tensor()
-    _check_finite(state, "the gradient norm", float(norm), sums)
+    norms = clip_gradients(
+        state.model.student, cfg["optim"]["clip_grad"], mode=cfg["optim"]["clip_grad_mode"]
+    )
+    # logged: the norm of every student gradient before clipping (whatever the mode)
+    per_group = [float(n) for n in norms.values()]
+    norm = per_group[0] if len(per_group) == 1 else math.sqrt(sum(v * v for v in per_group))
+    if not state.scaler.is_enabled():  # fp16: an overflow skips the step and lowers the scale
+        _check_finite(state, "the gradient norm", norm, sums)
     state.scaler.step(state.optimizer)
     state.scaler.update()
     if state.sharded:
@@ -353,7 +422,8 @@ def log_columns(state: TrainState) -> list[str]:
 def train(
     cfg: dict[str, Any], out_dir: str | os.PathLike[str], *, resume: bool = False
 ) -> TrainState:
-    """Run (or continue) training until ``optim.total_steps`` (or ``train.stop_after`` more steps).
+    """Run (or continue) training until ``optim.total_steps``, ``train.stop_after`` more steps or
+    step ``train.stop_at_step``, whichever comes first.
 
     Raises
     ------
@@ -367,6 +437,8 @@ def train(
     end = cfg["optim"]["total_steps"]
     if t["stop_after"] is not None:
         end = min(end, state.step + int(t["stop_after"]))
+    if t["stop_at_step"] is not None:
+        end = min(end, int(t["stop_at_step"]))
     logger = (
         MetricsLogger(state.out_dir, log_columns(state), resume_step=state.step if resume else None)
         if state.dist.is_main

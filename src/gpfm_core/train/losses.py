@@ -190,12 +190,13 @@ class KoLeoLoss(nn.Module):
 
 class ExpertCLSLoss(nn.Module):
     """Student CLS (through the expert head) vs the expert's CLS: ``1 - cos`` (default) or the
-    KL divergence between their softmax distributions at ``temp``.
+    KL divergence between their softmax distributions at ``temp``, times ``temp²`` (GPFM's
+    ``kl_loss.py`` ``KLDiv``, used there at ``temp = 1``).
 
     ``forward(student (B, E), expert (B, E)) -> scalar``.
     """
 
-    def __init__(self, kind: str = "cosine", temp: float = 0.1) -> None:
+    def __init__(self, kind: str = "cosine", temp: float = 1.0) -> None:
         super().__init__()
         if kind not in ("cosine", "kl"):
             raise ValueError(f"kind must be cosine or kl, got {kind!r}")
@@ -208,7 +209,8 @@ class ExpertCLSLoss(nn.Module):
             return (1 - F.cosine_similarity(student, expert, dim=-1)).mean()
         logp = F.log_softmax(student / self.temp, dim=-1)
         q = F.softmax(expert / self.temp, dim=-1)
-        return F.kl_div(logp, q, reduction="batchmean")
+        # temp² keeps the gradient's scale independent of temp (Hinton et al.)
+        return F.kl_div(logp, q, reduction="batchmean") * self.temp**2
 
 
 class ExpertPatchLoss(nn.Module):

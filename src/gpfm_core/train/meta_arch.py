@@ -9,11 +9,14 @@ the module tree (not trained, not checkpointed, not wrapped by DDP).
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from gpfm_core.errors import ConfigError
+from gpfm_core.train.config import REQUIRED
 from gpfm_core.train.heads import DINOHead, ExpertHead
 from gpfm_core.train.losses import (
     DINOLoss,
@@ -25,13 +28,35 @@ from gpfm_core.train.losses import (
 )
 from gpfm_core.train.models import Expert, StudentBackbone, normalise
 
-__all__ = ["UnifiedDistillation", "expert_key"]
+__all__ = ["UnifiedDistillation", "check_init_weights", "expert_key"]
 
 
 def expert_key(name: str) -> str:
     """A module/CSV-safe key for an expert name (``timm:vit_s`` -> ``timm_vit_s``)."""
     stem = re.sub(r"\.(safetensors|pth|pt|bin)$", "", name.rsplit("/", 1)[-1])
     return re.sub(r"[^A-Za-z0-9_]", "_", stem) or "expert"
+
+
+def check_init_weights(student: dict[str, Any]) -> None:
+    """Fail early (before experts load) when ``student.init_weights`` is needed and unusable.
+
+    Raises
+    ------
+    ConfigError
+        ``init_weights`` is ``required`` (a config such as ``gpfm`` that starts from a
+        stage-1 backbone) or names no file.
+    """
+    init = student["init_weights"]
+    if init == REQUIRED:
+        raise ConfigError(
+            "this config starts from given weights (GPFM distils a stage-1 DINOv2 ViT-L/14 "
+            "trained on the same tiles): --set student.init_weights=PATH, or null for random init"
+        )
+    if init is not None and not Path(init).expanduser().is_file():
+        raise ConfigError(
+            f"student.init_weights {init} not found: pass the stage-1 checkpoint (GPFM layout, "
+            "timm/HF or .safetensors) or null to start from random weights"
+        )
 
 
 class UnifiedDistillation(nn.Module):
@@ -43,14 +68,27 @@ class UnifiedDistillation(nn.Module):
         Resolved training config.
     experts : list of Expert
         Frozen experts (may be empty: pure DINOv2 self-distillation).
+    load_init : bool
+        Load ``student.init_weights`` into the student (before the teacher copies it); False
+        when a checkpoint will replace every weight anyway (``--resume``).
+
+    Raises
+    ------
+    ConfigError
+        ``student.init_weights`` is ``required`` (unset), missing or does not fit.
     """
 
-    def __init__(self, cfg: dict[str, Any], experts: list[Expert]) -> None:
+    def __init__(
+        self, cfg: dict[str, Any], experts: list[Expert], *, load_init: bool = True
+    ) -> None:
         super().__init__()
         s, d, ib = cfg["student"], cfg["dino"], cfg["ibot"]
+        if load_init:
+            check_init_weights(s)
         self.mean, self.std = tuple(s["mean"]), tuple(s["std"])
         self.w_dino = float(d["loss_weight"])
         self.w_koleo = float(d["koleo_loss_weight"])
+        self.koleo_sum = d["koleo_reduction"] == "sum"
         self.w_ibot = float(ib["loss_weight"])
         self.centering = str(d["centering"])
         self.self_distill = self.w_dino > 0 or self.w_ibot > 0
@@ -58,15 +96,19 @@ class UnifiedDistillation(nn.Module):
             s["arch"],
             s["kwargs"],
             drop_path_rate=s["drop_path_rate"],
+            drop_path_uniform=s["drop_path_uniform"],
             pretrained=s["pretrained"],
             with_mask_token=self.w_ibot > 0,
         )
+        if s["init_weights"] is not None and load_init:
+            backbone.load_weights(s["init_weights"])
         dim = backbone.embed_dim
         self.student = nn.ModuleDict({"backbone": backbone})
         head_kw = {
             "hidden_dim": d["hidden_dim"],
             "bottleneck_dim": d["bottleneck_dim"],
             "nlayers": d["nlayers"],
+            "train_gain": d["train_gain"],
         }
         self.ibot_separate = bool(ib["separate_head"])
         if self.self_distill:
@@ -98,10 +140,11 @@ class UnifiedDistillation(nn.Module):
         self.expert_cls_loss = ExpertCLSLoss(el["cls_type"], el["kl_temp"])
         self.expert_patch_loss = ExpertPatchLoss(el["patch_cos_weight"], el["patch_l1_weight"])
         self.experts: list[Expert] = list(experts)  # plain list: not part of the module tree
+        eh = cfg["expert_head"]
         self.student["expert_heads"] = nn.ModuleDict(
             {
                 expert_key(e.name): ExpertHead(
-                    dim, e.embed_dim, hidden_dim=cfg["expert_head"]["hidden_dim"]
+                    dim, e.embed_dim, hidden_dim=eh["hidden_dim"], bias=eh["bias"], gain=eh["gain"]
                 )
                 for e in self.experts
             }
@@ -178,7 +221,9 @@ class UnifiedDistillation(nn.Module):
         s_g = self.backbone(x_g, masks)
         losses: dict[str, torch.Tensor] = {}
         if self.w_koleo > 0:
-            losses["koleo"] = sum(self.koleo_loss(c) for c in s_g["cls"].chunk(2)) / 2
+            # per global crop (never between the two crops of one tile), summed as DINOv2/GPFM do
+            koleo = sum(self.koleo_loss(c) for c in s_g["cls"].chunk(2))
+            losses["koleo"] = koleo if self.koleo_sum else koleo / 2
         if self.self_distill:
             with torch.no_grad():
                 t_g = self.teacher["backbone"](x_g)
@@ -205,7 +250,13 @@ class UnifiedDistillation(nn.Module):
         side = round(s_g["patch"].shape[1] ** 0.5)
         for e in self.experts:
             k = expert_key(e.name)
-            tgt = e.targets(glob, (side, side), want_patch=e.patch_weight > 0)
+            tgt = e.targets(
+                glob,
+                (side, side),
+                want_patch=e.patch_weight > 0,
+                crop_mean=self.mean,
+                crop_std=self.std,
+            )
             head = self.student["expert_heads"][k]
             upd = self.training
             if e.cls_weight > 0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,6 +31,10 @@ class StudentBackbone(nn.Module):
     ``forward(x (B, 3, H, W) normalised, masks (B, N) bool or None)`` returns
     ``{"cls": (B, D), "patch": (B, N, D)}`` after the final norm; masked patch embeddings are
     replaced by the learnt mask token before the position embedding (iBOT).
+
+    ``drop_path_uniform`` puts ``drop_path_rate`` in every block (DINOv2's
+    ``drop_path_uniform``, as GPFM trains: 0.4 in each of the 24 blocks); otherwise timm's rule
+    rises linearly from 0 to ``drop_path_rate`` (mean half of it).
     """
 
     def __init__(
@@ -38,6 +43,7 @@ class StudentBackbone(nn.Module):
         kwargs: dict[str, Any],
         *,
         drop_path_rate: float = 0.0,
+        drop_path_uniform: bool = False,
         pretrained: bool = False,
         with_mask_token: bool = True,
     ) -> None:
@@ -72,6 +78,57 @@ class StudentBackbone(nn.Module):
         self.patch_size = int(ps[0] if isinstance(ps, (tuple, list)) else ps)
         self.num_prefix_tokens = int(getattr(self.model, "num_prefix_tokens", 1))
         self.mask_token = nn.Parameter(torch.zeros(1, self.embed_dim)) if with_mask_token else None
+        if drop_path_uniform and drop_path_rate > 0:
+            self._uniform_drop_path(drop_path_rate)
+
+    def _uniform_drop_path(self, rate: float) -> None:
+        from timm.layers import DropPath
+
+        for i, block in enumerate(self.model.blocks):
+            if not (hasattr(block, "drop_path1") and hasattr(block, "drop_path2")):
+                raise ConfigError(
+                    f"student.drop_path_uniform: block {i} of {self.arch} has no drop_path1/"
+                    "drop_path2: set student.drop_path_uniform=false"
+                )
+            block.drop_path1 = DropPath(rate)
+            block.drop_path2 = DropPath(rate)
+
+    def load_weights(self, path: str | Path) -> None:
+        """Start from a pretrained backbone, loaded strictly (every tensor, every shape).
+
+        Accepts GPFM's / DINOv2's training layout (``{"teacher": {"backbone.blocks.<chunk>.<i>.*",
+        "backbone.mask_token", "dino_head.*"}}``, BlockChunk keys flattened, heads dropped),
+        timm / Hugging Face state dicts and ``gpfm export`` safetensors. A ``mask_token`` in the
+        file initialises the iBOT mask token.
+
+        Raises
+        ------
+        ConfigError
+            The file is missing, unreadable or does not fit ``student.arch`` / ``kwargs``
+            (one line naming ``student.init_weights``).
+        """
+        from gpfm_core.encoders._checkpoint import (
+            convert_dinov2_chunks,
+            load_checkpoint_file,
+            load_state_dict_strict,
+        )
+
+        p = Path(path).expanduser()
+        try:
+            sd = load_checkpoint_file(p)
+            mask = sd.pop("mask_token", None)
+            load_state_dict_strict(self.model, convert_dinov2_chunks(sd), source=str(p))
+        except EncoderError as exc:
+            raise ConfigError(f"student.init_weights: {exc}") from None
+        if mask is not None and self.mask_token is not None:
+            if tuple(mask.shape) != tuple(self.mask_token.shape):
+                raise ConfigError(
+                    f"student.init_weights {p}: mask_token {tuple(mask.shape)} does not fit "
+                    f"{tuple(self.mask_token.shape)}: pass a checkpoint of this architecture"
+                )
+            with torch.no_grad():
+                self.mask_token.copy_(mask)
+        log.info("student initialised from %s", p)
 
     @property
     def num_layers(self) -> int:
@@ -97,20 +154,39 @@ class StudentBackbone(nn.Module):
 
 @dataclass
 class Expert:
-    """A frozen expert encoder and its distillation weights."""
+    """A frozen expert encoder, its distillation weights, what it sees and what it predicts.
+
+    ``input``: ``crop`` feeds it the student's global crop exactly as the student sees it (its
+    size, the student's mean/std; GPFM feeds all three experts the DINOv2 crops, normalised with
+    ImageNet mean/std, ``ssl_meta_arch.py`` ``get_distill_teacher_output``); ``native`` resizes
+    the crop to the expert's ``input_px`` and uses its own mean/std. ``target``: ``embedding``
+    is the encoder's feature; ``contrastive`` its projected, L2-normalised contrastive embedding
+    (CONCH: ``encode_image(x, proj_contrast=True, normalize=True)``, GPFM's ``fms.py``).
+    """
 
     name: str
     encoder: nn.Module
     cls_weight: float
     patch_weight: float
+    input: str = "native"
+    target: str = "embedding"
 
     @property
     def embed_dim(self) -> int:
+        """Dimension of the target the head predicts."""
+        if self.target == "contrastive":
+            return int(self.encoder.contrastive_dim)
         return int(self.encoder.meta.embed_dim)
 
     @torch.no_grad()
     def targets(
-        self, crops: torch.Tensor, grid: tuple[int, int], *, want_patch: bool
+        self,
+        crops: torch.Tensor,
+        grid: tuple[int, int],
+        *,
+        want_patch: bool,
+        crop_mean: Any = None,
+        crop_std: Any = None,
     ) -> dict[str, torch.Tensor | None]:
         """Expert features of student crops.
 
@@ -120,6 +196,8 @@ class Expert:
             The student's (unmasked) global crops.
         grid : (rows, cols)
             The student's patch grid; the expert's patch grid is resized to it (bicubic).
+        crop_mean, crop_std : 3 floats
+            The student's normalisation (used with ``input`` ``crop``).
 
         Returns
         -------
@@ -128,15 +206,22 @@ class Expert:
         """
         meta = self.encoder.meta
         x = crops
-        if x.shape[-1] != meta.input_px or x.shape[-2] != meta.input_px:
-            x = F.interpolate(
-                x,
-                size=(meta.input_px, meta.input_px),
-                mode="bicubic",
-                align_corners=False,
-                antialias=True,
-            )
-        x = normalise(x.clamp(0, 1), meta.mean, meta.std)
+        if self.input == "crop":
+            if crop_mean is None or crop_std is None:
+                raise ValueError(f"expert {self.name}: input 'crop' needs crop_mean and crop_std")
+            x = normalise(x, crop_mean, crop_std)
+        else:
+            if x.shape[-1] != meta.input_px or x.shape[-2] != meta.input_px:
+                x = F.interpolate(
+                    x,
+                    size=(meta.input_px, meta.input_px),
+                    mode="bicubic",
+                    align_corners=False,
+                    antialias=True,
+                )
+            x = normalise(x.clamp(0, 1), meta.mean, meta.std)
+        if self.target == "contrastive":
+            return {"cls": self.encoder.forward_contrastive(x).float(), "patch": None}
         out = self.encoder.forward_tokens(x)
         patch = out.get("patch") if want_patch else None
         if patch is not None:
@@ -179,5 +264,30 @@ def load_expert(spec: dict[str, Any], *, device: torch.device) -> Expert:
     w = spec["weights"]
     if w["patch"] > 0 and getattr(enc.meta, "patch_size", None) is None:
         raise EncoderError(f"expert {name!r} has no patch tokens: set its patch weight to 0")
-    log.info("expert %s: dim %d, input %d px", name, enc.meta.embed_dim, enc.meta.input_px)
-    return Expert(name=name, encoder=enc, cls_weight=w["cls"], patch_weight=w["patch"])
+    target = spec.get("target", "embedding")
+    if target == "contrastive":
+        if not hasattr(enc, "forward_contrastive"):
+            raise EncoderError(
+                f"expert {name!r} has no contrastive projection: set its target to embedding"
+            )
+        if w["patch"] > 0:
+            raise EncoderError(
+                f"expert {name!r}: a contrastive target has no patch tokens: set its patch weight to 0"
+            )
+    expert = Expert(
+        name=name,
+        encoder=enc,
+        cls_weight=w["cls"],
+        patch_weight=w["patch"],
+        input=spec.get("input", "native"),
+        target=target,
+    )
+    log.info(
+        "expert %s: %s target, dim %d, input %s (%d px native)",
+        name,
+        target,
+        expert.embed_dim,
+        expert.input,
+        enc.meta.input_px,
+    )
+    return expert

@@ -1,4 +1,5 @@
-"""AdamW with DINOv2's parameter groups: layer-wise lr decay, no weight decay on norms/biases."""
+"""AdamW with DINOv2's parameter groups (GPFM: ``pretrain/dinov2/utils/param_groups.py``):
+layer-wise lr decay, no weight decay on biases, norms and LayerScale gammas."""
 
 from __future__ import annotations
 
@@ -28,10 +29,26 @@ def _layer_id(name: str, num_layers: int) -> int:
 
 
 def param_groups(
-    student: nn.Module, *, num_layers: int, layerwise_decay: float, patch_embed_lr_mult: float
+    student: nn.Module,
+    *,
+    num_layers: int,
+    layerwise_decay: float,
+    patch_embed_lr_mult: float,
+    token_weight_decay: bool = True,
+    freeze_expert_last_layer: bool = True,
 ) -> list[dict[str, Any]]:
     """One group per trainable parameter with ``lr_multiplier``, ``wd_multiplier`` and
-    ``is_last_layer`` (DINO head prototypes, frozen during the first steps)."""
+    ``is_last_layer`` (frozen during the first ``freeze_last_layer_steps``).
+
+    Parameters
+    ----------
+    token_weight_decay : bool
+        Decay the cls, position and mask tokens like any weight (DINOv2's rule, which exempts
+        only biases, norms and ``gamma``); False exempts them and every 1-d parameter.
+    freeze_expert_last_layer : bool
+        The expert heads' last layers are "last layers" too (GPFM's expert heads are DINO
+        heads, whose ``last_layer`` the freeze applies to); False: only the DINO/iBOT heads'.
+    """
     groups = []
     for name, p in student.named_parameters():
         if not p.requires_grad:
@@ -39,21 +56,17 @@ def param_groups(
         lr_mult = layerwise_decay ** (num_layers + 1 - _layer_id(name, num_layers))
         if "patch_embed" in name:
             lr_mult *= patch_embed_lr_mult
-        no_wd = (
-            name.endswith(".bias")
-            or "norm" in name
-            or "gamma" in name
-            or p.ndim == 1
-            or "token" in name
-            or "pos_embed" in name
-        )
+        no_wd = name.endswith(".bias") or "norm" in name or "gamma" in name
+        if not token_weight_decay:
+            no_wd = no_wd or p.ndim == 1 or "token" in name or "pos_embed" in name
+        last = "last_layer" in name and (freeze_expert_last_layer or "expert_heads" not in name)
         groups.append(
             {
                 "params": [p],
                 "name": name,
                 "lr_multiplier": lr_mult,
                 "wd_multiplier": 0.0 if no_wd else 1.0,
-                "is_last_layer": "last_layer" in name and "expert" not in name,
+                "is_last_layer": last,
             }
         )
     return groups
@@ -69,6 +82,8 @@ def build_optimizer(
         num_layers=num_layers,
         layerwise_decay=o["layerwise_decay"],
         patch_embed_lr_mult=o["patch_embed_lr_mult"],
+        token_weight_decay=o["token_weight_decay"],
+        freeze_expert_last_layer=cfg["expert_head"]["freeze_last_layer"],
     )
     return torch.optim.AdamW(groups, lr=0.0, betas=tuple(o["betas"]), weight_decay=0.0)
 
