@@ -48,7 +48,14 @@ def test_features_equal_direct_forward(
     cmu_svs: Path, tmp_path: Path, tiny: torch.nn.Module
 ) -> None:
     path = embed_slide(
-        cmu_svs, encoder=tiny, out_dir=tmp_path, mpp=MPP, batch_size=5, workers=2, device="cpu"
+        cmu_svs,
+        encoder=tiny,
+        out_dir=tmp_path,
+        mpp=MPP,
+        batch_size=5,
+        workers=2,
+        device="cpu",
+        precision="fp32",  # exact: "auto" may run int8 on CPU (tests/core/test_cpu_int8.py)
     )
     assert path == tmp_path / "cmu_small_region.h5"
     emb = load_embeddings(path)

@@ -29,7 +29,13 @@ import numpy as np
 
 from gpfm_core.embed._attrs import file_attrs, mpp_key, tissue_source
 from gpfm_core.embed._loop import embed_batches
-from gpfm_core.embed.device import OomBackoff, resolve_device, resolve_precision
+from gpfm_core.embed.device import (
+    OomBackoff,
+    choose_cpu_precision,
+    fidelity_sample,
+    resolve_device,
+    resolve_precision,
+)
 from gpfm_core.embed.loading import find_embeddings, read_attrs
 from gpfm_core.embed.storage import EmbeddingWriter, embeddings_path, remove_stale_partial
 from gpfm_core.errors import GpfmError
@@ -162,7 +168,11 @@ def iter_embed_slide(
     slide_mpp
         µm/px override for slides without (or with wrong) metadata.
     device, precision
-        ``"auto"`` / ``"cpu"`` / ``"cuda[:N]"``; ``"auto"`` precision is bf16 on CUDA, fp32 on CPU.
+        ``"auto"`` / ``"cpu"`` / ``"cuda[:N]"``. Precision ``"auto"`` is bf16 on CUDA; on CPU
+        it is int8 (dynamic quantisation of the linear layers) when the encoder is mostly
+        linear layers and int8 proves faithful on the slide's own tiles, else fp32
+        (:func:`~gpfm_core.embed.device.choose_cpu_precision`). ``"int8"`` asks for it (CPU
+        only; still checked, fp32 with a warning when not faithful); ``"fp32"`` never uses it.
     batch_size, workers
         Tiles per batch and reader threads.
     dtype
@@ -190,7 +200,7 @@ def iter_embed_slide(
         Bad slide, unknown encoder, CUDA asked for but missing, cancelled.
     """
     from gpfm_core.slide import open_slide
-    from gpfm_core.tiling import make_tile_grid
+    from gpfm_core.tiling import make_tile_grid, read_tiles
 
     t0 = time.perf_counter()
     if dtype not in ("float32", "float16"):
@@ -247,10 +257,22 @@ def iter_embed_slide(
             min_tissue=min_tissue,
             tissue=tissue,
         )
+        # the CPU precision is settled on tiles of this slide (see choose_cpu_precision)
+        check = dev.type == "cpu" and precision in ("auto", "int8") and len(grid) > 0
+        sample = read_tiles(slide, grid, fidelity_sample(len(grid))) if check else None
+    model = enc
+    if dev.type == "cpu":
+        from gpfm_core.encoders import preprocess
+
+        x = None if sample is None else preprocess(sample, meta)
+        model, choice = choose_cpu_precision(enc, precision, x, label=slide_path.name)
+        prec = choice.precision
     root, coords_attrs, features_attrs = file_attrs(
         grid, meta, weights_hash, key, slide_path, out_dir, info
     )
     root.update(compute_device=str(dev), compute_precision=prec)
+    if dev.type == "cpu":
+        root.update(choice.attrs())
     remove_stale_partial(out)
     n = len(grid)
     with EmbeddingWriter(
@@ -276,7 +298,7 @@ def iter_embed_slide(
             batches = embed_batches(
                 slide_path,
                 grid,
-                enc,
+                model,
                 dev,
                 prec,
                 backoff,
