@@ -243,19 +243,35 @@ def _run(args: argparse.Namespace, work: Path) -> int:
         f"# cohort index benchmark: {args.tiles} tiles x {args.dim}-d, {args.slide_tiles} per slide"
     )
     print(f"load average at start: {_load()} ({os.cpu_count()} cores)")
-    t = time.perf_counter()
-    files, mean = _generate(work / "cohort", args.tiles, args.slide_tiles, args.dim)
-    print(f"generated {len(files)} feature files in {time.perf_counter() - t:.0f} s")
-    t, c = time.perf_counter(), time.process_time()
-    res = build_index(files, work / "index")
-    build_s, build_cpu = time.perf_counter() - t, time.process_time() - c
-    print(f"build_index: {build_s:.0f} s ({build_cpu:.0f} CPU-s), trained={res.trained}")
+    files = sorted((work / "cohort").glob("s*.h5"))
+    n_files = int(np.ceil(args.tiles / args.slide_tiles))
+    if len(files) == n_files and (work / "index" / "index.json").is_file():
+        # --workdir of an earlier run: same cohort, same index (delete the folder to redo)
+        mean = np.load(work / "mean.npy")
+        print(f"reusing the cohort and index in {work}")
+        build_s = build_cpu = float("nan")
+    else:
+        t = time.perf_counter()
+        files, mean = _generate(work / "cohort", args.tiles, args.slide_tiles, args.dim)
+        np.save(work / "mean.npy", mean)
+        print(f"generated {len(files)} feature files in {time.perf_counter() - t:.0f} s")
+        t, c = time.perf_counter(), time.process_time()
+        res = build_index(files, work / "index")
+        build_s, build_cpu = time.perf_counter() - t, time.process_time() - c
+        print(f"build_index: {build_s:.0f} s ({build_cpu:.0f} CPU-s), trained={res.trained}")
 
     queries = clustered_features(args.queries, args.dim, seed=QUERY_SEED)
     np.save(work / "queries.npy", queries)
-    t = time.perf_counter()
-    gt = _ground_truth(files, mean, queries, k)
-    print(f"exhaustive ground truth for {args.queries} queries: {time.perf_counter() - t:.0f} s")
+    gt_file = work / f"gt_{args.queries}.npy"
+    if gt_file.is_file():
+        gt = np.load(gt_file)
+    else:
+        t = time.perf_counter()
+        gt = _ground_truth(files, mean, queries, k)
+        np.save(gt_file, gt)
+        print(
+            f"exhaustive ground truth for {args.queries} queries: {time.perf_counter() - t:.0f} s"
+        )
     cmd = [sys.executable, __file__, "--child", str(work / "index"), str(work / "queries.npy")]
     if args.candidates:
         cmd += ["--candidates", str(args.candidates)]
@@ -279,9 +295,9 @@ def _run(args: argparse.Namespace, work: Path) -> int:
         slide_id="new",
         dtype="float16",
     )
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     add = add_to_index(work / "index", new)
-    add_s = time.perf_counter() - t
+    add_s, add_cpu = time.perf_counter() - t, time.process_time() - c
     t = time.perf_counter()
     remove_from_index(work / "index", ["new"])
     remove_s = time.perf_counter() - t
@@ -304,7 +320,7 @@ def _run(args: argparse.Namespace, work: Path) -> int:
         f"| recall@10 vs exhaustive centred cosine | {recall:.3f} | >= 0.95 | {ok(recall >= TARGETS['recall'])} |"
     )
     print(
-        f"| add one slide of {args.slide_tiles} tiles | {add_s:.1f} s | <= 15 s | {ok(add_s <= TARGETS['add_s'])} |"
+        f"| add one slide of {args.slide_tiles} tiles (CPU time) | {add_s:.1f} s ({add_cpu:.1f} CPU-s) | <= 15 s | {ok(add_s <= TARGETS['add_s'])} |"
     )
     print(f"| remove it | {remove_s:.2f} s | | |")
     print(f"| open the index | {r['open_s']:.1f} s | | |")

@@ -7,7 +7,9 @@ Two stages per query:
    while the cohort is smaller than ``train_min`` tiles (default 50,000) and the quantisers
    are not trained yet, from an exact flat inner-product search.
 2. **Exact re-rank**: the cosine of the centred query to each candidate's *original* features,
-   read from a float16 copy memory-mapped per slide. Within the candidates the answer is exact
+   read from a float16 copy per slide (one ``.npy`` each; the candidates' rows are read with
+   ``pread`` through the page cache rather than memory-mapped, so they never count in the
+   process's RSS). Within the candidates the answer is exact
    (up to float16 storage, ~1e-3 in cosine); its recall against an exhaustive search is
    measured by ``tests/core/test_cohort_index.py`` and ``benchmarks/bench_index.py``.
 
@@ -405,6 +407,59 @@ def _load_npy(path: Path, *, mmap: bool = False) -> np.ndarray:
             f"index file {path} is missing or damaged ({type(exc).__name__}); "
             "rebuild the index with gpfm index build"
         ) from None
+
+
+class _RowFile:
+    """Rows of one slide's float16 ``.npy``, read with ``pread``: nothing stays mapped.
+
+    Memory-mapping the copy would map the kernel's fault-around window (64 KB) per row read,
+    so RSS grew by ~1.6 GB over 200 queries of a million-tile index. ``pread`` reads the
+    same bytes through the page cache without mapping them into the process.
+    """
+
+    def __init__(self, path: Path, n: int, dim: int) -> None:
+        self.path = path
+        self.n, self.dim = n, dim
+        self.row_bytes = 2 * dim
+        try:
+            with open(path, "rb") as fh:
+                version = np.lib.format.read_magic(fh)
+                read_header = (
+                    np.lib.format.read_array_header_1_0
+                    if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0
+                )
+                shape, fortran, dtype = read_header(fh)
+                self.offset = fh.tell()
+        except (OSError, ValueError) as exc:
+            raise CohortIndexError(
+                f"index file {path} is missing or damaged ({type(exc).__name__}); "
+                "rebuild the index with gpfm index build"
+            ) from None
+        if shape != (n, dim) or fortran or dtype != np.float16:
+            raise CohortIndexError(
+                f"index file {path} does not match its manifest entry; "
+                "rebuild the index with gpfm index build"
+            )
+
+    def rows(self, rows: np.ndarray) -> np.ndarray:
+        """(m, D) float16 rows ``rows`` (sorted ascending; runs of rows are read at once)."""
+        out = np.empty((len(rows), self.dim), np.float16)
+        if not len(rows):
+            return out
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            # split into runs of consecutive rows: one pread per run
+            breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+            start = 0
+            for end in [*breaks.tolist(), len(rows)]:
+                first, count = int(rows[start]), end - start
+                buf = os.pread(fd, count * self.row_bytes, self.offset + first * self.row_bytes)
+                out[start:end] = np.frombuffer(buf, np.float16).reshape(count, self.dim)
+                start = end
+        finally:
+            os.close(fd)
+        return out
 
 
 @contextlib.contextmanager
@@ -897,7 +952,8 @@ class CohortIndex:
 
     Open with :meth:`open`. Memory: the quantiser codes (``pq_m`` + 8 bytes per tile, 72 MB
     for a million 1024-d tiles) and the trained centroids; the float16 features and the
-    coordinates stay on disk, memory-mapped, and only the candidates' rows are read.
+    coordinates stay on disk (coordinates memory-mapped, features read row by row with
+    ``pread``); only the candidates' rows are read.
 
     Examples
     --------
@@ -910,7 +966,7 @@ class CohortIndex:
         self.index_dir = Path(index_dir).resolve()
         self._st: _State | None = None
         self._ann_index: faiss.Index | None = None
-        self._f16: dict[int, np.ndarray] = {}
+        self._f16: dict[int, _RowFile] = {}
         self._coords: dict[int, np.ndarray] = {}
         self._by_num: dict[int, IndexedSlide] = {}
 
@@ -968,14 +1024,15 @@ class CohortIndex:
         return faiss.IndexIDMap2(faiss.IndexFlatIP(st.dim))
 
     def _load_slide(self, st: _State, rec: IndexedSlide) -> None:
-        f16 = _load_npy(_f16_path(self.index_dir, rec.num), mmap=True)
+        path = _f16_path(self.index_dir, rec.num)
+        rows = _RowFile(path, rec.n_tiles, st.dim)
         coords = _load_npy(_coords_path(self.index_dir, rec.num), mmap=True)
-        if f16.shape != (rec.n_tiles, st.dim) or coords.shape != (rec.n_tiles, 2):
+        if coords.shape != (rec.n_tiles, 2):
             raise CohortIndexError(
                 f"index files of {rec.name} do not match its manifest entry; "
                 "rebuild the index with gpfm index build"
             )
-        self._f16[rec.num] = f16
+        self._f16[rec.num] = rows
         self._coords[rec.num] = coords
         if rec.n_tiles == 0:
             return
@@ -985,11 +1042,13 @@ class CohortIndex:
             codes = _load_npy(_codes_path(self.index_dir, rec.num, st.ann.train_id))
             self._ann_index.add_sa_codes(codes, ids)
         else:  # flat stage: unit vectors centred on ref_mean (the stored values themselves)
+            f16 = _load_npy(path, mmap=True)
             for a in range(0, rec.n_tiles, _CHUNK):
                 self._ann_index.add_with_ids(
                     _stored_unit(f16[a : a + _CHUNK], np.zeros(st.dim, np.float32)),
                     ids[a : a + _CHUNK],
                 )
+            del f16
 
     def _forget(self, num: int) -> None:
         faiss = _faiss()
@@ -1080,7 +1139,7 @@ class CohortIndex:
             raise CohortIndexError(f"tile {row} is outside [0, {rec.n_tiles}) of {rec.name}")
         ref = self._state.ref_mean
         assert ref is not None
-        return self._f16[rec.num][int(row)].astype(np.float32) + ref
+        return self._f16[rec.num].rows(np.array([int(row)]))[0].astype(np.float32) + ref
 
     def tile_at(self, slide: str | PathLike, x: float, y: float) -> int | None:
         """Row of the tile of ``slide`` containing level-0 point (x, y), or None."""
@@ -1221,9 +1280,9 @@ class CohortIndex:
         scores = np.empty(ids.size, np.float32)
         for num in np.unique(nums):
             sel = np.flatnonzero(nums == num)
-            order = np.argsort(rows[sel])  # ascending rows: sequential reads of the memmap
-            f16 = self._f16[int(num)]
-            scores[sel[order]] = _stored_unit(f16[rows[sel[order]]], shift) @ qn
+            order = np.argsort(rows[sel])  # ascending rows: runs are read at once
+            f16 = self._f16[int(num)].rows(rows[sel[order]])
+            scores[sel[order]] = _stored_unit(f16, shift) @ qn
         best = np.lexsort((ids, -scores))[: int(k)]
         return ids[best], scores[best]
 
