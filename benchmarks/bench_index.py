@@ -51,6 +51,8 @@ from gpfm_core.cohort import (  # noqa: E402
     add_to_index,
     build_index,
     center_on_cohort_mean,
+    default_candidates,
+    default_nprobe,
     remove_from_index,
 )
 from gpfm_core.cohort.synth import clustered_features, write_feature_file  # noqa: E402
@@ -123,7 +125,7 @@ def child(
     idx = CohortIndex.open(index_dir)
     open_s = time.perf_counter() - t0
     rss1 = _rss()
-    n_cand = candidates or max(256, 20 * k)
+    n_cand = candidates or default_candidates(k)
     lat, cand_t, rerank_t, hits = [], [], [], []
     offsets = np.cumsum([0] + [s.n_tiles for s in idx.slides])
     start = {s.slide_id: int(o) for s, o in zip(idx.slides, offsets, strict=False)}
@@ -149,7 +151,7 @@ def child(
         "cand_ms": [x * 1e3 for x in cand_t],
         "rerank_ms": [x * 1e3 for x in rerank_t],
         "hits": hits,
-        "params": idx.params,
+        "params": {**idx.params, "nprobe": nprobe or idx.params.get("nprobe")},
         "n_tiles": idx.n_tiles,
         "candidates": n_cand,
     }
@@ -190,7 +192,7 @@ def compare_usearch(n: int, dim: int, queries: int = 100) -> None:
     fi.train(xu[np.random.default_rng(0).choice(n, min(n, 64 * nlist), replace=False)])
     fi.add(xu)
     f_wall, f_cpu = time.perf_counter() - t, time.process_time() - c
-    fi.nprobe = max(8, nlist // 16)
+    fi.nprobe = default_nprobe(nlist)
     f_rec, f_lat = evaluate(lambda v: fi.search(v[None], 256)[1][0])
     t, c = time.perf_counter(), time.process_time()
     ui = Index(ndim=dim, metric="cos", dtype="i8", connectivity=16)
@@ -346,7 +348,7 @@ def _projection(args: argparse.Namespace, r: dict[str, Any], add_s: float, build
     m = p.get("pq_m", d // 16)
     nlist, nprobe = p.get("nlist", 1024), p.get("nprobe", 64)
     nlist20 = 4096  # what build_index picks at 20 M: the power of two nearest sqrt(20e6)=4472
-    nprobe20 = max(8, nlist20 // 16)  # the default: the same fraction of the lists
+    nprobe20 = default_nprobe(nlist20)  # the default: the same fraction of the lists
     scanned, scanned20 = nprobe * n / nlist, nprobe20 * big / nlist20
     f = scanned20 / scanned
     c50, r50 = np.percentile(r["cand_ms"], 50), np.percentile(r["rerank_ms"], 50)

@@ -30,7 +30,9 @@ from gpfm_core.cohort.index import (
     add_to_index,
     build_index,
     center_on_cohort_mean,
+    default_candidates,
     default_index_dir,
+    default_nprobe,
     remove_from_index,
 )
 
@@ -46,7 +48,9 @@ __all__ = [
     "add_to_index",
     "build_index",
     "center_on_cohort_mean",
+    "default_candidates",
     "default_index_dir",
+    "default_nprobe",
     "feature_group",
     "find_feature_files",
     "group_files",
