@@ -16,6 +16,7 @@ from gpfm_core.cli import main
 from gpfm_core.embed import embed_slide, iter_embed_slide, load_embeddings
 from gpfm_core.embed.device import (
     INT8_MIN_COSINE,
+    INT8_MIN_TILES,
     PrecisionFallbackWarning,
     choose_cpu_precision,
     feature_fidelity,
@@ -102,7 +103,8 @@ def test_slide_embedded_in_fp32_after_a_failed_check(cmu_svs: Path, tmp_path: Pa
 
 def test_auto_on_cpu_embeds_in_int8_when_faithful(cmu_svs: Path, tmp_path: Path) -> None:
     enc = create_encoder("tiny-vit", device="cpu")
-    gen = iter_embed_slide(cmu_svs, encoder=enc, out_dir=tmp_path, mpp=MPP, device="cpu")
+    mpp = 0.5  # enough tiles (>= INT8_MIN_TILES) for int8 to repay its check
+    gen = iter_embed_slide(cmu_svs, encoder=enc, out_dir=tmp_path, mpp=mpp, device="cpu")
     with warnings.catch_warnings():
         warnings.simplefilter("error", PrecisionFallbackWarning)
         while True:
@@ -117,17 +119,33 @@ def test_auto_on_cpu_embeds_in_int8_when_faithful(cmu_svs: Path, tmp_path: Path)
     assert a["compute_precision"] == "int8" and a["precision_requested"] == "auto"
     assert a["int8_min_cosine"] >= INT8_MIN_COSINE and a["int8_check_tiles"] == 32
     with open_slide(cmu_svs) as slide:
-        grid = make_tile_grid(slide, mpp=MPP, tile_px=112, min_tissue=0.25)
+        grid = make_tile_grid(slide, mpp=mpp, tile_px=112, min_tissue=0.25)
+        assert len(grid) >= INT8_MIN_TILES
         with torch.inference_mode():
             direct = enc(preprocess(read_tiles(slide, grid, np.arange(len(grid))), enc.meta))
     cos = _cos(emb.features, direct.numpy())
     assert cos.min() >= INT8_MIN_COSINE and not np.allclose(emb.features, direct.numpy())
     # explicit fp32 never quantises
     fp32 = embed_slide(
-        cmu_svs, encoder=enc, out_dir=tmp_path / "fp32", mpp=MPP, device="cpu", precision="fp32"
+        cmu_svs, encoder=enc, out_dir=tmp_path / "fp32", mpp=mpp, device="cpu", precision="fp32"
     )
     assert load_embeddings(fp32).attrs["compute_precision"] == "fp32"
     np.testing.assert_allclose(load_embeddings(fp32).features, direct.numpy(), atol=1e-5)
+
+
+def test_auto_keeps_fp32_on_a_small_slide(cmu_svs: Path, tmp_path: Path) -> None:
+    enc = create_encoder("tiny-vit", device="cpu")
+    path = embed_slide(cmu_svs, encoder=enc, out_dir=tmp_path, mpp=MPP, device="cpu")
+    emb = load_embeddings(path)
+    assert len(emb) < INT8_MIN_TILES  # the check would cost more than int8 saves
+    assert emb.attrs["compute_precision"] == "fp32" and emb.attrs["precision_requested"] == "auto"
+    assert "int8_min_cosine" not in emb.attrs
+    explicit = load_embeddings(
+        embed_slide(
+            cmu_svs, encoder=enc, out_dir=tmp_path / "i8", mpp=MPP, device="cpu", precision="int8"
+        )
+    )
+    assert explicit.attrs["compute_precision"] == "int8"  # asked for: used, once checked
 
 
 def test_auto_keeps_fp32_where_linear_layers_do_little(tiles: np.ndarray) -> None:

@@ -1172,16 +1172,14 @@ class CohortIndex:
     # -- searching ----------------------------------------------------------------------------
 
     def _check_queries(self, queries: np.ndarray) -> np.ndarray:
-        q = np.asarray(queries, dtype=np.float32)
-        if q.ndim == 1:
-            q = q[None, :]
-        if q.ndim != 2 or q.shape[1] != self.dim:
+        from gpfm_core.analysis._util import as_features
+
+        q = as_features(np.atleast_2d(queries), name="query")  # 2-D, numeric, finite
+        if q.shape[1] != self.dim or np.ndim(queries) > 2:
             raise CohortIndexError(
                 f"query has shape {np.shape(queries)} but the index holds {self.dim}-d features "
                 f"from {self.group.encoder}: query with features of that encoder"
             )
-        if not np.isfinite(q).all():
-            raise CohortIndexError("query contains NaN or inf: pick another tile")
         return q
 
     def _params(

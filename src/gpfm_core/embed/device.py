@@ -109,6 +109,11 @@ INT8_MIN_OVERLAP = 0.9
 FIDELITY_TILES = 32
 #: ``"auto"`` picks int8 only when ``nn.Linear`` does at least this share of the work.
 INT8_MIN_LINEAR_SHARE = 0.5
+#: ``"auto"`` picks int8 only for slides of at least this many tiles. The check costs
+#: FIDELITY_TILES forward passes in fp32 and in int8, S (1 + r) fp32 tiles where r ~ 0.55 is
+#: int8's time per tile relative to fp32 (ViT-S/14); int8 saves N (1 - r): break-even at
+#: N = 32 x 1.55 / 0.45 ~ 110 tiles (measured: a 43-tile slide ran at 0.54x fp32 in int8).
+INT8_MIN_TILES = 4 * FIDELITY_TILES
 
 _INT8_MODELS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
@@ -265,7 +270,12 @@ def feature_fidelity(
 
 
 def choose_cpu_precision(
-    encoder: Any, requested: str, sample: torch.Tensor | None, *, label: str = ""
+    encoder: Any,
+    requested: str,
+    sample: torch.Tensor | None,
+    *,
+    n_tiles: int | None = None,
+    label: str = "",
 ) -> tuple[Any, CpuPrecisionChoice]:
     """Pick the model to run on CPU: int8 when asked (or worth it) and faithful, else fp32.
 
@@ -277,9 +287,11 @@ def choose_cpu_precision(
     is >= 0.99 and the tiles' top-10 neighbours agree >= 90 %; otherwise the slide is
     embedded in fp32 with a :class:`PrecisionFallbackWarning`.
 
-    ``requested="auto"`` tries int8 only when ``nn.Linear`` does >= 50 % of the encoder's
-    multiply-adds (:func:`linear_flop_share`): int8 speeds up only those (ViT: ~90 %; a
-    CNN with a linear head: a few %, where int8 would cost a copy and gain nothing).
+    ``requested="auto"`` tries int8 only when it can pay: for slides of at least
+    :data:`INT8_MIN_TILES` tiles (the check costs about 50 tiles' worth of fp32 work), and
+    when ``nn.Linear`` does >= 50 % of the encoder's multiply-adds
+    (:func:`linear_flop_share`): int8 speeds up only those (ViT: ~90 %; a CNN with a
+    linear head: a few %, where int8 would cost a copy and gain nothing).
 
     Parameters
     ----------
@@ -289,6 +301,8 @@ def choose_cpu_precision(
         ``"auto"``, ``"int8"`` or ``"fp32"``.
     sample
         (n, 3, S, S) preprocessed tiles, or None / empty (then fp32: nothing to check on).
+    n_tiles
+        Tiles of the slide to embed (for ``"auto"``'s size rule; None: no size rule).
     label
         Named in the warning (e.g. the slide's file name).
 
@@ -305,6 +319,10 @@ def choose_cpu_precision(
     if sample is None or len(sample) == 0:
         return encoder, CpuPrecisionChoice("fp32", requested, "no tile to check int8 on")
     share = None
+    if requested == "auto" and n_tiles is not None and n_tiles < INT8_MIN_TILES:
+        why = f"{n_tiles} tiles: fewer than {INT8_MIN_TILES}, int8 would not repay its check"
+        log.info("%sfp32 (%s)", who, why)
+        return encoder, CpuPrecisionChoice("fp32", requested, why)
     if requested == "auto":
         share = linear_flop_share(encoder, sample[:1])
         if share < INT8_MIN_LINEAR_SHARE:

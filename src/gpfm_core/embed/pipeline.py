@@ -170,7 +170,8 @@ def iter_embed_slide(
     device, precision
         ``"auto"`` / ``"cpu"`` / ``"cuda[:N]"``. Precision ``"auto"`` is bf16 on CUDA; on CPU
         it is int8 (dynamic quantisation of the linear layers) when the encoder is mostly
-        linear layers and int8 proves faithful on the slide's own tiles, else fp32
+        linear layers, the slide has >= 128 tiles (so int8 repays its check) and int8 proves
+        faithful on the slide's own tiles, else fp32
         (:func:`~gpfm_core.embed.device.choose_cpu_precision`). ``"int8"`` asks for it (CPU
         only; still checked, fp32 with a warning when not faithful); ``"fp32"`` never uses it.
     batch_size, workers
@@ -265,7 +266,9 @@ def iter_embed_slide(
         from gpfm_core.encoders import preprocess
 
         x = None if sample is None else preprocess(sample, meta)
-        model, choice = choose_cpu_precision(enc, precision, x, label=slide_path.name)
+        model, choice = choose_cpu_precision(
+            enc, precision, x, n_tiles=len(grid), label=slide_path.name
+        )
         prec = choice.precision
     root, coords_attrs, features_attrs = file_attrs(
         grid, meta, weights_hash, key, slide_path, out_dir, info
