@@ -5,7 +5,9 @@ Run (one 12,000 x 12,000 px slide, ~500 tiles; 10-30 min on the 2-core machine):
 Small (a 4,000 px slide, ~60 tiles):  ... bench_cpu_path.py --size 4000
 LazySlide runs in its own virtual environment, never the project's:
     python3 -m venv .venv-lazyslide
-    .venv-lazyslide/bin/pip install <a CPU torch wheel> "lazyslide==0.13.*"
+    .venv-lazyslide/bin/pip install "torch==2.14.1" "torchvision==0.29.1" "lazyslide==0.13.*"
+(the same torch pair as the project: a CPU-only torch wheel beside PyPI's torchvision fails
+with "operator torchvision::nms does not exist")
 and is found at ``.venv-lazyslide/bin/python`` (``--lazyslide-python`` to change; ``none``
 skips it).
 
@@ -21,7 +23,9 @@ torch on every core.
   fidelity check and the HDF5 write.
 * **LazySlide 0.13, its defaults**: ``zs.pp.find_tissues`` (timed apart), then
   ``zs.pp.tile_tissues(wsi, 224, mpp=0.5)`` and ``zs.tl.feature_extraction(wsi, model)`` with
-  its default loader settings; tiles/s *excluding* tissue detection, as it was measured
+  the model in LazySlide's own ``TimmModel`` wrapper (its default transform, told the input
+  is 224 px: it reads 518 from timm's pretrained config of the architecture) and its default
+  loader settings (batch 32, no worker processes, no autocast on CPU); tiles/s *excluding* tissue detection, as it was measured
   before (6.2 tiles/s; this project 6.0 at fp32 including it).
 
 Target (issue 11): gpfm's fast CPU path >= 1.3 x LazySlide. The machine is shared: compare
@@ -51,22 +55,25 @@ TARGET = 1.3
 
 LAZYSLIDE_SCRIPT = r"""
 import json, sys, time
-import torch, timm
+import torch
 from safetensors.torch import load_file
 import lazyslide as zs
+from lazyslide_models import TimmModel
 from wsidata import open_wsi
 
 slide, weights, kwargs, batch = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
-model = timm.create_model(sys.argv[5], pretrained=False, num_classes=0, **kwargs)
-model.load_state_dict(load_file(weights))
-model.eval()
+# LazySlide's own timm wrapper (its default transform), holding the same weights as gpfm's
+model = TimmModel(sys.argv[5], pretrained=False, **kwargs)
+model.model.load_state_dict(load_file(weights))
+# its transform would resize to the pretrained config's 518 px; the model is built for 224
+model.img_size = (kwargs.get("img_size", 224),) * 2
 t0 = time.perf_counter()
 wsi = open_wsi(slide)
 zs.pp.find_tissues(wsi)
 t1 = time.perf_counter()
 zs.pp.tile_tissues(wsi, 224, mpp=0.5)
 n = len(wsi.shapes["tiles"])
-zs.tl.feature_extraction(wsi, model, batch_size=batch)
+zs.tl.feature_extraction(wsi, model, batch_size=batch, pbar=False)
 t2 = time.perf_counter()
 print(json.dumps({"tiles": n, "tissue_s": t1 - t0, "tile_and_embed_s": t2 - t1,
                   "torch": torch.__version__, "lazyslide": zs.__version__,
