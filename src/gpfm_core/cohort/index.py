@@ -42,17 +42,16 @@ On-disk layout of an index folder::
     slides/<num>.coords.npy          (N, 2) int64    level-0 (x, y) of each tile
     slides/<num>.<train_id>.codes.npy (N, c) uint8   FAISS standalone codes (list + PQ code)
 
-**Why FAISS and not usearch** (measured on the 2-core project machine, 100,000 clustered
-1024-d tiles, load average 8-10, so wall times are ~4x an idle machine's): FAISS
-``IVF256,PQ64`` trained and encoded them in 15.5 CPU-s; usearch's HNSW with int8 vectors
-(connectivity 16) needed 75.6 CPU-s to insert them (~0.75 ms per tile, so ~15 CPU-s per
-20,000-tile slide). Both reached recall@10 >= 0.99 after re-rank of 100-300 candidates
-with ~1-2 ms median queries. The deciding points: memory, 72 bytes per tile for FAISS
-(codes + ids) against ~1.5 KB for usearch (1.52 GB at a million tiles, ~30 GB at 20 million);
-and incremental persistence, where IVF codes of a slide are independent of the others
-(FAISS's standalone codes, ``sa_encode`` / ``add_sa_codes``) and can live in the slide's own
-file, whereas an HNSW graph changes globally with each insertion, must be saved whole, and
-only tombstones removed entries.
+**Why FAISS and not usearch** (``benchmarks/bench_index.py --compare-usearch 100000``: 100,000
+clustered 1024-d tiles, one thread each, re-rank of 256, on the shared 2-core machine at load
+average ~6): FAISS ``IVF256,PQ64`` trained and encoded them in 14.8 CPU-s, usearch's HNSW with
+int8 vectors (connectivity 16) inserted them in 49.7 CPU-s (~10 CPU-s per 20,000-tile slide);
+recall@10 0.999 and 1.000, median query 0.9 and 1.6 ms. The deciding points: memory, 72 bytes
+per tile for FAISS (codes + ids) against ~1.5 KB for usearch (152 MB here; 1.5 GB at a million
+tiles, ~30 GB at 20 million); and incremental persistence, where the IVF codes of a slide do
+not depend on the others (FAISS's standalone codes, ``sa_encode`` / ``add_sa_codes``) and live
+in the slide's own file, whereas an HNSW graph changes globally with each insertion, must be
+saved whole, and only tombstones removed entries.
 """
 
 from __future__ import annotations
