@@ -32,6 +32,8 @@ def test_gpfm_embed_writes_a_trident_readable_file(
             str(out),
             "--device",
             "cpu",
+            "--precision",
+            "fp32",  # compared with the fp32 forward below
             "--batch-size",
             "7",
             "--workers",

@@ -90,7 +90,10 @@ def test_precision_rules() -> None:
     assert resolve_precision("auto", torch.device("cuda")) == "bf16"
     with pytest.raises(GpfmError, match="needs a CUDA device"):
         resolve_precision("bf16", cpu)
+    assert resolve_precision("int8", cpu) == "int8"
+    with pytest.raises(GpfmError, match="int8 is the CPU path"):
+        resolve_precision("int8", torch.device("cuda"))
     with pytest.raises(GpfmError, match="unknown precision"):
-        resolve_precision("int8", cpu)
+        resolve_precision("int4", cpu)
     with autocast(cpu, "fp32"):
         assert torch.nn.Linear(2, 2)(torch.ones(1, 2)).dtype == torch.float32

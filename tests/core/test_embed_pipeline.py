@@ -56,7 +56,14 @@ def test_features_equal_direct_forward(
     cmu_svs: Path, tmp_path: Path, tiny: torch.nn.Module
 ) -> None:
     path = embed_slide(
-        cmu_svs, encoder=tiny, out_dir=tmp_path, mpp=MPP, batch_size=5, workers=2, device="cpu"
+        cmu_svs,
+        encoder=tiny,
+        out_dir=tmp_path,
+        mpp=MPP,
+        batch_size=5,
+        workers=2,
+        device="cpu",
+        precision="fp32",  # exact: "auto" may run int8 on CPU (tests/core/test_cpu_int8.py)
     )
     assert path == _cmu_file(tmp_path, tiny)
     assert path.relative_to(tmp_path).parts[:2] == (

@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, str] = {
     "tiles": "gpfm_core.cli._tiles",
     "encoders": "gpfm_core.cli._encoders",
     "embed": "gpfm_core.cli._embed",
+    "index": "gpfm_core.cli._index",
     "train": "gpfm_core.cli._train",
     "export": "gpfm_core.cli._export",
     "make-slide": "gpfm_core.cli._make_slide",

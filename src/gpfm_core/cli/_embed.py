@@ -62,8 +62,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--precision",
         default="auto",
-        choices=["auto", "fp32", "bf16", "fp16"],
-        help="compute precision",
+        choices=["auto", "fp32", "bf16", "fp16", "int8"],
+        help=(
+            "compute precision; auto: bf16 on CUDA, on CPU int8 when it is faithful to fp32 on "
+            "the slide's own tiles (checked every run), else fp32; int8: the CPU path, same check"
+        ),
     )
     p.add_argument("--batch-size", type=int, default=64, help="tiles per batch (default: 64)")
     p.add_argument("--workers", type=int, default=2, help="reader threads (default: 2)")

@@ -31,7 +31,13 @@ import numpy as np
 from gpfm_core.embed._attrs import file_attrs, mpp_key, tissue_key
 from gpfm_core.embed._errors import EmbedCancelled, EmbeddingsClashError
 from gpfm_core.embed._loop import embed_batches
-from gpfm_core.embed.device import OomBackoff, resolve_device, resolve_precision
+from gpfm_core.embed.device import (
+    OomBackoff,
+    choose_cpu_precision,
+    fidelity_sample,
+    resolve_device,
+    resolve_precision,
+)
 from gpfm_core.embed.layout import claim_slide_file, features_dir, settings_diff
 from gpfm_core.embed.loading import EmbeddingsFileError, read_attrs
 from gpfm_core.embed.storage import EmbeddingWriter
@@ -180,7 +186,12 @@ def iter_embed_slide(
     slide_mpp
         µm/px override for slides without (or with wrong) metadata.
     device, precision
-        ``"auto"`` / ``"cpu"`` / ``"cuda[:N]"``; ``"auto"`` precision is bf16 on CUDA, fp32 on CPU.
+        ``"auto"`` / ``"cpu"`` / ``"cuda[:N]"``. Precision ``"auto"`` is bf16 on CUDA; on CPU
+        it is int8 (dynamic quantisation of the linear layers) when the encoder is mostly
+        linear layers, the slide has >= 128 tiles (so int8 repays its check) and int8 proves
+        faithful on the slide's own tiles, else fp32
+        (:func:`~gpfm_core.embed.device.choose_cpu_precision`). ``"int8"`` asks for it (CPU
+        only; still checked, fp32 with a warning when not faithful); ``"fp32"`` never uses it.
     batch_size, workers
         Tiles per batch and reader threads.
     dtype
@@ -221,7 +232,7 @@ def iter_embed_slide(
         ``lock_timeout`` passed while another process wrote the file.
     """
     from gpfm_core.slide import open_slide
-    from gpfm_core.tiling import make_tile_grid
+    from gpfm_core.tiling import make_tile_grid, read_tiles
 
     t0 = time.perf_counter()
     if dtype not in ("float32", "float16"):
@@ -295,11 +306,15 @@ def iter_embed_slide(
                 min_tissue=min_tissue,
                 tissue=tissue,
             )
+            # the CPU precision is settled on tiles of this slide (see choose_cpu_precision)
+            check = dev.type == "cpu" and precision in ("auto", "int8") and len(grid) > 0
+            sample = read_tiles(slide, grid, fidelity_sample(len(grid))) if check else None
         return (
             yield from _embed_into(
                 out, grid, enc, meta, key, slide_path, info, dev, prec, t0, result,
                 batch_size=batch_size, workers=workers, dtype=dtype, slide_mpp=slide_mpp,
-                compile=compile, cancel=cancel, min_tissue=min_tissue,
+                compile=compile, cancel=cancel, min_tissue=min_tissue, precision=precision,
+                sample=sample,
             )
         )  # fmt: skip
 
@@ -335,12 +350,25 @@ def _embed_into(
     compile: bool,
     cancel: threading.Event | None,
     min_tissue: float,
+    precision: str,
+    sample: np.ndarray | None,
 ) -> Generator[EmbedProgress, None, EmbedResult]:
     """Embed ``grid`` and write ``out`` (its lock is held by the caller)."""
+    model = enc
+    if dev.type == "cpu":
+        from gpfm_core.encoders import preprocess
+
+        x = None if sample is None else preprocess(sample, meta)
+        model, choice = choose_cpu_precision(
+            enc, precision, x, n_tiles=len(grid), label=slide_path.name
+        )
+        prec = choice.precision
     root, coords_attrs, features_attrs = file_attrs(
         grid, meta, key["weights_hash"], key, slide_path, out.parent, info
     )
     root.update(compute_device=str(dev), compute_precision=prec)
+    if dev.type == "cpu":
+        root.update(choice.attrs())
     n = len(grid)
     with EmbeddingWriter(
         out,
@@ -365,7 +393,7 @@ def _embed_into(
             batches = embed_batches(
                 slide_path,
                 grid,
-                enc,
+                model,
                 dev,
                 prec,
                 backoff,
