@@ -405,7 +405,7 @@ def test_cli_on_files_from_gpfm_embed(
     assert "1 added; 1 slides" in out and "exact" in out
     from gpfm_core.embed import load_embeddings
 
-    emb = load_embeddings(cohort / "cmu_small_region.h5")
+    emb = load_embeddings(next(cohort.rglob("cmu_small_region.h5")))
     x, y = (int(v) + 5 for v in emb.coords[3])
     assert (
         main(

@@ -265,7 +265,7 @@ def iter_embed_slide(
         overlap_px=key["overlap_px"],
     )
 
-    def result(path: Path, n: int, reused: bool, bs: int) -> EmbedResult:
+    def result(path: Path, n: int, reused: bool, bs: int, precision: str) -> EmbedResult:
         return EmbedResult(
             path,
             n,
@@ -273,7 +273,7 @@ def iter_embed_slide(
             str(meta.name),
             weights_hash,
             str(dev),
-            prec,
+            precision,
             time.perf_counter() - t0,
             bs,
         )
@@ -289,9 +289,11 @@ def iter_embed_slide(
             )
             diff = _existing_diff(out, key)
             if diff is not None and not diff and reuse:
-                n = int(read_attrs(out).get("n_tiles", -1))
+                attrs = read_attrs(out)
+                n = int(attrs.get("n_tiles", -1))
                 log.info("reusing %s (%d tiles, same slide and settings)", out, n)
-                return result(out, n, True, batch_size)
+                # the precision the file was computed in (int8 or fp32 on CPU is decided per slide)
+                return result(out, n, True, batch_size, str(attrs.get("compute_precision", prec)))
             if diff and not force:
                 raise EmbeddingsClashError(
                     f"cannot embed {slide_path} into {out}: that file holds this slide made with "
@@ -341,7 +343,7 @@ def _embed_into(
     dev: Any,
     prec: str,
     t0: float,
-    result: Callable[[Path, int, bool, int], EmbedResult],
+    result: Callable[[Path, int, bool, int, str], EmbedResult],
     *,
     batch_size: int,
     workers: int,
@@ -421,7 +423,7 @@ def _embed_into(
             {"seconds": time.perf_counter() - t0, "final_batch_size": backoff.batch_size}
         )
         path = writer.commit()
-    return result(path, n, False, backoff.batch_size)
+    return result(path, n, False, backoff.batch_size, prec)
 
 
 def embed_slide(
