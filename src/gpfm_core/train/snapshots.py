@@ -88,7 +88,7 @@ def save_snapshot(
         )
         prefix = f"{key}."
         state = {k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}
-    else:
+    elif is_main:
         state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
     if not is_main:
         return None
