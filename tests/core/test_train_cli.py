@@ -73,7 +73,7 @@ def test_train_export_embed_end_to_end(
     ]
     assert main(argv) == 0
     capsys.readouterr()
-    h5 = sorted(emb_dir.glob("*.h5"))
+    h5 = sorted(emb_dir.glob("*/features_*/*.h5"))  # TRIDENT's layout: <tiling>/features_<enc>/
     assert len(h5) == 1
     emb = load_embeddings(h5[0])
     assert emb.features.shape[1] == 64 and emb.features.shape[0] == emb.coords.shape[0] > 0

@@ -3,15 +3,12 @@ takes the same steps as DDP, and an FSDP checkpoint exports and resumes."""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from _ranks import launch_ranks
 from gpfm_core.train.data import sample_indices
 
 SCRIPT = """
@@ -47,37 +44,15 @@ shutdown_distributed()
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(
     script: Path, out: Path, he_png: Path, strategy: str, steps: int, resume: bool
 ) -> dict | str:
     """Two ranks; their result, or (when they fail) rank 0's last error line."""
     out.mkdir(exist_ok=True)
-    port = _free_port()
-    procs = []
-    for rank in range(2):
-        env = {
-            **os.environ,
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "WORLD_SIZE": "2",
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "OMP_NUM_THREADS": "1",
-        }
-        args = [str(out), str(he_png), strategy, str(steps), "1" if resume else "0"]
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(script), *args], env=env, stderr=subprocess.PIPE, text=True
-            )
-        )
-    errors = [p.communicate(timeout=240)[1] for p in procs]
-    if any(p.returncode for p in procs):
+    args = [str(out), str(he_png), strategy, str(steps), "1" if resume else "0"]
+    ranks = launch_ranks(script, args)
+    errors = [err for _, err in ranks]
+    if any(rc for rc, _ in ranks):
         lines = [ln for ln in errors[0].splitlines() if "Error:" in ln]
         return lines[-1] if lines else errors[0][-2000:]
     return torch.load(out / "result.pt", weights_only=True)

@@ -5,15 +5,12 @@ sharded (FSDP)."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from _ranks import launch_ranks
 from gpfm_core.cli import main
 from gpfm_core.train.checkpoint import load_checkpoint
 from gpfm_core.train.logging_csv import read_metrics
@@ -50,38 +47,12 @@ shutdown_distributed()
 LOSSES = ("dino", "koleo", "ibot", "expert_tiny_expert_cls", "expert_tiny_expert_patch", "total")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(script: Path, out: Path, lists: Path, strategy: str) -> list[str]:
     """Two ranks; their stderr (the log)."""
     out.mkdir()
-    port = _free_port()
-    procs = []
-    for rank in range(2):
-        env = {
-            **os.environ,
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "WORLD_SIZE": "2",
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "OMP_NUM_THREADS": "1",
-        }
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(script), str(out), str(lists), strategy],
-                env=env,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
-    logs = [p.communicate(timeout=400)[1] for p in procs]
-    assert all(p.returncode == 0 for p in procs), logs[0][-3000:]
-    return logs
+    ranks = launch_ranks(script, [str(out), str(lists), strategy], timeout=400)
+    assert all(rc == 0 for rc, _ in ranks), ranks[0][1][-3000:]
+    return [err for _, err in ranks]
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,13 @@ def _gpfm_tiles(slide: Path, out: Path, *extra: str) -> Path:
     return path
 
 
+def _write_coords(path: Path, coords: np.ndarray, attrs: dict) -> None:
+    """A patching file as TRIDENT and CLAM write it: ``coords`` carrying the attributes."""
+    path.parent.mkdir(parents=True)
+    with h5py.File(path, "w") as f:
+        f.create_dataset("coords", data=coords).attrs.update(attrs)
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory, cmu_svs: Path, nonsquare_tif: Path) -> dict:
     """Tile lists of four tools and GPFM's JSON, with the grids they were made from."""
@@ -42,33 +49,23 @@ def store(tmp_path_factory: pytest.TempPathFactory, cmu_svs: Path, nonsquare_tif
         g128 = make_tile_grid(s, mpp=1.0, tile_px=128, min_tissue=0.25)
     # TRIDENT (trident/IO.py coords_to_h5): attributes on `coords` only, no slide path
     trident = root / "trident" / "patches" / "cmu_small_region_patches.h5"
-    trident.parent.mkdir(parents=True)
-    with h5py.File(trident, "w") as f:
-        ds = f.create_dataset("coords", data=g128.coords[:30])
-        ds.attrs.update(
-            {
-                "patch_size": 64,
-                "patch_size_level0": 256,
-                "level0_magnification": 20,
-                "target_magnification": 5,
-                "overlap": 0,
-                "name": "cmu_small_region",
-                "savetodir": str(trident.parent),
-            }
-        )
+    _write_coords(
+        trident,
+        g128.coords[:30],
+        {
+            "patch_size": 64,
+            "patch_size_level0": 256,
+            "level0_magnification": 20,
+            "target_magnification": 5,
+            "overlap": 0,
+            "name": "cmu_small_region",
+            "savetodir": str(trident.parent),
+        },
+    )
     # CLAM (create_patches_fp.py): patch_size at patch_level with that level's downsample
     clam = root / "clam" / "patches" / "cmu_small_region.h5"
-    clam.parent.mkdir(parents=True)
-    with h5py.File(clam, "w") as f:
-        ds = f.create_dataset("coords", data=grid.coords[:20])
-        ds.attrs.update(
-            {
-                "patch_size": 100,
-                "patch_level": 0,
-                "downsample": [1.0, 1.0],
-                "name": "cmu_small_region",
-            }
-        )
+    attrs = {"patch_size": 100, "patch_level": 0, "downsample": [1.0, 1.0]}
+    _write_coords(clam, grid.coords[:20], {**attrs, "name": "cmu_small_region"})
     # GPFM's JSON: {folder: [tile image names]}
     images = root / "png"
     images.mkdir()

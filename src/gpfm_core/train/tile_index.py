@@ -420,14 +420,6 @@ def find_slides(folders: Iterable[str | os.PathLike[str]]) -> dict[str, list[Pat
     return found
 
 
-def _attr_num(attrs: Mapping[str, Any], key: str) -> float | None:
-    v = attrs.get(key)
-    if v is None or isinstance(v, str | bytes):
-        return None
-    arr = np.asarray(v, dtype=float).ravel()
-    return float(arr[0]) if arr.size and np.isfinite(arr[0]) and arr[0] > 0 else None
-
-
 def _slide_name(path: Path, attrs: Mapping[str, Any]) -> str:
     name = attrs.get("slide_name") or attrs.get("name")
     if isinstance(name, str) and name:
@@ -456,6 +448,7 @@ def read_tile_list(
     """
     import h5py
 
+    from gpfm_core.embed.geometry import _num as _attr_num  # a positive finite number or None
     from gpfm_core.embed.geometry import tile_geometry
     from gpfm_core.embed.loading import EmbeddingsFileError, read_attrs
 
