@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from gpfm_core.slide import Slide
     from gpfm_core.tissue import TissueMask
 
-__all__ = ["TileGrid", "check_grid_args", "make_tile_grid", "read_tiles"]
+__all__ = ["TileGrid", "check_grid_args", "make_tile_grid", "read_plan", "read_tile", "read_tiles"]
 
 log = logging.getLogger(__name__)
 
@@ -211,8 +211,7 @@ def make_tile_grid(
             "tiles will be upsampled",
             stacklevel=2,
         )
-    level = slide.best_level_for_downsample(min(sx, sy) / tile_px)
-    ds = slide.level_downsamples[level]
+    level, (rx, ry) = read_plan(slide, (sx, sy), tile_px)
     cols = (w0 - sx) // stx + 1 if w0 >= sx else 0
     rows = (h0 - sy) // sty + 1 if h0 >= sy else 0
     rr, cc = np.meshgrid(
@@ -260,14 +259,14 @@ def make_tile_grid(
         stride_level0=int(stx),
         overlap_px=overlap_px,
         read_level=int(level),
-        read_size=max(1, round(sx / ds)),
+        read_size=rx,
         level0_size=(int(w0), int(h0)),
         slide_mpp=(float(slide_mpp[0]), float(slide_mpp[1])),
         slide_id=slide.slide_id,
         min_tissue=float(min_tissue),
         tile_size_level0_y=int(sy),
         stride_level0_y=int(sty),
-        read_size_y=max(1, round(sy / ds)),
+        read_size_y=ry,
     )
 
 
@@ -328,14 +327,42 @@ def read_tiles(
 def read_one_tile(slide: Slide, grid: TileGrid, index: int) -> np.ndarray:
     """One tile -> ``(tile_px, tile_px, 3)`` uint8."""
     x, y = grid.coords[index]
-    rs = grid.read_size_xy
-    region = slide.read_region((int(x), int(y)), grid.read_level, rs)
-    if rs == (grid.tile_px, grid.tile_px):
+    return read_tile(slide, (int(x), int(y)), grid.read_level, grid.read_size_xy, grid.tile_px)
+
+
+def read_plan(
+    slide: Slide, size_level0: tuple[int, int], tile_px: int
+) -> tuple[int, tuple[int, int]]:
+    """Where to read a tile of ``size_level0`` = (w, h) level-0 px shown at ``tile_px``.
+
+    Returns
+    -------
+    (int, (int, int))
+        The coarsest trusted level not coarser than the tile's scale on either axis, and
+        the tile's ``(width, height)`` in that level's pixels.
+    """
+    sx, sy = (int(v) for v in size_level0)
+    level = slide.best_level_for_downsample(min(sx, sy) / tile_px)
+    ds = slide.level_downsamples[level]
+    return level, (max(1, round(sx / ds)), max(1, round(sy / ds)))
+
+
+def read_tile(
+    slide: Slide,
+    location: tuple[int, int],
+    level: int,
+    read_size: tuple[int, int],
+    tile_px: int,
+) -> np.ndarray:
+    """Read ``read_size`` px of ``level`` at level-0 ``location``, as ``(tile_px, tile_px, 3)``
+    uint8 (antialiased bicubic when the read size differs)."""
+    region = slide.read_region(location, level, read_size)
+    if tuple(read_size) == (tile_px, tile_px):
         return region
     from PIL import Image
 
-    img = Image.fromarray(region).resize((grid.tile_px, grid.tile_px), Image.Resampling.BICUBIC)
-    return np.asarray(img)
+    img = Image.fromarray(region).resize((tile_px, tile_px), Image.Resampling.BICUBIC)
+    return np.array(img)  # a writable copy (torch.from_numpy warns on read-only arrays)
 
 
 def __getattr__(name: str) -> Any:

@@ -3,15 +3,12 @@ takes the same steps as DDP, and an FSDP checkpoint exports and resumes."""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from _ranks import launch_ranks
 from gpfm_core.train.data import sample_indices
 
 SCRIPT = """
@@ -47,37 +44,15 @@ shutdown_distributed()
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(
     script: Path, out: Path, he_png: Path, strategy: str, steps: int, resume: bool
 ) -> dict | str:
     """Two ranks; their result, or (when they fail) rank 0's last error line."""
     out.mkdir(exist_ok=True)
-    port = _free_port()
-    procs = []
-    for rank in range(2):
-        env = {
-            **os.environ,
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "WORLD_SIZE": "2",
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "OMP_NUM_THREADS": "1",
-        }
-        args = [str(out), str(he_png), strategy, str(steps), "1" if resume else "0"]
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(script), *args], env=env, stderr=subprocess.PIPE, text=True
-            )
-        )
-    errors = [p.communicate(timeout=240)[1] for p in procs]
-    if any(p.returncode for p in procs):
+    args = [str(out), str(he_png), strategy, str(steps), "1" if resume else "0"]
+    ranks = launch_ranks(script, args)
+    errors = [err for _, err in ranks]
+    if any(rc for rc, _ in ranks):
         lines = [ln for ln in errors[0].splitlines() if "Error:" in ln]
         return lines[-1] if lines else errors[0][-2000:]
     return torch.load(out / "result.pt", weights_only=True)
@@ -152,7 +127,14 @@ def test_fsdp_takes_the_same_steps_as_ddp_and_resumes(
     assert resumed["start"] == 2
     _same_steps(resumed["losses"], ddp["losses"], slice(2, 3))
     for k, v in ddp["after"].items():
-        assert torch.allclose(resumed["after"][k], v, rtol=1e-4, atol=1e-5), k
+        got = resumed["after"][k]
+        if k.endswith("attn.qkv.bias"):
+            # the key bias has no gradient in exact arithmetic (softmax ignores a shift shared
+            # by every key), only rounding noise, which AdamW normalises into steps of ~lr:
+            # the two reduction orders may move it differently, so it is not compared
+            d = v.shape[0] // 3
+            v, got = torch.cat([v[:d], v[2 * d :]]), torch.cat([got[:d], got[2 * d :]])
+        assert torch.allclose(got, v, rtol=1e-4, atol=1e-5), k
     # a DDP checkpoint holds its optimiser by parameter ids: FSDP says so instead of guessing
     err = _run(script, tmp_path / "ddp", he_png, "fsdp", 1, resume=True)
     assert isinstance(err, str) and "ConfigError" in err and "resume it with strategy ddp" in err

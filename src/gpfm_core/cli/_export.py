@@ -1,4 +1,4 @@
-"""``gpfm export``: write a training checkpoint's EMA teacher as an encoder safetensors file."""
+"""``gpfm export``: write the EMA teacher of a training checkpoint or snapshot as an encoder."""
 
 from __future__ import annotations
 
@@ -10,10 +10,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     """Register ``gpfm export``."""
     p = subparsers.add_parser(
         "export",
-        help="export a gpfm train checkpoint as an encoder (.safetensors)",
+        help="export a gpfm train checkpoint or teacher snapshot as an encoder (.safetensors)",
         description="The exported file loads with create_encoder(PATH) and `gpfm embed --encoder PATH`.",
     )
-    p.add_argument("checkpoint", type=Path, help="checkpoint.pt written by gpfm train")
+    p.add_argument(
+        "checkpoint",
+        type=Path,
+        help="checkpoint.pt written by gpfm train, or a teacher snapshot: the run's "
+        "eval/training_<N> folder (or its teacher_checkpoint.pth)",
+    )
     p.add_argument("--out", required=True, type=Path, help="destination .safetensors")
     p.add_argument(
         "--name", default=None, help="encoder name stored in the file (default: file stem)"

@@ -13,8 +13,13 @@ Config layers: the packaged defaults (GPFM's recipe), then --config (a YAML file
 name: gpfm = the paper's ViT-L run, see docs/recipe_card.md; tiny_cpu; student_s), then each
 --set key=value (values parsed as YAML, e.g. --set optim.base_lr=1e-3
 --set 'experts=[{name: uni, weights: {cls: 1.0, patch: 0.25}}]').
-The resolved config is written to OUT/config.yaml; metrics to OUT/metrics.csv; the checkpoint to
-OUT/checkpoint.pt. Multi-GPU / multi-process: torchrun --nproc_per_node N -m gpfm_core train ...
+The resolved config is written to OUT/config.yaml; metrics to OUT/metrics.csv and
+OUT/tensorboard; the checkpoint to OUT/checkpoint.pt; the compiled tile index to
+OUT/tiles.tileindex (or data.index); teacher snapshots to OUT/eval/training_<iteration>/ every
+train.snapshot_every steps; kNN / linear-probe evaluation to OUT/eval.csv every eval.every steps.
+Tiles: --set "data.tile_lists=['DIR/<tiling>/patches']" (gpfm tiles / gpfm embed / TRIDENT /
+CLAM .h5, or GPFM's JSON), read by data.num_workers loader processes.
+Multi-GPU / multi-process: torchrun --nproc_per_node N -m gpfm_core train ...
 """
 
 

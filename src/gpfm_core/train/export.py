@@ -1,4 +1,5 @@
-"""Export a training checkpoint's EMA teacher backbone as an encoder safetensors file."""
+"""Export the EMA teacher backbone of a training checkpoint or teacher snapshot as an encoder
+safetensors file."""
 
 from __future__ import annotations
 
@@ -35,7 +36,9 @@ def export_checkpoint(
     Parameters
     ----------
     checkpoint : path-like
-        ``checkpoint.pt`` written by ``gpfm train``.
+        ``checkpoint.pt`` written by ``gpfm train``, or one of its teacher snapshots
+        (``eval/training_<i>/teacher_checkpoint.pth`` or that folder,
+        :mod:`gpfm_core.train.snapshots`).
     out : path-like
         Destination ``.safetensors``.
     name : str, optional
@@ -51,12 +54,12 @@ def export_checkpoint(
     import torch
 
     from gpfm_core.encoders import EncoderMeta, save_encoder_safetensors
-    from gpfm_core.train.checkpoint import load_checkpoint
+    from gpfm_core.train.snapshots import load_training_weights
 
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     if dtype not in dtypes:
         raise ConfigError(f"export dtype must be fp32, fp16 or bf16, got {dtype!r}")
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = load_training_weights(checkpoint)
     cfg: dict[str, Any] = yaml.safe_load(ckpt["config"])
     sd = ckpt["model"]
     prefix = (

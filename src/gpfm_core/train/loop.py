@@ -1,6 +1,9 @@
 """The training loop, as small functions: ``build`` -> (``train_step`` -> ``log_step`` ->
 ``save``)* ; ``train`` runs them. Single process or torchrun (``train.strategy``: DDP or FSDP;
-gloo on CPU, NCCL on CUDA)."""
+gloo on CPU, NCCL on CUDA). Micro-batches come from a DataLoader of ``data.num_workers``
+processes over the compiled tile index (:mod:`gpfm_core.train.loader`); teacher snapshots
+(:mod:`gpfm_core.train.snapshots`) and the evaluation hook (:mod:`gpfm_core.train.eval_hook`)
+run every ``train.snapshot_every`` / ``eval.every`` steps."""
 
 from __future__ import annotations
 
@@ -11,7 +14,6 @@ import os
 import random
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,7 @@ from gpfm_core.train.checkpoint import (
     set_rng_state,
 )
 from gpfm_core.train.config import dump_config
-from gpfm_core.train.data import TileDataset, build_dataset, make_batch
+from gpfm_core.train.data import TileDataset, build_dataset, check_data_config, index_path
 from gpfm_core.train.distributed import (
     DistInfo,
     full_state_dicts,
@@ -39,11 +41,14 @@ from gpfm_core.train.distributed import (
     reshard,
     shard_model,
 )
-from gpfm_core.train.logging_csv import MetricsLogger
+from gpfm_core.train.eval_hook import EVAL_COLUMNS, build_eval_set, check_eval_config, evaluate
+from gpfm_core.train.loader import MicroBatches, iterate, make_loader
+from gpfm_core.train.logging_csv import MetricsLogger, reduce_across_ranks
 from gpfm_core.train.meta_arch import UnifiedDistillation, check_init_weights
 from gpfm_core.train.models import load_expert
 from gpfm_core.train.optim import apply_schedules, build_optimizer, scaled_lr
 from gpfm_core.train.schedules import Schedules
+from gpfm_core.train.snapshots import save_snapshot
 
 __all__ = [
     "TrainState",
@@ -81,6 +86,7 @@ class TrainState:
     amp_dtype: torch.dtype | None
     step: int = 0
     last_checkpoint: Path | None = None
+    tiles_skipped: int = 0  # unreadable tiles replaced since the last logged step (this rank)
 
     @property
     def checkpoint_path(self) -> Path:
@@ -122,6 +128,8 @@ def build(
         An expert cannot be loaded.
     """
     out = Path(out_dir)
+    check_data_config(cfg)
+    check_eval_config(cfg)
     ckpt = None
     if resume:
         if not (out / CHECKPOINT_NAME).is_file():
@@ -156,7 +164,8 @@ def build(
     lr = scaled_lr(
         o["base_lr"], o["batch_size"] * o["accum_steps"] * dist.world_size, o["lr_ref_batch"]
     )
-    dataset = build_dataset(cfg["data"])
+    # every rank: the first to take the index's lock compiles it, the others map the file
+    dataset = build_dataset(cfg["data"], index=index_path(cfg["data"], out))
     state = TrainState(
         cfg=cfg,
         out_dir=out,
@@ -216,7 +225,9 @@ def _load_optimizer(state: TrainState, ckpt: dict[str, Any]) -> None:
 
 
 def batches(state: TrainState, start_micro: int) -> Iterator[dict[str, Any]]:
-    """Micro-batches from micro-step ``start_micro`` on, prefetched by ``data.num_workers`` threads."""
+    """Micro-batches from micro-step ``start_micro`` on, built by ``data.num_workers`` worker
+    processes (0: in this process); each batch's unreadable-tile count is added to
+    ``state.tiles_skipped`` when the batch is taken. Close the generator to stop the workers."""
     c, o = state.cfg, state.cfg["optim"]
     kw = {
         "seed": int(c["seed"]),
@@ -227,21 +238,20 @@ def batches(state: TrainState, start_micro: int) -> Iterator[dict[str, Any]]:
         "mask_probability": c["ibot"]["mask_sample_probability"],
         "mask_ratio": tuple(c["ibot"]["mask_ratio_min_max"]),
     }
-    workers = int(c["data"]["num_workers"])
-    micro = start_micro
-    if workers <= 0:
-        while True:
-            yield make_batch(state.dataset, state.augment, step=micro, **kw)
-            micro += 1
-    with ThreadPoolExecutor(workers) as pool:
-        queue: list[Future[dict[str, Any]]] = []
-        while True:
-            while len(queue) < 2 * workers:
-                queue.append(
-                    pool.submit(make_batch, state.dataset, state.augment, step=micro, **kw)
-                )
-                micro += 1
-            yield queue.pop(0).result()
+    loader = make_loader(
+        MicroBatches(state.dataset, state.augment, **kw),
+        start=start_micro,
+        num_workers=int(c["data"]["num_workers"]),
+        seed=int(c["seed"]),
+        pin_memory=state.dist.device.type == "cuda",
+    )
+    it = iterate(loader)
+    try:
+        for batch in it:
+            state.tiles_skipped += int(batch.pop("skipped", 0))
+            yield batch
+    finally:
+        it.close()
 
 
 def _check_finite(state: TrainState, name: str, value: float, terms: dict[str, float]) -> None:
@@ -416,6 +426,7 @@ def log_columns(state: TrainState) -> list[str]:
         "teacher_temp",
         "grad_norm",
         "tiles_per_s",
+        "tiles_skipped",
     ]
 
 
@@ -439,30 +450,89 @@ def train(
         end = min(end, state.step + int(t["stop_after"]))
     if t["stop_at_step"] is not None:
         end = min(end, int(t["stop_at_step"]))
+    resume_step = state.step if resume else None
+    main = state.dist.is_main
     logger = (
-        MetricsLogger(state.out_dir, log_columns(state), resume_step=state.step if resume else None)
-        if state.dist.is_main
-        else None
+        MetricsLogger(state.out_dir, log_columns(state), resume_step=resume_step) if main else None
     )
+    every_eval = int(cfg["eval"]["every"])
+    eval_set = eval_logger = None
+    if every_eval:
+        eval_set = build_eval_set(cfg, index=index_path(cfg["data"], state.out_dir))
+        if main:
+            eval_logger = MetricsLogger(
+                state.out_dir,
+                EVAL_COLUMNS,
+                resume_step=resume_step,
+                name="eval.csv",
+                tb_prefix="eval/",
+            )
+    every_snapshot = int(t["snapshot_every"])
     data = batches(state, state.step * cfg["optim"]["accum_steps"])
     try:
         while state.step < end:
             t0 = time.perf_counter()
             values = train_step(state, data)
             values["tiles_per_s"] = state.global_batch / max(time.perf_counter() - t0, 1e-9)
-            if logger is not None and (state.step % t["log_every"] == 0 or state.step == end):
-                logger.log({"step": state.step, **values})
-                log.info(
-                    "step %d total %.4f lr %.2e %.1f tiles/s",
-                    state.step,
-                    values["total"],
-                    values["lr"],
-                    values["tiles_per_s"],
+            if state.step % t["log_every"] == 0 or state.step == end:
+                _log_step(state, values, logger)
+            if every_snapshot and state.step % every_snapshot == 0:
+                save_snapshot(
+                    state.out_dir,
+                    state.model,
+                    step=state.step,
+                    config=dump_config(cfg),
+                    sharded=state.sharded,
+                    is_main=main,
                 )
+            if eval_set is not None and state.step % every_eval == 0:
+                _evaluate(state, eval_set, eval_logger)
             if state.step % t["checkpoint_every"] == 0 or state.step == end:
                 save(state)
     finally:
-        if logger is not None:
-            logger.close()
+        data.close()  # stops the loader's worker processes
+        for lg in (logger, eval_logger):
+            if lg is not None:
+                lg.close()
         state.dataset.close()
     return state
+
+
+def _log_step(state: TrainState, values: dict[str, Any], logger: MetricsLogger | None) -> None:
+    """Log one step: loss terms and gradient norm averaged over ranks, skipped tiles summed
+    (a collective: every rank calls it at the same steps; rank 0 writes)."""
+    values["tiles_skipped"] = state.tiles_skipped
+    state.tiles_skipped = 0
+    mean = [*state.model.loss_weights(), "total", "grad_norm"]
+    values = reduce_across_ranks(values, mean=mean, total=["tiles_skipped"])
+    if logger is None:
+        return
+    logger.log({"step": state.step, **values})
+    log.info(
+        "step %d total %.4f lr %.2e %.1f tiles/s%s",
+        state.step,
+        values["total"],
+        values["lr"],
+        values["tiles_per_s"],
+        f", {values['tiles_skipped']} unreadable tiles replaced" if values["tiles_skipped"] else "",
+    )
+
+
+def _evaluate(state: TrainState, eval_set: Any, logger: MetricsLogger | None) -> None:
+    """kNN and linear probe of the teacher's features on the evaluation set; rank 0 logs."""
+    res = evaluate(
+        state.model, eval_set, state.cfg, amp_dtype=state.amp_dtype, main=state.dist.is_main
+    )
+    if state.sharded:
+        reshard(state.model)  # the teacher's root units stay gathered after a forward
+    if res is None or logger is None:
+        return
+    logger.log({"step": state.step, **res})
+    log.info(
+        "eval step %d (%s, %d tiles): kNN %.3f, linear %.3f",
+        state.step,
+        eval_set.task,
+        res["n_tiles"],
+        res["knn_acc"],
+        res["linear_acc"],
+    )

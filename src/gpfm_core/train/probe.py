@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["linear_probe_accuracy", "stain_variation_task"]
+__all__ = ["knn_accuracy", "linear_probe_accuracy", "stain_variation_task"]
 
 
 def _perturb(tile: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -109,6 +109,32 @@ def linear_probe_accuracy(
     from sklearn.preprocessing import StandardScaler
 
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
+    cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
+    return float(
+        np.mean(cross_val_score(clf, features, labels, cv=cv, scoring="balanced_accuracy"))
+    )
+
+
+def knn_accuracy(
+    features: np.ndarray, labels: np.ndarray, *, k: int = 20, folds: int = 5, seed: int = 0
+) -> float:
+    """Mean balanced accuracy of a cosine kNN classifier (distance-weighted votes, as DINO's
+    kNN evaluation), stratified k-fold CV.
+
+    Parameters
+    ----------
+    features : (N, D) float
+    labels : (N,) int
+    k : int
+        Neighbours (at most the size of a training fold).
+    """
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.neighbors import KNeighborsClassifier
+
+    n_train = len(labels) - int(np.ceil(len(labels) / folds))
+    clf = KNeighborsClassifier(
+        n_neighbors=max(1, min(k, n_train)), metric="cosine", weights="distance"
+    )
     cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
     return float(
         np.mean(cross_val_score(clf, features, labels, cv=cv, scoring="balanced_accuracy"))
