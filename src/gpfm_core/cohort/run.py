@@ -369,22 +369,34 @@ _ENCODERS_LOCK = threading.Lock()
 
 
 def _task_encoder(settings: EmbedSettings, device: str) -> Any:
-    """The encoder of this worker thread (built once per thread, settings and device)."""
+    """The encoder of this worker thread (built once per thread, settings and device).
+
+    Built under a process-wide lock: worker threads of one process that build at once
+    would import timm / torch submodules concurrently, which Python may answer with a
+    partially initialised module.
+    """
     key = (settings.encoder, settings.weights, device, threading.get_ident())
     with _ENCODERS_LOCK:
         enc = _ENCODERS.get(key)
-    if enc is None:
-        from gpfm_core.embed import resolve_device, resolve_encoder
-        from gpfm_core.encoders import create_encoder
+        if enc is None:
+            from gpfm_core.embed import resolve_device, resolve_encoder
+            from gpfm_core.encoders import create_encoder
 
-        dev = resolve_device(device)
-        spec: Any = settings.encoder
-        if settings.weights is not None:
-            spec = create_encoder(settings.encoder, weights=settings.weights, device="cpu")
-        enc = resolve_encoder(spec, dev)
-        with _ENCODERS_LOCK:
+            dev = resolve_device(device)
+            spec: Any = settings.encoder
+            if settings.weights is not None:
+                spec = create_encoder(settings.encoder, weights=settings.weights, device="cpu")
+            enc = resolve_encoder(spec, dev)
             _ENCODERS[key] = enc
     return enc
+
+
+# The first slide a process embeds imports the slide / tissue / tiling stack lazily
+# (scikit-image's lazy submodules among them). Two worker threads doing that at once can
+# meet a partially initialised module (Python's import deadlock avoidance), so the first
+# slide of each process runs alone; after one slide is embedded, slides run freely.
+_WARM = threading.Event()
+_WARM_LOCK = threading.Lock()
 
 
 def _one_line(exc: BaseException) -> str:
@@ -429,6 +441,30 @@ def embed_cohort_slide(
     submitted
         ``time.time()`` when the task was submitted, for ``queue_s``.
     """
+    if not _WARM.is_set():
+        with _WARM_LOCK:
+            if not _WARM.is_set():
+                report = _embed_one(entry, settings, out_dir, settings_key, encoder=encoder,
+                                    progress=progress, topic=topic, submitted=submitted)  # fmt: skip
+                if report.status == "embedded":
+                    _WARM.set()
+                return report
+    return _embed_one(entry, settings, out_dir, settings_key, encoder=encoder,
+                      progress=progress, topic=topic, submitted=submitted)  # fmt: skip
+
+
+def _embed_one(
+    entry: CohortEntry,
+    settings: EmbedSettings,
+    out_dir: str,
+    settings_key: str,
+    *,
+    encoder: Any,
+    progress: Callable[[str, int, int], None] | None,
+    topic: str | None,
+    submitted: float | None,
+) -> SlideReport:
+    """:func:`embed_cohort_slide` without the first-slide gate."""
     from gpfm_core.cohort.distributed import ProgressPublisher, worker_device, worker_name
     from gpfm_core.embed import EmbedCancelled, iter_embed_slide
 
