@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, str] = {
     "embed": "gpfm_core.cli._embed",
     "train": "gpfm_core.cli._train",
     "export": "gpfm_core.cli._export",
+    "export-anndata": "gpfm_core.cli._export_anndata",
     "make-slide": "gpfm_core.cli._make_slide",
 }
 
