@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -157,3 +159,14 @@ def test_a_missing_slide_is_failed_by_planning(tmp_path: Path) -> None:
     assert plan.todo == []
     (report,) = plan.settled
     assert report.status == "failed" and "does not exist" in report.error
+
+
+def test_cohort_modules_import_nothing_heavy() -> None:
+    code = (
+        "import sys, gpfm_core.cohort as c; c.read_cohort_inputs; c.run_cohort; c.open_cohort;"
+        "c.export_anndata; import gpfm_core.cohort.distributed;"
+        "print(','.join(m for m in ('torch', 'distributed', 'anndata', 'pandas', 'h5py')"
+        " if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""

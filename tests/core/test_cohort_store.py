@@ -44,8 +44,12 @@ def cohort_dir(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path
         f"{data_dir / 'cmu_small_region.svs'},CMU\n{slides[0]},case-A\n{slides[1]},case-B\n"
     )
     out = d / "cohort"
-    run = run_cohort(read_cohort_inputs([manifest]), out_dir=out, settings=SETTINGS)
+    done: list[Path] = []  # the hook the cohort index's incremental add connects to
+    run = run_cohort(
+        read_cohort_inputs([manifest]), out_dir=out, settings=SETTINGS, on_slide_done=done.append
+    )
     assert [r.status for r in run.reports] == ["embedded"] * 3
+    assert done == [Path(r.file) for r in run.reports] and all(p.is_file() for p in done)
     return out
 
 

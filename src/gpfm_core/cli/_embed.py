@@ -235,10 +235,14 @@ def run(args: argparse.Namespace) -> int:
         )
     finally:
         bar.close()
+    counts = ", ".join(
+        f"{n} {status}"
+        for status in ("embedded", "reused", "skipped", "failed", "cancelled")
+        if (n := result.count(status))
+    )
     print(
         f"encoder: {result.encoder} (weights {result.weights_hash[:16]}) via {result.executor}; "
-        f"{result.count('embedded')} embedded, {result.count('reused')} reused, "
-        f"{result.count('skipped')} skipped, {len(result.failed)} failed"
+        f"slides: {counts or 'none'}"
     )
     if result.report_path is not None:
         print(f"report: {result.report_path}")

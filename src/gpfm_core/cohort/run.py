@@ -36,7 +36,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -308,6 +308,7 @@ def plan_cohort(
     """
     key_of = _key_factory(meta, weights_hash, settings)
     folder = Path(out_dir)
+    folder_text = str(folder)
     known: dict[tuple[str, str], TableRow] = {}
     if settings.reuse and not settings.force:
         for row in read_table(folder):
@@ -337,15 +338,11 @@ def plan_cohort(
             )
             continue
         row = known.get((path_text, key))
-        if row is not None and _row_current(row, folder, st):
+        file = os.path.join(folder_text, row.file) if row is not None else ""
+        if row is not None and _row_current(row, file, st):
             settled.append(
                 SlideReport(
-                    entry.slide_id,
-                    path_text,
-                    "skipped",
-                    n_tiles=row.n_tiles,
-                    file=str(row.path_in(folder)),
-                    row=replace(row, slide_id=entry.slide_id),
+                    entry.slide_id, path_text, "skipped", n_tiles=row.n_tiles, file=file, row=row
                 )
             )
         else:
@@ -353,11 +350,11 @@ def plan_cohort(
     return CohortPlan(todo, settled, hashes)
 
 
-def _row_current(row: TableRow, folder: Path, slide_stat: os.stat_result) -> bool:
+def _row_current(row: TableRow, file: str, slide_stat: os.stat_result) -> bool:
     if (row.slide_size, row.slide_mtime_ns) != (slide_stat.st_size, slide_stat.st_mtime_ns):
         return False
     try:
-        fst = os.stat(row.path_in(folder))
+        fst = os.stat(file)
     except OSError:
         return False
     return (row.file_size, row.file_mtime_ns) == (fst.st_size, fst.st_mtime_ns)
@@ -573,8 +570,15 @@ class _Collector:
         return update_table(self.out_dir, rows)
 
 
-def _encoder_for_plan(settings: EmbedSettings, encoder: Any) -> tuple[Any, Any, str]:
-    """(encoder or None, meta, weights hash): resolved here once, so errors come first."""
+def _encoder_for_plan(
+    settings: EmbedSettings, encoder: Any, *, inline: bool
+) -> tuple[Any, Any, str]:
+    """(encoder, meta, weights hash): resolved here once, so errors come first.
+
+    Inline, on the run's device (it embeds every slide). For a cluster only its name and
+    weights hash are needed here, on the CPU: the client (a login node) may have no GPU;
+    the workers check their own device when they build the encoder.
+    """
     from gpfm_core.embed import resolve_device, resolve_encoder, resolve_precision
     from gpfm_core.encoders import create_encoder
 
@@ -584,8 +588,9 @@ def _encoder_for_plan(settings: EmbedSettings, encoder: Any) -> tuple[Any, Any, 
             if settings.weights is not None
             else settings.encoder
         )
-    dev = resolve_device(settings.device)
-    resolve_precision(settings.precision, dev)
+    dev = resolve_device(settings.device if inline else "cpu")
+    if inline:
+        resolve_precision(settings.precision, dev)
     enc = resolve_encoder(encoder, dev)
     return enc, enc.meta, str(getattr(enc, "weights_hash", None) or "none")
 
@@ -656,7 +661,7 @@ def run_cohort(
     entries = list(entries)
     if retries < 0:
         raise GpfmError(f"retries must be >= 0, not {retries}")
-    enc, meta, weights_hash = _encoder_for_plan(settings, encoder)
+    enc, meta, weights_hash = _encoder_for_plan(settings, encoder, inline=executor == "inline")
     folder = Path(out_dir)
     plan = plan_cohort(entries, folder, meta=meta, weights_hash=weights_hash, settings=settings)
     if on_plan is not None:

@@ -100,29 +100,29 @@ class TableRow:
 
     @classmethod
     def from_csv(cls, raw: Mapping[str, str]) -> TableRow:
-        """Parse one CSV row (strings) into typed fields."""
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            text = raw.get(f.name, "")
-            text = "" if text is None else text
-            if f.type == "int":
-                values[f.name] = int(text) if text else -1
-            elif f.type == "float":
-                values[f.name] = float(text) if text else float("nan")
-            else:
-                values[f.name] = text
-        return cls(**values)
+        """Parse one CSV row (strings) into typed fields (missing numbers: -1 / NaN)."""
+        return cls(**{name: parse(raw.get(name) or "") for name, parse in _PARSERS.items()})
 
     def to_csv(self) -> dict[str, str]:
         """The row as strings, floats written so they read back exactly."""
         return {k: repr(v) if isinstance(v, float) else str(v) for k, v in asdict(self).items()}
 
     def path_in(self, folder: PathLike) -> Path:
-        """The feature file's absolute path inside the cohort ``folder``."""
-        return Path(folder) / Path(*self.file.split("/"))
+        """The feature file's path inside the cohort ``folder``."""
+        return Path(folder, self.file)
 
 
 COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(TableRow))
+_PARSERS: dict[str, Any] = {
+    f.name: (
+        (lambda t: int(t) if t else -1)
+        if f.type == "int"
+        else (lambda t: float(t) if t else float("nan"))
+        if f.type == "float"
+        else str
+    )
+    for f in fields(TableRow)
+}
 
 
 def table_path(folder: PathLike) -> Path:
