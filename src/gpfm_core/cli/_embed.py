@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import threading
 from typing import Any
@@ -182,8 +183,9 @@ def run(args: argparse.Namespace) -> int:
         raise GpfmError(f"--retries must be >= 0, not {args.retries}")
     entries = read_cohort_inputs(args.slides, mpp=args.slide_mpp)
     settings = EmbedSettings(
-        encoder=args.encoder,
-        weights=args.weights,
+        # absolute paths: cluster workers may run in another folder
+        encoder=os.path.abspath(args.encoder) if os.path.exists(args.encoder) else args.encoder,
+        weights=os.path.abspath(args.weights) if args.weights else None,
         mpp=args.mpp,
         tile_px=args.tile_px,
         overlap_px=args.overlap,

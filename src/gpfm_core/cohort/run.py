@@ -662,7 +662,8 @@ def run_cohort(
     if retries < 0:
         raise GpfmError(f"retries must be >= 0, not {retries}")
     enc, meta, weights_hash = _encoder_for_plan(settings, encoder, inline=executor == "inline")
-    folder = Path(out_dir)
+    # absolute: workers elsewhere (another node, another cwd) write to the same place
+    folder = Path(os.path.abspath(out_dir))
     plan = plan_cohort(entries, folder, meta=meta, weights_hash=weights_hash, settings=settings)
     if on_plan is not None:
         on_plan(plan)
