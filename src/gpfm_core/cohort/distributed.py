@@ -180,6 +180,10 @@ def open_client(executor: Any, settings: EmbedSettings) -> Iterator[tuple[Any, s
     """
     from distributed import Client, LocalCluster
 
+    if not logging.getLogger("gpfm_core").isEnabledFor(logging.INFO):
+        # distributed logs every start, connection and close at INFO into this process's
+        # stderr (its scheduler and nannies live here); keep its warnings unless -v
+        logging.getLogger("distributed").setLevel(logging.ERROR)
     if not isinstance(executor, str):  # the caller's client: leave it open
         yield executor, str(getattr(executor.scheduler, "address", "client")), settings
         return

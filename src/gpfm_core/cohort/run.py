@@ -328,7 +328,7 @@ def plan_cohort(
                     entry.slide_id,
                     path_text,
                     "failed",
-                    error=f"{path_text} does not exist; fix the path in the manifest",
+                    error=f"{path_text} does not exist; fix the path",
                 )
             )
             continue
