@@ -194,7 +194,7 @@ def main() -> None:
         ("cluster / inline, end to end", f"{wall_i / wall_c:.2f}x", "(report)"),
         ("per-slide scheduling overhead (idle worker time / slide)", f"{overhead_ms:.0f} ms",
          "(report)"),
-        ("median queue time (submit -> start on a worker)", f"{queue_ms:.0f} ms", "(report)"),
+        ("median wait in the queue (all slides submitted at once)", f"{queue_ms:.0f} ms", "(report)"),
         ("no-op task round trip through a LocalCluster", f"{noop_ms:.1f} ms", "(report)"),
         (f"plan {plan_n:,} entries, no cohort table yet", f"{cold:.2f} s", "< 5 s"),
         (f"plan {plan_n:,} entries, all current (a rerun)", f"{warm:.2f} s", "< 5 s"),
