@@ -25,6 +25,7 @@ SUBCOMMANDS: dict[str, str] = {
     "index": "gpfm_core.cli._index",
     "train": "gpfm_core.cli._train",
     "export": "gpfm_core.cli._export",
+    "export-anndata": "gpfm_core.cli._export_anndata",
     "make-slide": "gpfm_core.cli._make_slide",
 }
 

@@ -1,15 +1,20 @@
-"""``gpfm embed SLIDE... --encoder NAME|PATH``: one feature file per slide, TRIDENT's layout.
+"""``gpfm embed SLIDE|GLOB|MANIFEST.csv... --encoder NAME|PATH``: one feature file per slide.
 
 ``<out>/<mpp>mpp_<tile_px>px_<overlap>px_overlap/features_<encoder>-<hash8>/<slide_stem>.h5``
-(see :mod:`gpfm_core.embed.layout`).
+(see :mod:`gpfm_core.embed.layout`), the cohort table ``<out>/cohort.csv`` and a run report
+``<out>/reports/embed-<time>-<pid>.csv``. Inline by default; ``--cluster local[:N]`` or
+``--scheduler ADDRESS`` runs one dask task per slide (:mod:`gpfm_core.cohort`).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from pathlib import Path
+import threading
 from typing import Any
+
+from gpfm_core.errors import GpfmError
 
 DEFAULT_OUT = "gpfm_embeddings"
 
@@ -25,10 +30,48 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             "<slide_stem>.h5 (datasets features (N, D), coords (N, 2) level-0 x,y); a second "
             "slide with the same stem gets <slide_stem>-<slide id>.h5. A slide embedded by "
             "another process at the same time is waited for and reused. A slide that fails "
-            "is reported and the others continue; the exit status is 1 if any failed."
+            "is reported and the others continue; the exit status is 1 if any failed. "
+            "A cohort is given as slide files, globs ('slides/**/*.svs') or manifests "
+            "(CSV with a 'path' column, optional 'slide_id' and 'mpp'); slides already "
+            "embedded with these settings (per <out>/cohort.csv) are skipped. A run report "
+            "(one CSV row per slide: status, tiles, seconds per stage, error) is written at "
+            "the end."
         ),
     )
-    p.add_argument("slides", nargs="+", metavar="SLIDE", help="slide files")
+    p.add_argument(
+        "slides",
+        nargs="+",
+        metavar="SLIDE",
+        help="slide files, globs, or manifests (.csv: path[,slide_id][,mpp])",
+    )
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
+        "--cluster",
+        metavar="local[:N]",
+        default=None,
+        help="run on a dask LocalCluster of N worker processes (default N: one per GPU, "
+        "else half the cores)",
+    )
+    where.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        default=None,
+        help="run on an existing dask cluster (e.g. tcp://host:8786; dask-jobqueue, "
+        "Kubernetes, 'dask worker --resources GPU=1' per GPU)",
+    )
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        help="tries again a slide whose failure may pass (worker died, I/O error) this many "
+        "times (default: %(default)s)",
+    )
+    p.add_argument(
+        "--report",
+        default=None,
+        metavar="CSV",
+        help="run report path (default: <out>/reports/embed-<time>-<pid>.csv)",
+    )
     p.add_argument(
         "--encoder",
         default="default",
@@ -84,59 +127,72 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
+class _CohortBar:
+    """One bar over slides; its postfix counts the tiles of the slides running now.
+
+    The bar appears once the run is planned (after the encoder was resolved), so an
+    error before that stays one line.
+    """
+
+    def __init__(self, total: int, *, disable: bool) -> None:
+        self.total = total
+        self.disable = disable
+        self.bar: Any = None
+        self.running: dict[str, tuple[int, int]] = {}
+        self.lock = threading.Lock()
+
+    def start(self, _plan: object = None) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(
+            total=self.total, desc="embed", unit="slide", file=sys.stderr, disable=self.disable
+        )
+
+    def write(self, line: str, *, file: Any) -> None:
+        if self.bar is None:
+            print(line, file=file)
+        else:
+            self.bar.write(line, file=file)
+
+    def tiles(self, slide: str, done: int, total: int) -> None:
+        with self.lock:
+            self.running[slide] = (done, total)
+            self._postfix()
+
+    def slide_done(self, slide: str) -> None:
+        with self.lock:
+            self.running.pop(slide, None)
+            if self.bar is not None:
+                self.bar.update(1)
+            self._postfix()
+
+    def _postfix(self) -> None:
+        done = sum(d for d, _ in self.running.values())
+        total = sum(t for _, t in self.running.values())
+        n = len(self.running)
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{done}/{total} tiles in {n} running" if n else "")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def run(args: argparse.Namespace) -> int:
     """Embed the slides; returns 0 when all worked, 1 when any failed."""
-    from tqdm import tqdm
+    from gpfm_core.cohort import EmbedSettings, read_cohort_inputs, run_cohort
 
-    from gpfm_core.embed import SlideOutcome, embed_slides
-
-    bars: dict[Path, Any] = {}
-    total_slides = len(args.slides)
-
-    def progress(slide: Path, done: int, total: int) -> None:
-        bar = bars.get(slide)
-        if bar is None:
-            idx = (
-                [Path(s) for s in args.slides].index(slide) + 1
-                if slide in map(Path, args.slides)
-                else 0
-            )
-            bar = bars[slide] = tqdm(
-                total=total,
-                desc=f"[{idx}/{total_slides}] {slide.name}",
-                unit="tile",
-                file=sys.stderr,
-                disable=args.quiet,
-                leave=True,
-            )
-        bar.update(done - bar.n)
-
-    def on_result(o: SlideOutcome) -> None:
-        bar = bars.pop(o.slide, None)
-        if bar is not None:
-            bar.close()
-        if o.result is None:
-            print(f"FAILED {o.slide}: {o.error}", file=sys.stderr)
-            return
-        r = o.result
-        how = "reused existing file" if r.reused else f"{r.tiles_per_s:.1f} tiles/s"
-        print(f"{o.slide} -> {r.path} ({r.n_tiles} tiles, {how})")
-
-    encoder: Any = args.encoder
-    if args.weights is not None:
-        from gpfm_core.encoders import create_encoder
-
-        # built here on the CPU; embed_slides moves it to --device
-        encoder = create_encoder(args.encoder, weights=args.weights, device="cpu")
-    outcomes = embed_slides(
-        args.slides,
-        encoder=encoder,
-        out_dir=args.out,
+    if args.retries < 0:
+        raise GpfmError(f"--retries must be >= 0, not {args.retries}")
+    entries = read_cohort_inputs(args.slides, mpp=args.slide_mpp)
+    settings = EmbedSettings(
+        # absolute paths: cluster workers may run in another folder
+        encoder=os.path.abspath(args.encoder) if os.path.exists(args.encoder) else args.encoder,
+        weights=os.path.abspath(args.weights) if args.weights else None,
         mpp=args.mpp,
         tile_px=args.tile_px,
         overlap_px=args.overlap,
         min_tissue=args.min_tissue,
-        slide_mpp=args.slide_mpp,
         device=args.device,
         precision=args.precision,
         batch_size=args.batch_size,
@@ -145,15 +201,63 @@ def run(args: argparse.Namespace) -> int:
         compile=args.compile,
         reuse=not args.no_reuse,
         force=args.force,
-        progress=progress,
-        on_result=on_result,
     )
-    done = [o.result for o in outcomes if o.result is not None]
-    if done:
-        r = done[0]
-        print(f"encoder: {r.encoder} (weights {r.weights_hash[:16]}) on {r.device} [{r.precision}]")
-    failed = [o for o in outcomes if not o.ok]
+    executor = args.scheduler or args.cluster or "inline"
+    if args.cluster:
+        from gpfm_core.cohort.distributed import parse_local
+
+        parse_local(args.cluster)  # a bad local:N is one line before anything starts
+    bar = _CohortBar(len(entries), disable=args.quiet)
+
+    def on_result(r: Any) -> None:
+        bar.slide_done(r.slide_id)
+        if r.status == "failed":
+            tries = f" (after {r.attempts} tries)" if r.attempts > 1 else ""
+            bar.write(f"FAILED {r.slide_path}: {r.error}{tries}", file=sys.stderr)
+            return
+        if r.status in ("skipped", "reused"):
+            how = "reused existing file"
+        else:
+            how = f"{r.n_tiles / max(r.seconds, 1e-9):.1f} tiles/s"
+        bar.write(f"{r.slide_path} -> {r.file} ({r.n_tiles} tiles, {how})", file=sys.stdout)
+
+    def on_dashboard(link: str | None) -> None:
+        if link:
+            bar.write(f"dask dashboard: {link}", file=sys.stderr)
+
+    try:
+        result = run_cohort(
+            entries,
+            out_dir=args.out,
+            settings=settings,
+            executor=executor,
+            retries=args.retries,
+            report_path=args.report,
+            progress=bar.tiles,
+            on_result=on_result,
+            on_dashboard=on_dashboard,
+            on_plan=bar.start,
+        )
+    finally:
+        bar.close()
+    counts = ", ".join(
+        f"{n} {status}"
+        for status in ("embedded", "reused", "skipped", "failed", "cancelled")
+        if (n := result.count(status))
+    )
+    print(
+        f"encoder: {result.encoder} (weights {result.weights_hash[:16]}) via {result.executor}; "
+        f"slides: {counts or 'none'}"
+    )
+    if result.report_path is not None:
+        print(f"report: {result.report_path}")
+    failed = result.failed
     if failed:
-        print(f"gpfm embed: {len(failed)} of {len(outcomes)} slide(s) failed", file=sys.stderr)
+        print(
+            f"gpfm embed: {len(failed)} of {len(result.reports)} slide(s) failed: "
+            + ", ".join(r.slide_id for r in failed[:10])
+            + (" ..." if len(failed) > 10 else ""),
+            file=sys.stderr,
+        )
         return 1
     return 0

@@ -86,6 +86,37 @@ def mpp_key(slide_mpp: float | tuple[float, float] | None) -> str:
     return f"{float(x):.6g},{float(y):.6g}"
 
 
+def reuse_key(
+    meta: Any,
+    weights_hash: str,
+    *,
+    mpp: float | None,
+    tile_px: int | None,
+    overlap_px: int,
+    min_tissue: float,
+    tissue: TissueMask | bool | None,
+    slide_mpp: float | tuple[float, float] | None,
+    dtype: str,
+) -> dict[str, Any]:
+    """The settings that decide whether an existing feature file is reused (its root attributes).
+
+    ``mpp`` / ``tile_px`` None take the encoder's ``meta.tile_mpp`` / ``meta.tile_px``. The
+    embedding pipeline stores this dict in every file, and the cohort planner compares it
+    (hashed) with its cohort table, so both always agree on what "the same settings" means.
+    """
+    return {
+        "encoder": str(meta.name),
+        "weights_hash": str(weights_hash),
+        "requested_mpp": float(mpp if mpp is not None else meta.tile_mpp),
+        "tile_px": int(tile_px if tile_px is not None else meta.tile_px),
+        "overlap_px": int(overlap_px),
+        "min_tissue": float(min_tissue),
+        **tissue_key(tissue),
+        "slide_mpp_override": mpp_key(slide_mpp),
+        "features_dtype": dtype,
+    }
+
+
 def magnification(mpp: float) -> int:
     """Objective magnification TRIDENT would assign to ``mpp`` µm/px (10 µm/px at 1x)."""
     return max(1, round(10.0 / mpp))

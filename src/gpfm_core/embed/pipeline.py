@@ -22,13 +22,13 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from gpfm_core.embed._attrs import file_attrs, mpp_key, tissue_key
+from gpfm_core.embed._attrs import file_attrs, reuse_key
 from gpfm_core.embed._errors import EmbedCancelled, EmbeddingsClashError
 from gpfm_core.embed._loop import embed_batches
 from gpfm_core.embed.device import (
@@ -96,7 +96,11 @@ class EmbedProgress:
 class EmbedResult:
     """What :func:`iter_embed_slide` returns.
 
-    ``reused`` is True when an existing file matched and nothing was computed.
+    ``reused`` is True when an existing file matched and nothing was computed. ``stages``
+    holds the seconds spent in each step that ran: ``encoder`` (build / move the model),
+    ``open`` (open the slide, take its lock, look at an existing file), ``tiling`` (tissue
+    detection and tile grid), ``embed`` (read, encode and write every batch), ``commit``
+    (flush, fsync, rename).
     """
 
     path: Path
@@ -108,6 +112,7 @@ class EmbedResult:
     precision: str
     seconds: float
     batch_size: int
+    stages: dict[str, float] = field(default_factory=dict)
 
     @property
     def tiles_per_s(self) -> float:
@@ -242,20 +247,21 @@ def iter_embed_slide(
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     enc = resolve_encoder(encoder, dev)
+    stages: dict[str, float] = {"encoder": time.perf_counter() - t0}
     meta = enc.meta
     weights_hash = str(getattr(enc, "weights_hash", None) or "none")
     slide_path = Path(slide_path)
-    key: dict[str, Any] = {
-        "encoder": str(meta.name),
-        "weights_hash": weights_hash,
-        "requested_mpp": float(mpp if mpp is not None else meta.tile_mpp),
-        "tile_px": int(tile_px if tile_px is not None else meta.tile_px),
-        "overlap_px": int(overlap_px),
-        "min_tissue": float(min_tissue),
-        **tissue_key(tissue),
-        "slide_mpp_override": mpp_key(slide_mpp),
-        "features_dtype": dtype,
-    }
+    key = reuse_key(
+        meta,
+        weights_hash,
+        mpp=mpp,
+        tile_px=tile_px,
+        overlap_px=overlap_px,
+        min_tissue=min_tissue,
+        tissue=tissue,
+        slide_mpp=slide_mpp,
+        dtype=dtype,
+    )
     folder = features_dir(
         out_dir,
         encoder=key["encoder"],
@@ -276,6 +282,7 @@ def iter_embed_slide(
             precision,
             time.perf_counter() - t0,
             bs,
+            dict(stages),
         )
 
     with contextlib.ExitStack() as locked:
@@ -288,6 +295,7 @@ def iter_embed_slide(
                 )
             )
             diff = _existing_diff(out, key)
+            stages["open"] = time.perf_counter() - t0 - sum(stages.values())
             if diff is not None and not diff and reuse:
                 attrs = read_attrs(out)
                 n = int(attrs.get("n_tiles", -1))
@@ -308,12 +316,13 @@ def iter_embed_slide(
                 min_tissue=min_tissue,
                 tissue=tissue,
             )
+            stages["tiling"] = time.perf_counter() - t0 - sum(stages.values())
             # the CPU precision is settled on tiles of this slide (see choose_cpu_precision)
             check = dev.type == "cpu" and precision in ("auto", "int8") and len(grid) > 0
             sample = read_tiles(slide, grid, fidelity_sample(len(grid))) if check else None
         return (
             yield from _embed_into(
-                out, grid, enc, meta, key, slide_path, info, dev, prec, t0, result,
+                out, grid, enc, meta, key, slide_path, info, dev, prec, t0, result, stages,
                 batch_size=batch_size, workers=workers, dtype=dtype, slide_mpp=slide_mpp,
                 compile=compile, cancel=cancel, min_tissue=min_tissue, precision=precision,
                 sample=sample,
@@ -344,6 +353,7 @@ def _embed_into(
     prec: str,
     t0: float,
     result: Callable[[Path, int, bool, int, str], EmbedResult],
+    stages: dict[str, float],
     *,
     batch_size: int,
     workers: int,
@@ -355,7 +365,8 @@ def _embed_into(
     precision: str,
     sample: np.ndarray | None,
 ) -> Generator[EmbedProgress, None, EmbedResult]:
-    """Embed ``grid`` and write ``out`` (its lock is held by the caller)."""
+    """Embed ``grid`` and write ``out`` (its lock is held by the caller); times go to ``stages``."""
+    t_embed = time.perf_counter()
     model = enc
     if dev.type == "cpu":
         from gpfm_core.encoders import preprocess
@@ -422,7 +433,10 @@ def _embed_into(
         writer.set_attrs(
             {"seconds": time.perf_counter() - t0, "final_batch_size": backoff.batch_size}
         )
+        t_commit = time.perf_counter()
+        stages["embed"] = t_commit - t_embed
         path = writer.commit()
+        stages["commit"] = time.perf_counter() - t_commit
     return result(path, n, False, backoff.batch_size, prec)
 
 

@@ -144,7 +144,8 @@ class EmbeddingWriter:
             raise
         try:
             f = self._file
-            # Contiguous (unchunked) datasets: each batch write goes straight to its rows.
+            # Contiguous (unchunked) datasets: each batch write goes straight to its rows,
+            # and gpfm_core.cohort.read_features memory-maps the finished file (keep it so).
             self._features = f.create_dataset(
                 "features", shape=(self.n, self.embed_dim), dtype=dtype
             )
