@@ -101,7 +101,9 @@ def file_attrs(
     info: Any,
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Root, ``coords`` and ``features`` attributes of the file."""
-    name = slide_path.stem
+    from gpfm_core.slide._formats import slide_stem
+
+    name = slide_stem(slide_path)
     w0, h0 = (int(v) for v in grid.level0_size)
     smx, smy = (float(v) for v in grid.slide_mpp)
     root: dict[str, Any] = dict(grid.attrs())
@@ -140,6 +142,8 @@ def trident_coords_attrs(grid: TileGrid, *, name: str, out_dir: Path) -> dict[st
     attrs: dict[str, Any] = {
         "patch_size": int(grid.tile_px),
         "patch_size_level0": int(grid.tile_size_level0),
+        # TRIDENT assumes square pixels; the tiles' level-0 height of a non-square pixel slide
+        "patch_size_level0_y": int(grid.tile_size_level0_xy[1]),
         "level0_magnification": magnification(smx),
         "target_magnification": magnification(float(grid.effective_mpp)),
         "overlap": int(grid.overlap_px),

@@ -21,7 +21,7 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -141,6 +141,7 @@ def iter_embed_slide(
     overlap_px: int = 0,
     min_tissue: float = 0.25,
     tissue: TissueMask | bool | None = None,
+    tissue_options: Mapping[str, Any] | None = None,
     slide_mpp: float | tuple[float, float] | None = None,
     device: str = "auto",
     batch_size: int = 64,
@@ -177,6 +178,10 @@ def iter_embed_slide(
     tissue
         A :class:`~gpfm_core.tissue.TissueMask` to use (e.g. edited by the user), None to
         detect tissue, False for every tile.
+    tissue_options
+        Keyword arguments of :func:`~gpfm_core.tissue.detect_tissue` when tissue is detected
+        (e.g. ``{"exclude_ink": False}`` keeps marker ink, ``{"modality": "fluorescence"}``);
+        they are part of the reuse key, so a file made with other options is not reused.
     slide_mpp
         µm/px override for slides without (or with wrong) metadata.
     device, precision
@@ -221,9 +226,10 @@ def iter_embed_slide(
         ``lock_timeout`` passed while another process wrote the file.
     """
     from gpfm_core.slide import open_slide
-    from gpfm_core.tiling import make_tile_grid
+    from gpfm_core.tiling import check_tissue_options, make_tile_grid
 
     t0 = time.perf_counter()
+    detector = check_tissue_options(tissue_options)
     if dtype not in ("float32", "float16"):
         raise GpfmError(f"dtype must be 'float32' or 'float16', not {dtype!r}")
     if batch_size < 1 or workers < 0:
@@ -241,7 +247,7 @@ def iter_embed_slide(
         "tile_px": int(tile_px if tile_px is not None else meta.tile_px),
         "overlap_px": int(overlap_px),
         "min_tissue": float(min_tissue),
-        **tissue_key(tissue),
+        **tissue_key(tissue, **detector),
         "slide_mpp_override": mpp_key(slide_mpp),
         "features_dtype": dtype,
     }
@@ -294,6 +300,7 @@ def iter_embed_slide(
                 overlap_px=overlap_px,
                 min_tissue=min_tissue,
                 tissue=tissue,
+                tissue_options=detector,
             )
         return (
             yield from _embed_into(
@@ -347,6 +354,7 @@ def _embed_into(
         coords=grid.coords,
         grid_rc=grid.grid_rc,
         tissue_fraction=grid.tissue_fraction,
+        ink_fraction=grid.ink_fraction,
         embed_dim=int(meta.embed_dim),
         dtype=dtype,
         attrs=root,
