@@ -311,9 +311,7 @@ def test_plan_cv_cases(case: str, folds: int, n_groups: int | None, scheme: str,
 def test_probe_file_records_the_weights_and_tiling_and_older_files_warn(tmp_path: Path) -> None:
     import warnings
 
-    from safetensors import safe_open
-    from safetensors.numpy import save_file
-
+    from _probe_files import write_older_probe
     from gpfm_core.analysis import ProbeProvenanceWarning
 
     x, y = _data(n=300, d=16, seed=5)
@@ -327,12 +325,7 @@ def test_probe_file_records_the_weights_and_tiling_and_older_files_warn(tmp_path
     assert loaded.weights_hash == "ab" * 32
     assert loaded.tiling == {"requested_mpp": 0.5, "tile_px": 112, "overlap_px": 0}
     # a file written before they were recorded: loads, and says what cannot be checked
-    with safe_open(str(path), framework="numpy") as fh:
-        meta = json.loads(fh.metadata()["gpfm_probe"])
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
-    del meta["weights_hash"], meta["tiling"]
-    old = tmp_path / "old.safetensors"
-    save_file(tensors, str(old), metadata={"gpfm_probe": json.dumps(meta)})
+    old = write_older_probe(path, tmp_path / "old.safetensors")
     with pytest.warns(ProbeProvenanceWarning, match="only the encoder name \\(gpfm\\)") as rec:
         older = LinearProbe.load(old)
     assert len(rec) == 1 and "\n" not in str(rec[0].message)

@@ -178,13 +178,17 @@ def test_embedding_uses_the_edited_tissue_layer_and_the_grid_follows(
     np.testing.assert_array_equal(session.coords, finer.coords)
 
 
+def _cmu_dock(make_viewer: Any, cmu_svs: Path, out: Path) -> tuple[Any, Any, str, GpfmDock]:
+    """``(viewer, slide layer, slide id, dock)`` with the CMU sample open."""
+    viewer = make_viewer()
+    slide = open_slide_layer(viewer, cmu_svs)
+    return viewer, slide, slide.metadata["slide_id"], make_dock(viewer, out)
+
+
 def test_tissue_button_adds_editable_layers_in_a_worker(
     make_napari_viewer: Any, qtbot: Any, cmu_svs: Path, tmp_path: Path
 ) -> None:
-    viewer = make_napari_viewer()
-    slide = open_slide_layer(viewer, cmu_svs)
-    sid = slide.metadata["slide_id"]
-    dock = make_dock(viewer, tmp_path)
+    viewer, slide, sid, dock = _cmu_dock(make_napari_viewer, cmu_svs, tmp_path)
     qtbot.mouseClick(dock.embed_tab.tissue_btn, Qt.MouseButton.LeftButton)
     qtbot.waitUntil(lambda: ov.find(viewer, ov.TILE_GRID, slide_id=sid) is not None, timeout=60_000)
     tissue = ov.find(viewer, ov.TISSUE, slide_id=sid)
@@ -201,10 +205,7 @@ def test_keep_ink_shows_the_ink_changes_the_tissue_and_keys_the_cache(
     """The CMU sample carries green marking dye at the right edge of its tissue."""
     from gpfm_core.embed.loading import read_attrs
 
-    viewer = make_napari_viewer()
-    slide = open_slide_layer(viewer, cmu_svs)
-    sid = slide.metadata["slide_id"]
-    dock = make_dock(viewer, tmp_path)
+    viewer, slide, sid, dock = _cmu_dock(make_napari_viewer, cmu_svs, tmp_path)
     tab = dock.embed_tab
     tissue, grid = tab.show_tissue(sync=True)
     assert tissue.params["exclude_ink"] is True and tissue.ink.any()
@@ -234,7 +235,18 @@ def test_keep_ink_shows_the_ink_changes_the_tissue_and_keys_the_cache(
     np.testing.assert_allclose(emb.ink_fraction, kept_grid.ink_fraction)
     assert '"exclude_ink": false' in read_attrs(session.embeddings_path)["tissue_params"]
 
-    # unticked again: the file made with ink kept is not reused
+    # an edited mask keeps the ink found: the file still flags the inked tiles
+    layer = ov.find(viewer, ov.TISSUE, slide_id=sid)
+    layer.feature_defaults = {"kind": "tissue"}
+    layer.add_rectangles(np.array([[[0.0, 0.0], [300.0, 300.0]]]))  # tissue drawn on glass
+    edited = tab.run(sync=True)
+    assert edited is not None and any(x < 300 and y < 300 for x, y in edited.coords)
+    flags = load_embeddings(edited.embeddings_path).ink_fraction
+    np.testing.assert_allclose(flags, kept.ink_fractions(edited.coords, edited.tile_size), atol=1e-6)
+    assert flags.max() > 0
+
+    # unticked again (on the detected tissue): the file made with ink kept is not reused
+    tab.show_tissue(sync=True)
     before = ov.find(viewer, ov.TISSUE, slide_id=sid)
     tab.ink_check.setChecked(False)
     qtbot.waitUntil(lambda: ov.find(viewer, ov.TISSUE, slide_id=sid) is not before, timeout=60_000)

@@ -122,7 +122,7 @@ def test_annotate_train_predict_save_export(
     np.testing.assert_array_equal(new_shapes.features["class"], [0, 1, 1])
     for a, b in zip(new_shapes.data, polys, strict=True):
         np.testing.assert_allclose(np.asarray(a)[:, ::-1], b, atol=1e-3)
-    new_points = viewer.layers[ov.ANNOTATION_POINTS]
+    new_points = ov.find(viewer, ov.ANNOTATION_POINTS, session)
     np.testing.assert_allclose(new_points.data, [session.tile_center(int(bottom[0]))[::-1]])
     assert new_points.features["class"].tolist() == [0]
     assert any(f"{session.n_tiles} detection(s) left out" in m for m in notes())
@@ -257,12 +257,9 @@ def test_qupath_holes_survive_import_labelling_edit_and_export(
 def test_probe_files_know_the_weights_and_tiling_they_were_trained_on(
     embedded: Any, tmp_path: Path, notes: Any
 ) -> None:
-    import json
     from dataclasses import replace
 
-    from safetensors import safe_open
-    from safetensors.numpy import save_file
-
+    from _probe_files import write_older_probe
     from gpfm_core.errors import GpfmError
 
     _, dock, session = embedded
@@ -291,13 +288,7 @@ def test_probe_files_know_the_weights_and_tiling_they_were_trained_on(
     tab.check_probe_fits(session)
 
     # a file written before the weights and tiling were recorded: a warning, name and width only
-    with safe_open(str(path), framework="numpy") as fh:
-        meta = json.loads(fh.metadata()["gpfm_probe"])
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
-    del meta["weights_hash"], meta["tiling"]
-    old = tmp_path / "old.safetensors"
-    save_file(tensors, str(old), metadata={"gpfm_probe": json.dumps(meta)})
-    tab.load_probe(old)
+    tab.load_probe(write_older_probe(path, tmp_path / "old.safetensors"))
     assert tab.probe_key is None
     assert [m for m in notes() if "does not record the encoder weights and tiling" in m]
     tab.check_probe_fits(other_tiling)  # only the name and width can be checked

@@ -35,6 +35,15 @@ def _side_by_side(slide_layer: Any, session_or_width: float) -> None:
     slide_layer.translate = (0.0, 2400 * float(session_or_width))
 
 
+def _two_slides(make_viewer: Any, a: Path, b: Path, out: Path) -> tuple[Any, Any, Any, Any]:
+    """``(viewer, dock, a_layer, b_layer)``: slides ``a`` and ``b`` side by side, a dock on ``out``."""
+    viewer = make_viewer()
+    a_layer = open_slide_layer(viewer, a)
+    b_layer = open_slide_layer(viewer, b)
+    _side_by_side(b_layer, 0.499)
+    return viewer, make_dock(viewer, out), a_layer, b_layer
+
+
 def _polys(shapes: Any) -> list[np.ndarray]:
     return [np.asarray(d)[:, ::-1] for d in shapes.data]
 
@@ -63,11 +72,9 @@ def _annotate(tab: Any, session: SlideSession, *, axis: int, q: float) -> Any:
 def test_annotations_train_only_their_own_slide(
     make_napari_viewer: Any, cmu_svs: Path, mirror_png: Path, cmu_embeddings: Path, tmp_path: Path
 ) -> None:
-    viewer = make_napari_viewer()
-    a_layer = open_slide_layer(viewer, cmu_svs)
-    b_layer = open_slide_layer(viewer, mirror_png)
-    _side_by_side(b_layer, 0.499)
-    dock = make_dock(viewer, cmu_embeddings)
+    viewer, dock, a_layer, b_layer = _two_slides(
+        make_napari_viewer, cmu_svs, mirror_png, cmu_embeddings
+    )
     tab = dock.probe_tab
     tab.auto_check.setChecked(False)  # the test trains explicitly
     dock.tabs.setCurrentWidget(tab)
@@ -197,11 +204,9 @@ def test_retrieval_and_probe_stay_within_one_encoder_weights_and_tiling(
     make_napari_viewer: Any, qtbot: Any, notes: Any, cmu_svs: Path, mirror_png: Path,
     cmu_embeddings: Path, tmp_path: Path, variant: str, comparable: bool,
 ) -> None:  # fmt: skip
-    viewer = make_napari_viewer()
-    a_layer = open_slide_layer(viewer, cmu_svs)
-    b_layer = open_slide_layer(viewer, mirror_png)
-    _side_by_side(b_layer, 0.499)
-    dock = make_dock(viewer, cmu_embeddings)
+    viewer, dock, a_layer, b_layer = _two_slides(
+        make_napari_viewer, cmu_svs, mirror_png, cmu_embeddings
+    )
     a = embed_in_dock(dock, a_layer.name)
     tab = dock.embed_tab
     tab.set_out_dir(tmp_path)
@@ -250,11 +255,9 @@ def test_closing_a_slide_takes_its_layers_with_it_but_keeps_drawn_annotations(
     make_napari_viewer: Any, notes: Any, cmu_svs: Path, mirror_png: Path, cmu_embeddings: Path,
     drawn: bool,
 ) -> None:  # fmt: skip
-    viewer = make_napari_viewer()
-    a_layer = open_slide_layer(viewer, cmu_svs)
-    b_layer = open_slide_layer(viewer, mirror_png)
-    _side_by_side(b_layer, 0.499)
-    dock = make_dock(viewer, cmu_embeddings)
+    viewer, dock, a_layer, b_layer = _two_slides(
+        make_napari_viewer, cmu_svs, mirror_png, cmu_embeddings
+    )
     a = embed_in_dock(dock, a_layer.name)
     b = embed_in_dock(dock, b_layer.name)
     tab = dock.embed_tab

@@ -522,8 +522,11 @@ class EmbedTab(QWidget):
 
         Only the layer tagged with this slide's id counts. An unedited layer (its shapes
         hash to the detection's) gives None: the pipeline detects the same tissue itself
-        and reuses a file made that way.
+        and reuses a file made that way. An edited mask keeps the ink "Tissue + grid" found
+        (same mask grid), so the tiles' ink fractions are still recorded.
         """
+        from dataclasses import replace
+
         from napari_gpfm._layers import tissue_from_layer
 
         layer = ov.find(self.viewer, ov.TISSUE, slide_id=params.ref.slide_id)
@@ -532,7 +535,12 @@ class EmbedTab(QWidget):
         if tissue_fingerprint(layer) == ov.info(layer).get("detected"):
             return None
         with self._open(params) as slide:
-            return tissue_from_layer(layer, slide)
+            mask = tissue_from_layer(layer, slide)
+        detected = self._detected.get(params.ref.slide_id, ("", {}, None))[2]
+        ink = getattr(detected, "ink", None)
+        if ink is not None and ink.shape == mask.mask.shape:
+            mask = replace(mask, ink=ink)
+        return mask
 
     # ------------------------------------------------------------------ grid follows edits
     def watch_tissue(self, slide_id: str) -> None:
