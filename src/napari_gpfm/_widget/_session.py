@@ -10,6 +10,7 @@ TRIDENT or CLAM files alike): tile size and stride per axis (they differ for sli
 non-square pixels), the raster's origin, and whether that one raster places every tile
 exactly (``exact``; CLAM's per-contour grids do not share one lattice, and their tiles are
 then drawn one box per tile from ``coords`` + tile size, see ``_overlays``).
+
 :class:`SessionStore` keeps one session per embedded slide so retrieval can search all of
 them. Nothing here imports napari or Qt; ``_overlays`` turns sessions into layers.
 """
