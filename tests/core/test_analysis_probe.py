@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpfm_core.analysis import LinearProbe
+from gpfm_core.analysis import LinearProbe, ProbeProvenanceWarning
 from gpfm_core.errors import GpfmError
 
 NAMES = ["tumour", "stroma", "necrosis"]
@@ -202,7 +202,8 @@ def test_load_rejects_damaged_or_foreign_files(tmp_path: Path) -> None:
         LinearProbe.load(bad)
     tensors["coef"] = np.zeros((2, 4), np.float32)
     save_file(tensors, str(bad), metadata={"gpfm_probe": json.dumps(meta)})
-    assert LinearProbe.load(bad).embed_dim == 4
+    with pytest.warns(ProbeProvenanceWarning):  # its header predates weights and tiling
+        assert LinearProbe.load(bad).embed_dim == 4
     save_file(tensors, str(bad), metadata={"gpfm_probe": json.dumps({**meta, "format": "other"})})
     with pytest.raises(GpfmError, match="damaged or foreign"):
         LinearProbe.load(bad)
@@ -312,7 +313,6 @@ def test_probe_file_records_the_weights_and_tiling_and_older_files_warn(tmp_path
     import warnings
 
     from _probe_files import write_older_probe
-    from gpfm_core.analysis import ProbeProvenanceWarning
 
     x, y = _data(n=300, d=16, seed=5)
     tiling = {"requested_mpp": np.float64(0.5), "tile_px": np.int64(112), "overlap_px": 0}
