@@ -216,7 +216,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     del cindex
 
-    n_fit = min(10_000, n)
+    # 10,000 labelled tiles and the rest held out; a small --n keeps a tenth held out
+    n_fit = min(10_000, n - max(n // 10, 1))
     xp, yp = _probe_mixture(n, d)
     labels = np.where(np.arange(n) < n_fit, yp, -1)  # 4 classes, rest unlabelled
     names = ["a", "b", "c", "d"]

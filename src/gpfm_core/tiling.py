@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -28,12 +28,20 @@ import numpy as np
 from gpfm_core.errors import GpfmError, SlideError
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Mapping, Sequence
 
     from gpfm_core.slide import Slide
     from gpfm_core.tissue import TissueMask
 
-__all__ = ["TileGrid", "check_grid_args", "make_tile_grid", "read_plan", "read_tile", "read_tiles"]
+__all__ = [
+    "TileGrid",
+    "check_grid_args",
+    "check_tissue_options",
+    "make_tile_grid",
+    "read_plan",
+    "read_tile",
+    "read_tiles",
+]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +78,11 @@ class TileGrid:
     tile_size_level0_y, stride_level0_y, read_size_y : int
         The same along y; differ from the x values only for non-square pixels (None at
         construction means "same as x").
+    ink_fraction : numpy.ndarray
+        ``(N,)`` float32 fraction of each tile on marker ink or marking dye
+        (:meth:`TissueMask.ink_fractions`; zeros without a detected ink layer). With
+        ``exclude_ink`` (the default) ink is not tissue, so kept tiles carry little; with it
+        off, this column flags the inked tiles.
     """
 
     coords: np.ndarray
@@ -91,11 +104,15 @@ class TileGrid:
     tile_size_level0_y: int | None = None
     stride_level0_y: int | None = None
     read_size_y: int | None = None
+    # not compared: a grid made without a mask's ink layer equals its twin (zeros)
+    ink_fraction: np.ndarray | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("tile_size_level0", "stride_level0", "read_size"):
             if getattr(self, f"{name}_y") is None:
                 object.__setattr__(self, f"{name}_y", int(getattr(self, name)))
+        if self.ink_fraction is None:
+            object.__setattr__(self, "ink_fraction", np.zeros(len(self.coords), np.float32))
 
     def __len__(self) -> int:
         return int(self.coords.shape[0])
@@ -144,9 +161,11 @@ class TileGrid:
             "stride_level0_y": int(self.stride_level0_xy[1]),
             "read_size_y": int(self.read_size_xy[1]),
             "n_tiles": len(self),
-            # TRIDENT / CLAM names
+            # TRIDENT / CLAM names (TRIDENT assumes square pixels: its level-0 patch size is
+            # the width; the height of a non-square pixel slide's tiles is beside it)
             "patch_size": int(self.tile_px),
             "patch_size_level0": int(self.tile_size_level0),
+            "patch_size_level0_y": int(self.tile_size_level0_xy[1]),
         }
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> TileGrid:
@@ -157,6 +176,7 @@ class TileGrid:
             coords=self.coords[idx],
             grid_rc=self.grid_rc[idx],
             tissue_fraction=self.tissue_fraction[idx],
+            ink_fraction=None if self.ink_fraction is None else self.ink_fraction[idx],
         )
 
 
@@ -168,6 +188,7 @@ def make_tile_grid(
     overlap_px: int = 0,
     min_tissue: float = 0.25,
     tissue: TissueMask | Literal[False] | None = None,
+    tissue_options: Mapping[str, Any] | None = None,
 ) -> TileGrid:
     """Lay a tile grid over a slide at ``mpp`` µm/px and keep the tiles on tissue.
 
@@ -188,11 +209,15 @@ def make_tile_grid(
     tissue
         None: run :func:`~gpfm_core.tissue.detect_tissue`; a :class:`TissueMask` (e.g.
         edited by the user); False: keep every tile.
+    tissue_options
+        Keyword arguments of :func:`~gpfm_core.tissue.detect_tissue` when ``tissue`` is
+        None (e.g. ``{"exclude_ink": False, "modality": "brightfield"}``).
 
     Returns
     -------
     TileGrid
-        Possibly empty (a warning says why).
+        Possibly empty (a warning says why); ``ink_fraction`` per tile from the mask's ink
+        layer.
     """
     slide_mpp = slide.mpp  # raises SlideError naming the override
     w0, h0 = slide.dimensions
@@ -221,12 +246,13 @@ def make_tile_grid(
     coords = grid_rc[:, ::-1] * np.array([stx, sty], np.int64)
     if tissue is False:
         frac = np.ones(len(coords), np.float32)
+        ink = np.zeros(len(coords), np.float32)
         min_tissue = 0.0
     else:
         if tissue is None:
             from gpfm_core.tissue import detect_tissue
 
-            tissue = detect_tissue(slide)
+            tissue = detect_tissue(slide, **check_tissue_options(tissue_options))
         if tuple(tissue.level0_size) != (w0, h0):
             raise SlideError(
                 f"the tissue mask covers {tissue.level0_size} px but {slide.path.name} is "
@@ -235,6 +261,7 @@ def make_tile_grid(
         frac = _box_fractions(tissue, coords, (sx, sy))
         keep = frac >= min_tissue if min_tissue > 0 else np.ones(len(frac), bool)
         coords, grid_rc, frac = coords[keep], grid_rc[keep], frac[keep]
+        ink = _box_fractions(tissue, coords, (sx, sy), ink=True)
     if len(coords) == 0:
         why = (
             "the slide is smaller than one tile"
@@ -267,22 +294,46 @@ def make_tile_grid(
         tile_size_level0_y=int(sy),
         stride_level0_y=int(sty),
         read_size_y=ry,
+        ink_fraction=np.asarray(ink, np.float32),
     )
 
 
-def _box_fractions(tissue: TissueMask, coords: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Tissue fraction of ``size = (w, h)`` level-0 boxes at ``coords``.
+def check_tissue_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``options`` as keyword arguments of :func:`~gpfm_core.tissue.detect_tissue`.
+
+    Raises
+    ------
+    GpfmError
+        A name :func:`~gpfm_core.tissue.detect_tissue` does not take.
+    """
+    import inspect
+
+    from gpfm_core.tissue import detect_tissue
+
+    opts = dict(options or {})
+    known = set(inspect.signature(detect_tissue).parameters) - {"slide"}
+    bad = sorted(set(opts) - known)
+    if bad:
+        raise GpfmError(
+            f"unknown tissue option(s) {', '.join(bad)}: use {', '.join(sorted(known))}"
+        )
+    return opts
+
+
+def _box_fractions(
+    tissue: TissueMask, coords: np.ndarray, size: tuple[int, int], *, ink: bool = False
+) -> np.ndarray:
+    """Tissue (or, with ``ink``, marker-ink) fraction of ``size = (w, h)`` level-0 boxes.
 
     ``TissueMask.box_fractions`` takes square boxes; a ``w x h`` box is a square one in
     a level-0 frame whose y axis is stretched by ``w / h`` (same mask, ``dy * w / h``).
     """
     w, h = size
-    if w == h:
-        return tissue.box_fractions(coords, w)
-    k = w / h
-    stretched = replace(tissue, downsample=(tissue.downsample[0], tissue.downsample[1] * k))
-    xy = np.asarray(coords, np.float64).reshape(-1, 2) * np.array([1.0, k])
-    return stretched.box_fractions(xy, w)
+    if w != h:
+        k = w / h
+        tissue = replace(tissue, downsample=(tissue.downsample[0], tissue.downsample[1] * k))
+        coords = np.asarray(coords, np.float64).reshape(-1, 2) * np.array([1.0, k])
+    return tissue.ink_fractions(coords, w) if ink else tissue.box_fractions(coords, w)
 
 
 def check_grid_args(*, mpp: float | None, tile_px: int, overlap_px: int, min_tissue: float) -> None:

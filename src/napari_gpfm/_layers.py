@@ -85,26 +85,25 @@ def tile_layer_transform(
     -------
     dict
         ``{"scale": (sy, sx), "translate": (ty, tx)}`` in ``(row, col)`` world units:
-        ``scale = S * mpp``, ``translate = ((S - 1) / 2 + origin) * mpp``.
+        ``scale = S * mpp``, ``translate = ((S - 1) / 2 + origin) * mpp``, the formula of
+        :func:`gpfm_core.analysis.raster.tile_layer_placement`.
     """
-    mx, my = _mpp_xy(mpp)
+    from gpfm_core.analysis.raster import tile_layer_placement
+
     ox, oy = 0.0, 0.0
-    if isinstance(grid_or_stride, (int, float, np.integer, np.floating)):
-        sx = sy = float(grid_or_stride)
-    elif isinstance(grid_or_stride, (tuple, list, np.ndarray)):
-        sx, sy = (float(v) for v in grid_or_stride)
-    else:
+    stride: Any = grid_or_stride  # a number or (sx, sy)
+    if hasattr(grid_or_stride, "stride_level0_xy"):
         grid = grid_or_stride
-        sx, sy = (float(v) for v in grid.stride_level0_xy)
+        stride = tuple(float(v) for v in grid.stride_level0_xy)
         if len(grid) > 0:
             c0, rc0 = np.asarray(grid.coords[0]), np.asarray(grid.grid_rc[0])
-            ox, oy = float(c0[0] - rc0[1] * sx), float(c0[1] - rc0[0] * sy)
+            ox, oy = float(c0[0] - rc0[1] * stride[0]), float(c0[1] - rc0[0] * stride[1])
     if origin is not None:
         ox, oy = float(origin[0]), float(origin[1])
-    return {
-        "scale": (sy * my, sx * mx),
-        "translate": (((sy - 1) / 2 + oy) * my, ((sx - 1) / 2 + ox) * mx),
-    }
+    scale, translate = tile_layer_placement(
+        stride_level0=stride, mpp=None if mpp is None else _mpp_xy(mpp), origin_level0=(ox, oy)
+    )
+    return {"scale": tuple(scale.tolist()), "translate": tuple(translate.tolist())}  # type: ignore[dict-item]
 
 
 def vector_layer_transform(mpp: float | Sequence[float] | None) -> dict[str, tuple[float, float]]:

@@ -177,7 +177,9 @@ def slide_layer_data(slide: Slide, *, name: str | None = None) -> LayerDataTuple
 
 def _default_name(slide: Slide) -> str:
     # a DICOM series is a folder of files named by level or by UID: the folder names the slide
-    return slide.path.parent.name if slide.info.vendor == "dicom" else slide.path.stem
+    from gpfm_core.slide import slide_stem
+
+    return slide_stem(slide.path)
 
 
 def slide_for_layer(layer: Any) -> Slide | None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpfm_core.analysis import LinearProbe
+from gpfm_core.analysis import LinearProbe, ProbeProvenanceWarning
 from gpfm_core.errors import GpfmError
 
 NAMES = ["tumour", "stroma", "necrosis"]
@@ -202,7 +202,8 @@ def test_load_rejects_damaged_or_foreign_files(tmp_path: Path) -> None:
         LinearProbe.load(bad)
     tensors["coef"] = np.zeros((2, 4), np.float32)
     save_file(tensors, str(bad), metadata={"gpfm_probe": json.dumps(meta)})
-    assert LinearProbe.load(bad).embed_dim == 4
+    with pytest.warns(ProbeProvenanceWarning):  # its header predates weights and tiling
+        assert LinearProbe.load(bad).embed_dim == 4
     save_file(tensors, str(bad), metadata={"gpfm_probe": json.dumps({**meta, "format": "other"})})
     with pytest.raises(GpfmError, match="damaged or foreign"):
         LinearProbe.load(bad)
@@ -306,3 +307,27 @@ def test_plan_cv_cases(case: str, folds: int, n_groups: int | None, scheme: str,
     if plan.groups is not None:  # no group straddles two classes
         for g in np.unique(plan.groups):
             assert np.unique(y[plan.groups == g]).size == 1
+
+
+def test_probe_file_records_the_weights_and_tiling_and_older_files_warn(tmp_path: Path) -> None:
+    import warnings
+
+    from _probe_files import write_older_probe
+
+    x, y = _data(n=300, d=16, seed=5)
+    tiling = {"requested_mpp": np.float64(0.5), "tile_px": np.int64(112), "overlap_px": 0}
+    probe = LinearProbe(encoder="gpfm", weights_hash="ab" * 32, tiling=tiling)
+    probe.fit(x, y, class_names=NAMES, cv_folds=0)
+    path = probe.save(tmp_path / "p.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a file that records them loads without a warning
+        loaded = LinearProbe.load(path)
+    assert loaded.weights_hash == "ab" * 32
+    assert loaded.tiling == {"requested_mpp": 0.5, "tile_px": 112, "overlap_px": 0}
+    # a file written before they were recorded: loads, and says what cannot be checked
+    old = write_older_probe(path, tmp_path / "old.safetensors")
+    with pytest.warns(ProbeProvenanceWarning, match="only the encoder name \\(gpfm\\)") as rec:
+        older = LinearProbe.load(old)
+    assert len(rec) == 1 and "\n" not in str(rec[0].message)
+    assert older.weights_hash is None and older.tiling is None
+    np.testing.assert_array_equal(older.predict(x)[0], probe.predict(x)[0])

@@ -17,126 +17,18 @@ import h5py
 import numpy as np
 import pytest
 
+from _foreign_h5 import (
+    D,
+    clam_contour,
+    save_hdf5,
+    write_clam_features,
+    write_clam_patches,
+    write_trident,
+)
 from gpfm_core.embed import EmbeddingsFileError, GeometryWarning, load_embeddings
 
-D = 8
 
-
-# ------------------------------------------------------------------ the tools' writers
-def _save_hdf5(path: Path, assets: dict[str, np.ndarray], attrs: dict | None = None, *, mode: str = "a", chunk: int = 1) -> None:  # fmt: skip
-    """CLAM's / TRIDENT's ``save_hdf5``: resizable chunked datasets, appended batch by batch."""
-    with h5py.File(path, mode) as f:
-        for key, val in assets.items():
-            if key not in f:
-                ds = f.create_dataset(
-                    key,
-                    shape=val.shape,
-                    maxshape=(None, *val.shape[1:]),
-                    chunks=(chunk, *val.shape[1:]),
-                    dtype=val.dtype,
-                )
-                ds[:] = val
-                for k, v in ((attrs or {}).get(key) or {}).items():
-                    ds.attrs[k] = v
-            else:
-                ds = f[key]
-                ds.resize(len(ds) + val.shape[0], axis=0)
-                ds[-val.shape[0] :] = val
-
-
-def _clam_contour(
-    start: tuple[int, int], size: tuple[int, int], step0: int, keep=None
-) -> np.ndarray:
-    """Coordinates of one CLAM contour: a grid from the contour's bounding box (x-major)."""
-    xs = np.arange(start[0], start[0] + size[0], step0)
-    ys = np.arange(start[1], start[1] + size[1], step0)
-    gx, gy = np.meshgrid(xs, ys, indexing="ij")
-    coords = np.array([gx.flatten(), gy.flatten()]).transpose()
-    return coords if keep is None else coords[keep(coords)]
-
-
-def write_clam_patches(
-    path: Path,
-    contours: list[np.ndarray],
-    *,
-    patch_size: int,
-    patch_level: int,
-    downsample: tuple[float, float] | None,
-    level_dim: tuple[int, int],
-) -> np.ndarray:
-    """``create_patches_fp.py``: one append per contour, attributes from the first one."""
-    attr: dict[str, Any] = {
-        "patch_size": patch_size,
-        "patch_level": patch_level,
-        "downsample": downsample,
-        "downsampled_level_dim": tuple(np.array(level_dim)),
-        "level_dim": level_dim,
-        "name": path.stem,
-        "save_path": str(path.parent),
-    }
-    if downsample is None:  # an older or hand-made file
-        del attr["downsample"]
-    first = True
-    for coords in contours:
-        if len(coords):
-            _save_hdf5(path, {"coords": coords}, {"coords": attr} if first else None, mode="w" if first else "a")  # fmt: skip
-            first = False
-    return np.concatenate(contours)
-
-
-def write_clam_features(path: Path, coords: np.ndarray, *, batch: int = 5) -> np.ndarray:
-    """``extract_features_fp.py``: batches of features (float32) and coords (int32), no attributes."""
-    rng = np.random.default_rng(0)
-    feats = rng.standard_normal((len(coords), D)).astype(np.float32)
-    mode = "w"
-    for i in range(0, len(coords), batch):
-        _save_hdf5(
-            path,
-            {"features": feats[i : i + batch], "coords": coords[i : i + batch].astype(np.int32)},
-            mode=mode,
-            chunk=32,
-        )
-        mode = "a"
-    return feats
-
-
-def write_trident(
-    path: Path,
-    coords: np.ndarray,
-    *,
-    patch_size: int,
-    src_mag: int,
-    target_mag: int,
-    overlap: int = 0,
-    drop: tuple[str, ...] = (),
-) -> np.ndarray:
-    """``coords_to_h5`` attributes, copied onto the features file by ``extract_features``."""
-    attrs: dict[str, Any] = {
-        "patch_size": patch_size,
-        "patch_size_level0": patch_size * src_mag // target_mag,
-        "level0_magnification": src_mag,
-        "target_magnification": target_mag,
-        "overlap": overlap,
-        "name": path.stem,
-        "savetodir": str(path.parent),
-        "level0_width": 40000,
-        "level0_height": 30000,
-    }
-    for key in drop:
-        del attrs[key]
-    feats = np.random.default_rng(1).standard_normal((len(coords), D)).astype(np.float32)
-    _save_hdf5(
-        path,
-        {"features": feats, "coords": np.asarray(coords, np.int64).reshape(-1, 2)},
-        {
-            "features": {"name": path.stem, "savetodir": str(path.parent), "encoder": "uni_v1"},
-            "coords": attrs,
-        },
-        mode="w",
-    )
-    return feats
-
-
+# ------------------------------------------------------------------ helpers
 def _trident_grid(patch_size: int, src_mag: int, target_mag: int, overlap: int, rows: int, cols: int) -> np.ndarray:  # fmt: skip
     """``WSIPatcher``'s grid from (0, 0), with a few tiles dropped as tissue filtering does."""
     ds = src_mag / target_mag
@@ -163,8 +55,8 @@ def _assert_placed(emb: Any, coords: np.ndarray, tile: int, stride: int) -> None
 # ------------------------------------------------------------------ CLAM
 def test_clam_contours_with_their_own_grid_origins(tmp_path: Path) -> None:
     # the issue's file: the second contour's grid starts 212 px off the first one's
-    a = _clam_contour((1000, 2000), (6 * 512, 4 * 512), 512)
-    b = _clam_contour((1212, 5000), (5 * 512, 3 * 512), 512)
+    a = clam_contour((1000, 2000), (6 * 512, 4 * 512), 512)
+    b = clam_contour((1212, 5000), (5 * 512, 3 * 512), 512)
     patches = tmp_path / "patches" / "S01.h5"
     patches.parent.mkdir()
     coords = write_clam_patches(
@@ -210,8 +102,8 @@ def test_clam_patch_levels_downsamples_and_steps(
     step0 = step_size * int(downsample[0])  # WholeSlideImage.process_contour
     keep = lambda c: (c[:, 0] // step0 + c[:, 1] // step0) % 4 != 1  # noqa: E731  holes in tissue
     contours = [
-        _clam_contour((300, 700), (8 * step0, 5 * step0), step0, keep),
-        _clam_contour((300 + 9 * step0 + 77, 900), (4 * step0, 6 * step0), step0, keep),
+        clam_contour((300, 700), (8 * step0, 5 * step0), step0, keep),
+        clam_contour((300 + 9 * step0 + 77, 900), (4 * step0, 6 * step0), step0, keep),
     ]
     patches = tmp_path / "patches" / "S02.h5"
     patches.parent.mkdir()
@@ -236,7 +128,7 @@ def _as_features(patches: Path, coords: np.ndarray, root: Path) -> Path:
 
 
 def test_clam_features_take_the_geometry_from_the_patching_file(tmp_path: Path) -> None:
-    coords = _clam_contour((64, 96), (5 * 1024, 3 * 1024), 1024)
+    coords = clam_contour((64, 96), (5 * 1024, 3 * 1024), 1024)
     patches = tmp_path / "RESULTS" / "patches" / "S03.h5"
     patches.parent.mkdir(parents=True)
     write_clam_patches(
@@ -283,7 +175,7 @@ def test_clam_features_take_the_geometry_from_the_patching_file(tmp_path: Path) 
 
 
 def test_clam_level_above_zero_without_downsample_says_so(tmp_path: Path) -> None:
-    coords = _clam_contour((0, 0), (3 * 1024, 2 * 1024), 1024)
+    coords = clam_contour((0, 0), (3 * 1024, 2 * 1024), 1024)
     patches = tmp_path / "p.h5"
     write_clam_patches(patches, [coords], patch_size=256, patch_level=1, downsample=None, level_dim=(9000, 7000))  # fmt: skip
     with pytest.warns(GeometryWarning, match="patch_level 1 without its 'downsample'"):
@@ -296,7 +188,7 @@ def _features_with_attrs(patches: Path, coords: np.ndarray) -> str:
     with h5py.File(patches, "r") as f:
         attrs = dict(f["coords"].attrs)
     out = patches.with_name("feats.h5")
-    _save_hdf5(out, {"features": np.zeros((len(coords), D), np.float32), "coords": coords}, {"coords": attrs}, mode="w")  # fmt: skip
+    save_hdf5(out, {"features": np.zeros((len(coords), D), np.float32), "coords": coords}, {"coords": attrs}, mode="w")  # fmt: skip
     return out.name
 
 

@@ -454,3 +454,64 @@ def test_no_tissue_names_the_ways_out(tmp_path: Path, caplog) -> None:
 def test_modality_is_checked(cmu_svs: Path) -> None:
     with open_slide(cmu_svs) as s, pytest.raises(GpfmError, match="'auto', 'brightfield'"):
         detect_tissue(s, modality="darkfield")  # type: ignore[arg-type]
+
+
+# -- ink on the tile table, and the options in the cache key ---------------------------------
+
+
+def test_tile_table_flags_ink_kept_on_request(tmp_path: Path, cmu_svs: Path) -> None:
+    case = _case_ink(str(cmu_svs), "blue")
+    kept = _run(tmp_path, case, exclude_ink=False).grid
+    assert kept is not None
+    truth = _tile_fractions(kept, case.painted)
+    assert (truth > 0.5).sum() >= 8  # the strokes are tissue now, and their tiles kept ...
+    # ... and flagged: each tile's ink fraction as the truth counts it
+    np.testing.assert_allclose(kept.ink_fraction[truth > 0], truth[truth > 0], atol=0.1)
+    assert kept.ink_fraction[truth == 0].max() < 0.2  # the sample's own dye at most
+    sub = kept.subset(np.flatnonzero(truth > 0.5))
+    np.testing.assert_array_equal(sub.ink_fraction, kept.ink_fraction[truth > 0.5])
+    default = _run(tmp_path, case).grid  # ink left out: no kept tile is on a stroke
+    assert default is not None and default.ink_fraction.max() < 0.2
+
+
+def test_keep_ink_and_modality_reach_the_files_and_their_cache_key(
+    tmp_path: Path, cmu_svs: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    import h5py
+
+    from gpfm_core.cli import main
+
+    slide = tmp_path / "inked.bmp"
+    Image.fromarray(_case_ink(str(cmu_svs), "blue").rgb).save(slide)
+    common = ["--mpp", "1", "--slide-mpp", str(MPP)]
+    embed = ["embed", str(slide), "--encoder", "tiny-vit", "--out", str(tmp_path / "emb"),
+             "--device", "cpu", "--quiet", *common]  # fmt: skip
+    assert main([*embed, "--keep-ink"]) == 0
+    (h5,) = (tmp_path / "emb").rglob("inked.h5")
+    with open_slide(slide, mpp=MPP) as s:
+        want = make_tile_grid(s, mpp=1.0, tile_px=112, tissue_options={"exclude_ink": False})
+    with h5py.File(h5, "r") as f:
+        np.testing.assert_array_equal(f["coords"][:], want.coords)
+        np.testing.assert_allclose(f["ink_fraction"][:], want.ink_fraction)
+        assert f["ink_fraction"][:].max() > 0.5  # tiles on the strokes, kept and flagged
+        assert json.loads(f.attrs["tissue_params"])["exclude_ink"] is False
+    capsys.readouterr()
+    # without --keep-ink the file is not reused: refused in one line naming the option
+    assert main(embed) == 1
+    err = capsys.readouterr().err
+    assert "other settings" in err and "tissue_params.exclude_ink False in the file, True here" in err
+    assert main([*embed, "--keep-ink"]) == 0 and "reused existing file" in capsys.readouterr().out
+
+    tiles = ["tiles", str(slide), "--tile-px", "112", "--out", str(tmp_path / "t"), *common]
+    assert main([*tiles, "--keep-ink", "--modality", "brightfield"]) == 0
+    (patches,) = (tmp_path / "t").rglob("inked_patches.h5")
+    with h5py.File(patches, "r") as f:
+        params = json.loads(f.attrs["tissue_params"])
+        assert params["exclude_ink"] is False and params["modality"] == "brightfield"
+        np.testing.assert_array_equal(f["coords"][:], want.coords)
+        np.testing.assert_allclose(f["ink_fraction"][:], want.ink_fraction)
+    capsys.readouterr()
+    assert main(tiles) == 1  # other detector options: not overwritten without --force
+    assert "tissue_params.exclude_ink" in capsys.readouterr().err

@@ -145,3 +145,29 @@ def test_bmp_opens(tmp_path: Path, region: np.ndarray) -> None:
     with open_slide(path, mpp=0.5) as s:
         assert s.backend != "openslide" and s.level_dimensions[0] == (W, H)
         np.testing.assert_array_equal(s.read_region((0, 0), 0, (W, H)), region)
+
+
+def test_a_dicom_series_is_named_after_its_folder_whichever_file_is_given(
+    series: list[Path], tmp_path: Path, region: np.ndarray, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gpfm_core.cli import main
+    from gpfm_core.slide import slide_stem
+
+    folder = series[0].parent  # .../S01-HE: level0.dcm, level1.dcm, label.dcm
+    assert {slide_stem(p) for p in [folder, *series]} == {"S01-HE"}
+    uid = write_dicom_wsi(tmp_path / "scan-7", region, mpp=0.5, names=("1.2.3.4", "1.2.3.5", "1.2.3.6"))
+    assert slide_stem(uid[1]) == "scan-7"  # files named by UID ("suffix" .5): the folder too
+    assert slide_stem(tmp_path / "CMU-1.svs") == "CMU-1"
+
+    out = tmp_path / "emb"
+    args = ["--encoder", "tiny-vit", "--mpp", "1", "--out", str(out), "--device", "cpu", "--quiet"]
+    assert main(["embed", str(folder / "label.dcm"), *args]) == 0  # the series' first file
+    first = capsys.readouterr().out
+    (h5,) = out.rglob("*.h5")
+    assert h5.name == "S01-HE.h5" and f"-> {h5}" in first
+    for given in (folder, series[1]):  # the folder, and another file of the series
+        assert main(["embed", str(given), *args]) == 0
+        assert f"-> {h5} " in capsys.readouterr().out  # the same file, reused
+    assert [p.name for p in out.rglob("*.h5")] == ["S01-HE.h5"]
+    assert main(["tiles", str(series[1]), "--mpp", "1", "--tile-px", "112", "--out", str(tmp_path / "t")]) == 0
+    assert [p.name for p in (tmp_path / "t").rglob("*.h5")] == ["S01-HE_patches.h5"]

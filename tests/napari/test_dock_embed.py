@@ -178,13 +178,17 @@ def test_embedding_uses_the_edited_tissue_layer_and_the_grid_follows(
     np.testing.assert_array_equal(session.coords, finer.coords)
 
 
+def _cmu_dock(make_viewer: Any, cmu_svs: Path, out: Path) -> tuple[Any, Any, str, GpfmDock]:
+    """``(viewer, slide layer, slide id, dock)`` with the CMU sample open."""
+    viewer = make_viewer()
+    slide = open_slide_layer(viewer, cmu_svs)
+    return viewer, slide, slide.metadata["slide_id"], make_dock(viewer, out)
+
+
 def test_tissue_button_adds_editable_layers_in_a_worker(
     make_napari_viewer: Any, qtbot: Any, cmu_svs: Path, tmp_path: Path
 ) -> None:
-    viewer = make_napari_viewer()
-    slide = open_slide_layer(viewer, cmu_svs)
-    sid = slide.metadata["slide_id"]
-    dock = make_dock(viewer, tmp_path)
+    viewer, slide, sid, dock = _cmu_dock(make_napari_viewer, cmu_svs, tmp_path)
     qtbot.mouseClick(dock.embed_tab.tissue_btn, Qt.MouseButton.LeftButton)
     qtbot.waitUntil(lambda: ov.find(viewer, ov.TILE_GRID, slide_id=sid) is not None, timeout=60_000)
     tissue = ov.find(viewer, ov.TISSUE, slide_id=sid)
@@ -193,3 +197,60 @@ def test_tissue_button_adds_editable_layers_in_a_worker(
     grid_layer = ov.find(viewer, ov.TILE_GRID, slide_id=sid)
     assert len(grid_layer.data) == len(grid) > 20
     assert len(ov.layers_of(viewer, sid, ("tissue", "tile_grid"))) == 2  # replaced, not added
+
+
+def test_keep_ink_shows_the_ink_changes_the_tissue_and_keys_the_cache(
+    make_napari_viewer: Any, qtbot: Any, cmu_svs: Path, tmp_path: Path
+) -> None:
+    """The CMU sample carries green marking dye at the right edge of its tissue."""
+    from gpfm_core.embed.loading import read_attrs
+
+    viewer, slide, sid, dock = _cmu_dock(make_napari_viewer, cmu_svs, tmp_path)
+    tab = dock.embed_tab
+    tissue, grid = tab.show_tissue(sync=True)
+    assert tissue.params["exclude_ink"] is True and tissue.ink.any()
+    ink = ov.find(viewer, ov.INK, slide_id=sid)
+    assert ink.name == f"gpfm: ink ({slide.name})"
+    assert ov.info(ink) == {"slide_id": sid, "kind": "ink", "fraction": float(tissue.ink.mean())}
+    np.testing.assert_array_equal(ink.data > 0, tissue.ink)
+    # each mask pixel covers its level-0 box [c * dx, (c + 1) * dx) on the slide
+    (dx, dy), (r, c) = tissue.downsample, np.argwhere(tissue.ink)[0]
+    got = [ink.data_to_world([r - 0.5, c - 0.5]), ink.data_to_world([r + 0.5, c + 0.5])]
+    want = [slide.data_to_world([r * dy - 0.5, c * dx - 0.5]),
+            slide.data_to_world([(r + 1) * dy - 0.5, (c + 1) * dx - 0.5])]  # fmt: skip
+    np.testing.assert_allclose(got, want, atol=1e-9)
+    assert not (tissue.mask & tissue.ink).any()  # left out of the tissue
+
+    # "keep ink": detected again (unedited tissue), the dye is tissue and its tiles flagged
+    before = ov.find(viewer, ov.TISSUE, slide_id=sid)
+    tab.ink_check.setChecked(True)
+    qtbot.waitUntil(lambda: ov.find(viewer, ov.TISSUE, slide_id=sid) is not before, timeout=60_000)
+    kept, kept_grid = tab.show_tissue(sync=True)
+    assert kept.params["exclude_ink"] is False and (kept.mask & kept.ink).any()
+    assert kept_grid.ink_fraction.sum() > grid.ink_fraction.sum()
+    session = tab.run(sync=True)
+    assert session is not None and tab.last_reused is False
+    np.testing.assert_array_equal(session.coords, kept_grid.coords)  # the grid shown
+    emb = load_embeddings(session.embeddings_path)
+    np.testing.assert_allclose(emb.ink_fraction, kept_grid.ink_fraction)
+    assert '"exclude_ink": false' in read_attrs(session.embeddings_path)["tissue_params"]
+
+    # an edited mask keeps the ink found: the file still flags the inked tiles
+    layer = ov.find(viewer, ov.TISSUE, slide_id=sid)
+    layer.feature_defaults = {"kind": "tissue"}
+    layer.add_rectangles(np.array([[[0.0, 0.0], [300.0, 300.0]]]))  # tissue drawn on glass
+    edited = tab.run(sync=True)
+    assert edited is not None and any(x < 300 and y < 300 for x, y in edited.coords)
+    flags = load_embeddings(edited.embeddings_path).ink_fraction
+    np.testing.assert_allclose(flags, kept.ink_fractions(edited.coords, edited.tile_size), atol=1e-6)
+    assert flags.max() > 0
+
+    # unticked again (on the detected tissue): the file made with ink kept is not reused
+    tab.show_tissue(sync=True)
+    before = ov.find(viewer, ov.TISSUE, slide_id=sid)
+    tab.ink_check.setChecked(False)
+    qtbot.waitUntil(lambda: ov.find(viewer, ov.TISSUE, slide_id=sid) is not before, timeout=60_000)
+    again = tab.run(sync=True)
+    assert again is not None and tab.last_reused is False
+    np.testing.assert_array_equal(again.coords, grid.coords)
+    assert '"exclude_ink": true' in read_attrs(again.embeddings_path)["tissue_params"]

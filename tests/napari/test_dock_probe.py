@@ -122,7 +122,7 @@ def test_annotate_train_predict_save_export(
     np.testing.assert_array_equal(new_shapes.features["class"], [0, 1, 1])
     for a, b in zip(new_shapes.data, polys, strict=True):
         np.testing.assert_allclose(np.asarray(a)[:, ::-1], b, atol=1e-3)
-    new_points = viewer.layers[ov.ANNOTATION_POINTS]
+    new_points = ov.find(viewer, ov.ANNOTATION_POINTS, session)
     np.testing.assert_allclose(new_points.data, [session.tile_center(int(bottom[0]))[::-1]])
     assert new_points.features["class"].tolist() == [0]
     assert any(f"{session.n_tiles} detection(s) left out" in m for m in notes())
@@ -252,3 +252,45 @@ def test_qupath_holes_survive_import_labelling_edit_and_export(
     objs = read_qupath_geojson(tab.export_geojson(tmp_path / "edited.geojson"))
     tumor_back = next(a for a in objs.annotations if a.class_name == "Tumor")
     assert len(tumor_back.geometry.interiors) == 0 and tumor_back.uid != uid
+
+
+def test_probe_files_know_the_weights_and_tiling_they_were_trained_on(
+    embedded: Any, tmp_path: Path, notes: Any
+) -> None:
+    from dataclasses import replace
+
+    from _probe_files import write_older_probe
+    from gpfm_core.errors import GpfmError
+
+    _, dock, session = embedded
+    tab = dock.probe_tab
+    tab.auto_check.setChecked(False)
+    shapes, _ = tab.ensure_layers()
+    rows = session.grid_rc[:, 0]
+    for cls, band in enumerate((rows <= np.quantile(rows, 0.2), rows >= np.quantile(rows, 0.8))):
+        tab.classes.set_current(cls)
+        shapes.add_rectangles(tile_rect(session, np.flatnonzero(band)))
+    assert tab.train(sync=True)
+    path = tab.save_probe(tmp_path / "probe.safetensors")
+    saved = LinearProbe.load(path)
+    assert saved.encoder == "tiny-vit" and saved.weights_hash == session.weights_hash
+    assert saved.tiling == {"requested_mpp": 0.5, "tile_px": 112, "overlap_px": 0}
+
+    # loaded back, it is applied only to slides embedded as it was trained
+    tab.probe, tab.probe_key = None, None
+    tab.load_probe(path)
+    assert tab.probe_key == session.feature_key
+    other_tiling = replace(session, key="x", tiling={**session.tiling, "tile_px": 96})
+    other_weights = replace(session, key="y", weights_hash="0" * 64)
+    for other, what in ((other_tiling, "tile size"), (other_weights, "weights")):
+        with pytest.raises(GpfmError, match=f"its {what} differ"):
+            tab.check_probe_fits(other)
+    tab.check_probe_fits(session)
+
+    # a file written before the weights and tiling were recorded: a warning, name and width only
+    tab.load_probe(write_older_probe(path, tmp_path / "old.safetensors"))
+    assert tab.probe_key is None
+    assert [m for m in notes() if "does not record the encoder weights and tiling" in m]
+    tab.check_probe_fits(other_tiling)  # only the name and width can be checked
+    with pytest.raises(GpfmError, match="another encoder"):
+        tab.check_probe_fits(replace(session, key="z", encoder="uni"))

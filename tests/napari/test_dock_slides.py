@@ -35,6 +35,15 @@ def _side_by_side(slide_layer: Any, session_or_width: float) -> None:
     slide_layer.translate = (0.0, 2400 * float(session_or_width))
 
 
+def _two_slides(make_viewer: Any, a: Path, b: Path, out: Path) -> tuple[Any, Any, Any, Any]:
+    """``(viewer, dock, a_layer, b_layer)``: slides ``a`` and ``b`` side by side, a dock on ``out``."""
+    viewer = make_viewer()
+    a_layer = open_slide_layer(viewer, a)
+    b_layer = open_slide_layer(viewer, b)
+    _side_by_side(b_layer, 0.499)
+    return viewer, make_dock(viewer, out), a_layer, b_layer
+
+
 def _polys(shapes: Any) -> list[np.ndarray]:
     return [np.asarray(d)[:, ::-1] for d in shapes.data]
 
@@ -63,11 +72,9 @@ def _annotate(tab: Any, session: SlideSession, *, axis: int, q: float) -> Any:
 def test_annotations_train_only_their_own_slide(
     make_napari_viewer: Any, cmu_svs: Path, mirror_png: Path, cmu_embeddings: Path, tmp_path: Path
 ) -> None:
-    viewer = make_napari_viewer()
-    a_layer = open_slide_layer(viewer, cmu_svs)
-    b_layer = open_slide_layer(viewer, mirror_png)
-    _side_by_side(b_layer, 0.499)
-    dock = make_dock(viewer, cmu_embeddings)
+    viewer, dock, a_layer, b_layer = _two_slides(
+        make_napari_viewer, cmu_svs, mirror_png, cmu_embeddings
+    )
     tab = dock.probe_tab
     tab.auto_check.setChecked(False)  # the test trains explicitly
     dock.tabs.setCurrentWidget(tab)
@@ -197,11 +204,9 @@ def test_retrieval_and_probe_stay_within_one_encoder_weights_and_tiling(
     make_napari_viewer: Any, qtbot: Any, notes: Any, cmu_svs: Path, mirror_png: Path,
     cmu_embeddings: Path, tmp_path: Path, variant: str, comparable: bool,
 ) -> None:  # fmt: skip
-    viewer = make_napari_viewer()
-    a_layer = open_slide_layer(viewer, cmu_svs)
-    b_layer = open_slide_layer(viewer, mirror_png)
-    _side_by_side(b_layer, 0.499)
-    dock = make_dock(viewer, cmu_embeddings)
+    viewer, dock, a_layer, b_layer = _two_slides(
+        make_napari_viewer, cmu_svs, mirror_png, cmu_embeddings
+    )
     a = embed_in_dock(dock, a_layer.name)
     tab = dock.embed_tab
     tab.set_out_dir(tmp_path)
@@ -243,3 +248,50 @@ def test_retrieval_and_probe_stay_within_one_encoder_weights_and_tiling(
     else:
         assert b_pred is None and b.prediction is None
         assert any("another encoder, weights or tiling" in m for m in notes())
+
+
+@pytest.mark.parametrize("drawn", [True, False], ids=["annotated", "not-annotated"])
+def test_closing_a_slide_takes_its_layers_with_it_but_keeps_drawn_annotations(
+    make_napari_viewer: Any, notes: Any, cmu_svs: Path, mirror_png: Path, cmu_embeddings: Path,
+    drawn: bool,
+) -> None:  # fmt: skip
+    viewer, dock, a_layer, b_layer = _two_slides(
+        make_napari_viewer, cmu_svs, mirror_png, cmu_embeddings
+    )
+    a = embed_in_dock(dock, a_layer.name)
+    b = embed_in_dock(dock, b_layer.name)
+    tab = dock.embed_tab
+    for layer in (a_layer, b_layer):  # tissue, ink and grid of both
+        tab.slide_combo.setCurrentText(layer.name)
+        tab.show_tissue(sync=True)
+    dock.set_active(a)
+    dock.tabs.setCurrentWidget(dock.explore_tab)
+    dock.explore_tab.k_spin.setValue(3)
+    assert dock.explore_tab.run(sync=True)
+    dock.tabs.setCurrentWidget(dock.retrieve_tab)
+    click(viewer, tile_world_centre(a, 5))  # similarity and the query outline on A
+    pt = dock.probe_tab
+    pt.auto_check.setChecked(False)
+    if drawn:
+        _annotate(pt, a, axis=0, q=0.2)
+    else:
+        pt.ensure_layers()  # empty annotation layers
+    kinds_a = {ov.info(ly)["kind"] for ly in ov.layers_of(viewer, a.key)}
+    assert {"tissue", "ink", "tile_grid", "coverage", "clusters", "tiles", "similarity",
+            "query", "annotations", "annotation_points"} <= kinds_a  # fmt: skip
+    b_before = [ly.name for ly in ov.layers_of(viewer, b.key)]
+    start = len(notes())
+
+    viewer.layers.remove(a_layer)
+    assert dock.store.get(a.key) is None and dock.store.active is b
+    left = {ov.info(ly)["kind"] for ly in ov.layers_of(viewer, a.key)}
+    said = [m for m in notes()[start:] if "closed" in m]
+    if drawn:  # the user's work stays, and a notification says so
+        assert left == {"annotations"}  # the points layer held nothing
+        (shapes,) = ov.layers_of(viewer, a.key)
+        assert len(shapes.data) == 2
+        assert len(said) == 1 and shapes.name in said[0] and "kept" in said[0]
+    else:
+        assert left == set() and said == []
+    assert [ly.name for ly in ov.layers_of(viewer, b.key)] == b_before  # B untouched
+    assert b_layer in viewer.layers and dock.explore_tab.session is b

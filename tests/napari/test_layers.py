@@ -167,22 +167,32 @@ def test_unedited_tissue_layer_round_trips_to_same_tiles(cmu_view) -> None:
 
 
 def test_editing_tissue_layer_changes_tile_grid(cmu_view) -> None:
+    """Cutting a hole into the tissue drops its tiles; drawing tissue on glass adds tiles.
+
+    The CMU sample is one tissue region (54 tiles of 224 px at 0.5 µm/px): the user edits it
+    rather than deleting it (deleting the only region would leave no tile at all).
+    """
     viewer, _, slide = cmu_view
     tissue = detect_tissue(slide)
+    assert len(tissue.polygons) == 1
     layer = add_tissue_layer(viewer, tissue, mpp=slide.mpp)
     before = _grid(slide, tissue_from_layer(layer, slide))
-    # user deletes the biggest tissue outline ...
-    areas = [p.area for p in tissue.polygons]
-    big = int(np.argmax(areas))
-    shape_index = sum(1 + len(p.holes) for p in tissue.polygons[:big])
-    layer.selected_data = {shape_index}
-    layer.remove_selected()
-    after_delete = _grid(slide, tissue_from_layer(layer, slide))
-    assert len(after_delete) < len(before) / 2
-    # ... and draws a rectangle over empty glass at the top left (level-0 y, x)
+    assert len(before) == 54
+    # the user erases the upper right of the tissue: a shape of kind "hole" (level-0 y, x)
+    y0, x0, y1, x1 = 60.0, 600.0, 1500.0, 1950.0
+    layer.feature_defaults = {"kind": "hole"}
+    layer.add_rectangles(np.array([[[y0, x0], [y1, x1]]], float))
+    after_cut = _grid(slide, tissue_from_layer(layer, slide))
+    assert after_cut < before
+    inside = {(x, y) for x, y in before if x >= x0 and x + 224 <= x1 and y >= y0 and y + 224 <= y1}
+    outside = {(x, y) for x, y in before if x + 224 <= x0 or y >= y1}
+    assert inside and not (inside & after_cut)  # tiles under the hole are gone
+    assert outside and outside <= after_cut  # tiles clear of it stay
+    # ... and draws tissue over empty glass at the top left
+    layer.feature_defaults = {"kind": "tissue"}
     layer.add_rectangles(np.array([[[0, 0], [700, 500]]], float))
     after_add = _grid(slide, tissue_from_layer(layer, slide))
-    new = after_add - after_delete
+    new = after_add - after_cut
     assert new and all(x + 224 <= 500 + 1 and y + 224 <= 700 + 1 for x, y in new)
     assert not any(x < 450 and y < 650 for x, y in before)
 

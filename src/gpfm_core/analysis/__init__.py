@@ -19,7 +19,13 @@ from gpfm_core.analysis.io import (
     shapes_to_geojson,
 )
 from gpfm_core.analysis.labels import ShapeLabels, labels_for_shapes
-from gpfm_core.analysis.probe import CVPlan, LinearProbe, ProbeReport, plan_cv
+from gpfm_core.analysis.probe import (
+    CVPlan,
+    LinearProbe,
+    ProbeProvenanceWarning,
+    ProbeReport,
+    plan_cv,
+)
 from gpfm_core.analysis.raster import tile_layer_placement, tiles_to_raster
 from gpfm_core.analysis.similarity import (
     SimilarityIndex,
@@ -38,6 +44,7 @@ __all__ = [
     "Annotation",
     "CVPlan",
     "LinearProbe",
+    "ProbeProvenanceWarning",
     "ProbeReport",
     "QuPathObjects",
     "ShapeLabels",

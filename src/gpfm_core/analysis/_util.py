@@ -64,3 +64,18 @@ def positive_int(value: object, *, name: str) -> int:
     return int(value)
 
 
+
+
+def size_xy(value: object, *, name: str) -> tuple[int, int]:
+    """A tile size or stride as ``(x, y)`` positive ints: one int for both axes, or a pair.
+
+    Non-square pixels give tiles whose level-0 width and height differ
+    (:attr:`gpfm_core.tiling.TileGrid.tile_size_level0_xy`); square ones may pass one int.
+    """
+    if isinstance(value, (tuple, list, np.ndarray)):
+        arr = list(np.asarray(value).ravel())
+        if len(arr) != 2:
+            raise GpfmError(f"{name} must be one positive integer or an (x, y) pair, got {value!r}")
+        return positive_int(arr[0], name=f"{name} x"), positive_int(arr[1], name=f"{name} y")
+    v = positive_int(value, name=name)
+    return v, v

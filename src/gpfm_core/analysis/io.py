@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from gpfm_core._atomic import write_atomic
-from gpfm_core.analysis._util import as_points, positive_int
+from gpfm_core.analysis._util import as_points, size_xy
 from gpfm_core.errors import GpfmError
 
 log = logging.getLogger(__name__)
@@ -340,7 +340,7 @@ def shapes_to_geojson(
 
 def predictions_to_geojson(
     coords: np.ndarray,
-    tile_size_level0: int,
+    tile_size_level0: int | tuple[int, int],
     labels: np.ndarray,
     class_names: Sequence[str],
     colours: Sequence[Sequence[float] | str | None] | None = None,
@@ -348,7 +348,7 @@ def predictions_to_geojson(
     path: str | os.PathLike[str] | None = None,
     confidence: np.ndarray | None = None,
     merge: bool = False,
-    stride_level0: int | None = None,
+    stride_level0: int | tuple[int, int] | None = None,
     object_type: str = "detection",
 ) -> dict:
     """Tile predictions as GeoJSON: one square per tile, or merged regions per class.
@@ -358,7 +358,9 @@ def predictions_to_geojson(
     coords
         (N, 2) int64 level-0 (x, y) top-left corners.
     tile_size_level0
-        Tile side T in level-0 pixels (squares span [x, x+T) x [y, y+T)).
+        Tile side T in level-0 pixels (squares span [x, x+T) x [y, y+T)), or its
+        ``(width, height)`` (non-square pixels: a tile's level-0 box is not square, see
+        :attr:`gpfm_core.tiling.TileGrid.tile_size_level0_xy`).
     labels
         (N,) int class index per tile; negative = not exported.
     class_names
@@ -374,7 +376,7 @@ def predictions_to_geojson(
         MultiPolygon with holes) instead of one square per tile. With overlapping tiles each
         tile contributes its central stride cell.
     stride_level0
-        Tile stride S for ``merge`` (default T).
+        Tile stride S for ``merge`` (default T); one number or ``(Sx, Sy)``.
     object_type
         "detection" (default, light in QuPath), "tile" or "annotation" (merged regions are
         usually wanted as "annotation").
@@ -385,7 +387,7 @@ def predictions_to_geojson(
         The FeatureCollection.
     """
     xy = as_points(coords, name="coords")
-    t = positive_int(tile_size_level0, name="tile_size_level0")
+    t = np.array(size_xy(tile_size_level0, name="tile_size_level0"))
     lab = np.asarray(labels).astype(np.int64, copy=False)
     if lab.shape != (xy.shape[0],):
         raise GpfmError(f"labels must have shape ({xy.shape[0]},), got {lab.shape}")
@@ -403,7 +405,7 @@ def predictions_to_geojson(
     if merge:
         import shapely
 
-        s = positive_int(stride_level0 if stride_level0 is not None else t, name="stride_level0")
+        s = np.array(size_xy(t if stride_level0 is None else stride_level0, name="stride_level0"))
         offset = (t - s) / 2.0
         base = xy.min(axis=0) if xy.size else np.zeros(2, np.int64)
         if ((xy - base) % s).any():
@@ -416,7 +418,9 @@ def predictions_to_geojson(
             # one stride cell per tile; cells only share edges, so their exact union is a
             # coverage union (holes kept; cells touching at a corner stay separate parts)
             lo = np.unique(cells[sel], axis=0) * s + base + offset
-            region = shapely.coverage_union_all(shapely.box(lo[:, 0], lo[:, 1], lo[:, 0] + s, lo[:, 1] + s))
+            region = shapely.coverage_union_all(
+                shapely.box(lo[:, 0], lo[:, 1], lo[:, 0] + s[0], lo[:, 1] + s[1])
+            )
             region = shapely.simplify(region, 0)  # drop the vertices left mid-edge
             props = {
                 "objectType": object_type,
@@ -427,8 +431,9 @@ def predictions_to_geojson(
     else:
         for i in np.flatnonzero(lab >= 0):
             x, y = int(xy[i, 0]), int(xy[i, 1])
+            w, h = int(t[0]), int(t[1])
             c = int(lab[i])
-            ring = [[x, y], [x + t, y], [x + t, y + t], [x, y + t], [x, y]]
+            ring = [[x, y], [x + w, y], [x + w, y + h], [x, y + h], [x, y]]
             props = {
                 "objectType": object_type,
                 "classification": _classification(str(class_names[c]), rgb[c]),

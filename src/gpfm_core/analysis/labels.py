@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from gpfm_core.analysis._util import as_points, positive_int
+from gpfm_core.analysis._util import as_points, size_xy
 from gpfm_core.errors import GpfmError
 
 log = logging.getLogger(__name__)
@@ -52,18 +52,22 @@ class ShapeLabels:
     groups: np.ndarray | None = None
 
 
-def _tile_containing(points: np.ndarray, coords: np.ndarray, t: int) -> np.ndarray:
-    """(P,) index of the tile holding each pixel-edge point (nearest centre wins), -1 if none."""
+def _tile_containing(points: np.ndarray, coords: np.ndarray, t: tuple[int, int]) -> np.ndarray:
+    """(P,) index of the tile holding each pixel-edge point (nearest centre wins), -1 if none.
+
+    ``t`` is the tile's level-0 ``(width, height)``.
+    """
     out = np.full(points.shape[0], -1, dtype=np.int64)
     if coords.shape[0] == 0:
         return out
-    centres = coords.astype(np.float64) + t / 2.0
+    tw, th = t
+    centres = coords.astype(np.float64) + np.array([tw, th]) / 2.0
     for i, (x, y) in enumerate(points):
         inside = (
             (coords[:, 0] <= x)
-            & (x < coords[:, 0] + t)
+            & (x < coords[:, 0] + tw)
             & (coords[:, 1] <= y)
-            & (y < coords[:, 1] + t)
+            & (y < coords[:, 1] + th)
         )
         hits = np.flatnonzero(inside)
         if hits.size:
@@ -101,12 +105,14 @@ def _as_geometry(shape: Any, i: int) -> Any:
     return geom
 
 
-def _tiles_hit(geom: Any, edge_xy: np.ndarray, t: int) -> np.ndarray:
-    """Sorted indices of the tiles a geometry labels; ``edge_xy`` tile corners, pixel edges."""
+def _tiles_hit(geom: Any, edge_xy: np.ndarray, t: tuple[int, int]) -> np.ndarray:
+    """Sorted indices of the tiles a geometry labels; ``edge_xy`` tile corners, pixel edges;
+    ``t`` the tile's level-0 ``(width, height)``."""
     import shapely
 
     hits: list[np.ndarray] = []
-    centres = edge_xy + t / 2.0
+    tw, th = t
+    centres = edge_xy + np.array([tw, th]) / 2.0
     for part in shapely.get_parts(geom):
         if part.is_empty:
             continue
@@ -122,14 +128,14 @@ def _tiles_hit(geom: Any, edge_xy: np.ndarray, t: int) -> np.ndarray:
                 hits.append(near[shapely.intersects_xy(part, centres[near, 0], centres[near, 1])])
         elif dim == 1:
             near = np.flatnonzero(
-                (edge_xy[:, 0] <= x1) & (edge_xy[:, 0] + t > x0)
-                & (edge_xy[:, 1] <= y1) & (edge_xy[:, 1] + t > y0)
+                (edge_xy[:, 0] <= x1) & (edge_xy[:, 0] + tw > x0)
+                & (edge_xy[:, 1] <= y1) & (edge_xy[:, 1] + th > y0)
             )  # fmt: skip
             if near.size:
-                # half-open tile squares [x, x + t): a line on a tile edge labels one row
-                hi = t * (1 - 1e-9)
+                # half-open tile boxes [x, x + t): a line on a tile edge labels one row
+                hx, hy = tw * (1 - 1e-9), th * (1 - 1e-9)
                 boxes = shapely.box(
-                    edge_xy[near, 0], edge_xy[near, 1], edge_xy[near, 0] + hi, edge_xy[near, 1] + hi
+                    edge_xy[near, 0], edge_xy[near, 1], edge_xy[near, 0] + hx, edge_xy[near, 1] + hy
                 )
                 shapely.prepare(part)
                 hits.append(near[shapely.intersects(part, boxes)])
@@ -146,7 +152,7 @@ def labels_for_shapes(
     shapes: Sequence[Any],
     shape_classes: Sequence[int],
     coords: np.ndarray,
-    tile_size_level0: int,
+    tile_size_level0: int | tuple[int, int],
     *,
     points: np.ndarray | None = None,
     point_classes: Sequence[int] | None = None,
@@ -169,7 +175,8 @@ def labels_for_shapes(
     coords
         (N, 2) int64 level-0 (x, y) top-left corners of the embedded tiles.
     tile_size_level0
-        Tile side in level-0 pixels.
+        Tile side in level-0 pixels, or its ``(width, height)`` (non-square pixels:
+        :attr:`gpfm_core.tiling.TileGrid.tile_size_level0_xy`).
     points
         Optional (P, 2) level-0 (x, y) point annotations.
     point_classes
@@ -185,7 +192,7 @@ def labels_for_shapes(
         the annotation that labelled each tile.
     """
     xy = as_points(coords, name="coords")
-    t = positive_int(tile_size_level0, name="tile_size_level0")
+    t = size_xy(tile_size_level0, name="tile_size_level0")
     if len(shapes) != len(shape_classes):
         raise GpfmError(
             f"{len(shapes)} shapes but {len(shape_classes)} classes: give one class per shape"

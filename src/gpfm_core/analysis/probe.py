@@ -3,8 +3,10 @@
 The saved file is one ``.safetensors`` file: tensors ``coef`` (K, D), ``intercept`` (K,),
 ``scaler_mean`` (D,), ``scaler_scale`` (D,), ``classes`` (K,) int64 (indices into
 ``class_names`` of the classes seen in training) and a JSON string in the header metadata
-(key ``gpfm_probe``) with class names, colours, encoder name, embed dim and date. No pickle:
-loading parses numbers and JSON only.
+(key ``gpfm_probe``) with class names, colours, encoder name, encoder weights hash, the
+tiling the features were made at (``requested_mpp``, ``tile_px``, ``overlap_px``), embed dim
+and date. No pickle: loading parses numbers and JSON only. Files written before the weights
+hash and tiling were stored load with a :class:`ProbeProvenanceWarning`.
 
 Speed (100,000 x 1024 float32 on 2 cores, see ``benchmarks/bench_analysis.py``)
 --------------------------------------------------------------------------------
@@ -59,6 +61,10 @@ from gpfm_core.analysis._util import as_features
 from gpfm_core.errors import GpfmError
 
 log = logging.getLogger(__name__)
+
+class ProbeProvenanceWarning(UserWarning):
+    """A probe file does not record the encoder weights or tiling it was trained on."""
+
 
 FORMAT = "gpfm-linear-probe"
 FORMAT_VERSION = 1
@@ -400,6 +406,11 @@ class LinearProbe:
         ``"torch"`` (default; float32 full-batch L-BFGS) or ``"sklearn"`` (scikit-learn lbfgs).
     encoder
         Name of the encoder whose features the probe reads (stored in the file).
+    weights_hash
+        Hash of that encoder's weights (stored in the file; None: unknown).
+    tiling
+        ``{"requested_mpp", "tile_px", "overlap_px"}`` of the tiles it was trained on
+        (stored in the file; None: unknown).
     class_colours
         Optional (r, g, b) 0-255 per class name, stored in the file for display.
     """
@@ -409,6 +420,8 @@ class LinearProbe:
     tol: float = 1e-3
     solver: str = "torch"
     encoder: str | None = None
+    weights_hash: str | None = None
+    tiling: dict[str, float | int] | None = None
     class_colours: list[tuple[int, int, int]] | None = None
     class_names: list[str] = field(default_factory=list)
     coef_: np.ndarray | None = field(default=None, repr=False)
@@ -653,6 +666,8 @@ class LinearProbe:
             if self.class_colours
             else None,
             "encoder": self.encoder,
+            "weights_hash": self.weights_hash,
+            "tiling": _plain_tiling(self.tiling),
             "embed_dim": self.embed_dim,
             "created": self.created_,
             "C": self.C,
@@ -737,9 +752,20 @@ class LinearProbe:
                 f"use a probe trained with the same encoder ({meta.get('encoder')})"
             )
         colours = meta.get("class_colours")
+        if "weights_hash" not in meta or "tiling" not in meta:
+            warnings.warn(
+                f"{p.name} does not record the encoder weights and tiling it was trained on "
+                f"(an older file): only the encoder name ({meta.get('encoder') or 'unknown'}) "
+                "and the feature width are checked; save it again to record them",
+                ProbeProvenanceWarning,
+                stacklevel=3,
+            )
+        tiling = meta.get("tiling")
         probe = cls(
             C=float(meta.get("C", 1.0)),
             encoder=meta.get("encoder"),
+            weights_hash=meta.get("weights_hash") or None,
+            tiling=_plain_tiling(tiling) if isinstance(tiling, dict) else None,
             class_colours=[tuple(int(v) for v in c) for c in colours] if colours else None,
         )
         probe.class_names = names
@@ -756,3 +782,11 @@ class LinearProbe:
             except TypeError:
                 probe.report_ = None
         return probe
+
+
+def _plain_tiling(tiling: dict | None) -> dict[str, float | int] | None:
+    """The tiling's ``requested_mpp`` (float), ``tile_px`` and ``overlap_px`` (int), JSON-ready."""
+    if not tiling:
+        return None
+    kinds = {"requested_mpp": float, "tile_px": int, "overlap_px": int}
+    return {k: kinds[k](tiling[k]) for k in kinds if tiling.get(k) is not None}

@@ -61,26 +61,43 @@ def tiles_to_raster(
     return out
 
 
+def _positive_pair(value: object, *, name: str) -> tuple[float, float]:
+    """``(x, y)`` positive finite floats from one number (both axes) or a pair."""
+    arr = np.asarray(value, dtype=np.float64).ravel() if value is not None else np.zeros(0)
+    if arr.size == 1:
+        arr = np.repeat(arr, 2)
+    if arr.size != 2 or not (np.isfinite(arr).all() and (arr > 0).all()):
+        raise GpfmError(f"{name} must be positive, got {value!r}: set the slide's µm/px")
+    return float(arr[0]), float(arr[1])
+
+
 def tile_layer_placement(
     *,
-    stride_level0: int,
+    stride_level0: float | tuple[float, float],
     mpp: tuple[float, float] | float | None = None,
     origin_level0: tuple[float, float] = (0, 0),
 ) -> tuple[np.ndarray, np.ndarray]:
     """napari ``scale`` and ``translate`` for a raster with one pixel per tile.
 
-    napari centres pixel i on coordinate i (it spans [i - 0.5, i + 0.5)). Tile column c of a
-    grid starting at level-0 offset o with stride S covers level-0 pixels
-    o + c*S .. o + c*S + S - 1, i.e. [o + c*S - 0.5, o + c*S + S - 0.5) in pixel-centre
-    coordinates; the raster pixel must therefore be centred at o + c*S + (S - 1)/2 and span S.
+    The one placement formula of the project (``napari_gpfm._layers.tile_layer_transform``
+    and the dock's overlays call it). napari centres pixel i on coordinate i (it spans
+    [i - 0.5, i + 0.5)). Tile column c of a grid starting at level-0 offset o with stride S
+    covers level-0 pixels o + c*S .. o + c*S + S - 1, i.e. [o + c*S - 0.5, o + c*S + S - 0.5)
+    in pixel-centre coordinates; the raster pixel must therefore be centred at
+    o + c*S + (S - 1)/2 and span S, per axis:
+
+    ``scale = S * mpp``, ``translate = ((S - 1) / 2 + o) * mpp``.
+
     This assumes the slide image itself is shown with ``scale = mpp`` and no translate.
     With overlapping tiles (tile size T > S) pass ``origin_level0 = o + (T - S)/2`` to centre
-    each pixel on its tile's centre.
+    each pixel on its tile's centre. Non-square pixels (µm/px x ≠ y) have a stride per axis
+    (:attr:`gpfm_core.tiling.TileGrid.stride_level0_xy`).
 
     Parameters
     ----------
     stride_level0
-        Tile stride S in level-0 pixels.
+        Tile stride S in level-0 pixels: one number, or ``(Sx, Sy)``. Any positive number
+        (a tissue mask's downsample places its pixels the same way).
     mpp
         (x, y) µm per level-0 pixel (a float for both), or None for level-0 pixel units.
     origin_level0
@@ -90,17 +107,18 @@ def tile_layer_placement(
     -------
     tuple of numpy.ndarray
         scale (2,) and translate (2,) float64 in napari (row, col) = (y, x) order.
+
+    Raises
+    ------
+    GpfmError
+        A stride or µm/px that is not a positive finite number.
     """
-    s = positive_int(stride_level0, name="stride_level0")
-    if mpp is None:
-        mx = my = 1.0
-    elif np.ndim(mpp) == 0:
-        mx = my = float(mpp)  # type: ignore[arg-type]
-    else:
-        mx, my = (float(v) for v in mpp)  # type: ignore[union-attr]
-    if not (mx > 0 and my > 0 and np.isfinite(mx) and np.isfinite(my)):
-        raise GpfmError(f"mpp must be positive, got {mpp!r}: set the slide's µm/px")
+    try:
+        sx, sy = _positive_pair(stride_level0, name="stride_level0")
+    except GpfmError:
+        raise GpfmError(f"stride_level0 must be positive, got {stride_level0!r}") from None
+    mx, my = (1.0, 1.0) if mpp is None else _positive_pair(mpp, name="mpp")
     ox, oy = (float(v) for v in origin_level0)
-    scale = np.array([s * my, s * mx], dtype=np.float64)
-    translate = np.array([((s - 1) / 2 + oy) * my, ((s - 1) / 2 + ox) * mx], dtype=np.float64)
+    scale = np.array([sy * my, sx * mx], dtype=np.float64)
+    translate = np.array([((sy - 1) / 2 + oy) * my, ((sx - 1) / 2 + ox) * mx], dtype=np.float64)
     return scale, translate

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from gpfm_core.analysis._util import as_features, as_points, positive_int
+from gpfm_core.analysis._util import as_features, as_points, positive_int, size_xy
 from gpfm_core.errors import GpfmError
 
 log = logging.getLogger(__name__)
@@ -284,7 +284,9 @@ def cosine_similarity(
     return SimilarityIndex(features, center=center).query(query)
 
 
-def query_from_point(x: float, y: float, coords: np.ndarray, tile_size_level0: int) -> int | None:
+def query_from_point(
+    x: float, y: float, coords: np.ndarray, tile_size_level0: int | tuple[int, int]
+) -> int | None:
     """Index of the tile containing level-0 point (x, y), or None outside every tile.
 
     With overlapping tiles the one whose centre is nearest wins (lowest index on ties).
@@ -296,21 +298,21 @@ def query_from_point(x: float, y: float, coords: np.ndarray, tile_size_level0: i
     coords
         (N, 2) int64 level-0 (x, y) top-left corners.
     tile_size_level0
-        Tile side in level-0 pixels.
+        Tile side in level-0 pixels, or its ``(width, height)`` (non-square pixels).
     """
     xy = as_points(coords, name="coords")
-    t = positive_int(tile_size_level0, name="tile_size_level0")
+    tw, th = size_xy(tile_size_level0, name="tile_size_level0")
     if not (np.isfinite(x) and np.isfinite(y)):
         return None
     # tile covers pixels c .. c+t-1, i.e. [c - 0.5, c + t - 0.5) in pixel-centre coordinates
     px, py = float(x) + 0.5, float(y) + 0.5
-    inside = (xy[:, 0] <= px) & (px < xy[:, 0] + t) & (xy[:, 1] <= py) & (py < xy[:, 1] + t)
+    inside = (xy[:, 0] <= px) & (px < xy[:, 0] + tw) & (xy[:, 1] <= py) & (py < xy[:, 1] + th)
     hits = np.flatnonzero(inside)
     if hits.size == 0:
         return None
     if hits.size == 1:
         return int(hits[0])
-    centre = xy[hits] + t / 2.0
+    centre = xy[hits] + np.array([tw, th]) / 2.0
     d2 = (centre[:, 0] - px) ** 2 + (centre[:, 1] - py) ** 2
     return int(hits[int(np.argmin(d2))])
 

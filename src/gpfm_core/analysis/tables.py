@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from gpfm_core._atomic import write_atomic
-from gpfm_core.analysis._util import as_points, positive_int
+from gpfm_core.analysis._util import as_points, size_xy
 from gpfm_core.errors import GpfmError
 
 
@@ -22,7 +22,7 @@ def predictions_to_csv(
     class_names: Sequence[str],
     *,
     path: str | os.PathLike[str],
-    tile_size_level0: int,
+    tile_size_level0: int | tuple[int, int],
     probabilities: np.ndarray | None = None,
 ) -> Path:
     """One CSV row per tile: x, y, width, height, class, confidence[, p_<class>...].
@@ -40,7 +40,8 @@ def predictions_to_csv(
     path
         CSV file (written atomically).
     tile_size_level0
-        Width and height of each tile in level-0 pixels.
+        Side of each tile in level-0 pixels, or its ``(width, height)`` (non-square pixels:
+        :attr:`gpfm_core.tiling.TileGrid.tile_size_level0_xy`).
     probabilities
         Optional (N, C) per-class probabilities -> columns ``p_<class>``.
 
@@ -49,7 +50,7 @@ def predictions_to_csv(
     pathlib.Path
     """
     xy = as_points(coords, name="coords")
-    t = positive_int(tile_size_level0, name="tile_size_level0")
+    tw, th = size_xy(tile_size_level0, name="tile_size_level0")
     lab = np.asarray(labels).astype(np.int64, copy=False)
     conf = np.asarray(confidence, dtype=np.float64)
     n = xy.shape[0]
@@ -69,7 +70,7 @@ def predictions_to_csv(
     writer.writerow(header)
     for i in range(n):
         name = class_names[lab[i]] if lab[i] >= 0 else ""
-        row = [int(xy[i, 0]), int(xy[i, 1]), t, t, name, f"{conf[i]:.6g}"]
+        row = [int(xy[i, 0]), int(xy[i, 1]), tw, th, name, f"{conf[i]:.6g}"]
         if proba is not None:
             row += [f"{v:.6g}" for v in proba[i]]
         writer.writerow(row)

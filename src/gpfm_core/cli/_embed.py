@@ -14,6 +14,7 @@ import sys
 import threading
 from typing import Any
 
+from gpfm_core.cli._tiles import add_tissue_arguments, tissue_options
 from gpfm_core.errors import GpfmError
 
 DEFAULT_OUT = "gpfm_embeddings"
@@ -100,6 +101,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--slide-mpp", type=float, default=None, help="override the slides' level-0 µm/px"
     )
+    add_tissue_arguments(p)
     p.add_argument("--out", default=DEFAULT_OUT, help="output folder (default: ./%(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument(
@@ -193,6 +195,7 @@ def run(args: argparse.Namespace) -> int:
         tile_px=args.tile_px,
         overlap_px=args.overlap,
         min_tissue=args.min_tissue,
+        tissue_options=tissue_options(args),
         device=args.device,
         precision=args.precision,
         batch_size=args.batch_size,

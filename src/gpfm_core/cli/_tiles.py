@@ -20,6 +20,8 @@ from gpfm_core.embed._errors import EmbeddingsClashError
 from gpfm_core.errors import GpfmError
 
 HELP = "detect tissue and lay a tile grid at a physical resolution; save coords to HDF5"
+#: A tile with more than this fraction of marker ink counts as inked in the summary.
+INKED = 0.05
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -34,6 +36,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--no-tissue", action="store_true", help="keep every tile, skip detection")
     p.add_argument("--mask-mpp", type=float, default=8.0, help="tissue-mask µm/px (8)")
+    add_tissue_arguments(p)
     p.add_argument("--slide-mpp", type=float, default=None, metavar="X", help="µm/px override")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.add_argument(
@@ -51,6 +54,33 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
+def add_tissue_arguments(p: argparse.ArgumentParser) -> None:
+    """``--keep-ink`` and ``--modality``: the tissue detector's options (``gpfm tiles``/``embed``)."""
+    p.add_argument(
+        "--keep-ink",
+        action="store_true",
+        help="keep blue/green marker ink and marking dye as tissue (stains that colour "
+        "tissue blue or green: trichrome, Alcian blue); ink stays flagged per tile",
+    )
+    p.add_argument(
+        "--modality",
+        choices=["auto", "brightfield", "fluorescence"],
+        default="auto",
+        help="tissue detection mode (default: auto, from the slide's colours)",
+    )
+
+
+def tissue_options(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
+    """The detector's keyword arguments from ``--keep-ink`` / ``--modality`` (defaults left out,
+    so a default run keys its files as before)."""
+    opts: dict[str, Any] = dict(extra)
+    if args.keep_ink:
+        opts["exclude_ink"] = False
+    if args.modality != "auto":
+        opts["modality"] = args.modality
+    return opts
+
+
 def write_coords_h5(
     path: Path,
     grid: Any,
@@ -58,7 +88,8 @@ def write_coords_h5(
     extra: dict[str, Any] | None = None,
     coords_attrs: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``coords`` (N, 2) int64, ``grid_rc``, ``tissue_fraction`` and attributes atomically."""
+    """Write ``coords`` (N, 2) int64, ``grid_rc``, ``tissue_fraction``, ``ink_fraction`` and
+    attributes atomically."""
     import h5py
 
     path = Path(path)
@@ -70,6 +101,7 @@ def write_coords_h5(
         ds.attrs.update(coords_attrs or {})
         f.create_dataset("grid_rc", data=grid.grid_rc)
         f.create_dataset("tissue_fraction", data=grid.tissue_fraction)
+        f.create_dataset("ink_fraction", data=grid.ink_fraction)
         f.attrs.update(grid.attrs())
         f.attrs.update(extra or {})
     return path
@@ -104,6 +136,7 @@ def save_tiles(
         slide_lock,
     )
     from gpfm_core.embed.loading import read_attrs
+    from gpfm_core.slide import slide_stem
 
     slide_id = str(key["slide_id"])
     with contextlib.ExitStack() as stack:
@@ -141,7 +174,9 @@ def save_tiles(
             target,
             grid,
             extra={**key, **extra},
-            coords_attrs=trident_coords_attrs(grid, name=slide_path.stem, out_dir=target.parent),
+            coords_attrs=trident_coords_attrs(
+                grid, name=slide_stem(slide_path), out_dir=target.parent
+            ),
         )
 
 
@@ -156,9 +191,10 @@ def run(args: argparse.Namespace) -> int:
     check_grid_args(
         mpp=args.mpp, tile_px=args.tile_px, overlap_px=args.overlap, min_tissue=args.min_tissue
     )
+    detector = tissue_options(args, mask_mpp=args.mask_mpp)
     with open_slide(args.slide, mpp=args.slide_mpp) as slide:
         _ = slide.mpp  # fail early, before tissue detection, when µm/px is unknown
-        mask = None if args.no_tissue else detect_tissue(slide, mask_mpp=args.mask_mpp)
+        mask = None if args.no_tissue else detect_tissue(slide, **detector)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             grid = make_tile_grid(
@@ -177,6 +213,7 @@ def run(args: argparse.Namespace) -> int:
         "slide": str(args.slide),
         "tissue_fraction": None if mask is None else round(mask.tissue_fraction, 4),
         "n_tissue_regions": None if mask is None else mask.n_regions,
+        "n_inked_tiles": int((grid.ink_fraction > INKED).sum()),
         **grid.attrs(),
     }
     if args.out is not None:
@@ -188,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
             "tile_px": int(grid.tile_px),
             "overlap_px": int(grid.overlap_px),
             "min_tissue": float(grid.min_tissue),
-            **(tissue_key(False) if mask is None else tissue_key(None, mask_mpp=args.mask_mpp)),
+            **(tissue_key(False) if mask is None else tissue_key(None, **detector)),
             "slide_mpp_override": mpp_key(args.slide_mpp),
         }
         extra: dict[str, Any] = {"slide_path": str(Path(args.slide).resolve())}
@@ -213,6 +250,10 @@ def run(args: argparse.Namespace) -> int:
         f"tiles      {len(grid)} of {rows * cols} ({rows} x {cols} grid) with >= "
         f"{grid.min_tissue:g} tissue"
     )
+    inked = int((grid.ink_fraction > INKED).sum())
+    if mask is not None and mask.ink is not None and mask.ink.any():
+        kept = "kept as tissue (--keep-ink)" if args.keep_ink else "left out of the tissue"
+        print(f"ink        {mask.ink.mean():.1%} of the slide {kept}; {inked} tile(s) > {INKED:.0%} ink")
     print(
         f"geometry   {grid.tile_px} px @ {grid.effective_mpp:.4g} µm/px = {grid.tile_size_level0} "
         f"level-0 px, stride {grid.stride_level0}, read level {grid.read_level} "

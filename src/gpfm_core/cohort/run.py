@@ -92,6 +92,7 @@ class EmbedSettings:
     tile_px: int | None = None
     overlap_px: int = 0
     min_tissue: float = 0.25
+    tissue_options: dict[str, Any] | None = None  # detect_tissue overrides (--keep-ink ...)
     device: str = "auto"
     precision: str = "auto"
     batch_size: int = 64
@@ -109,6 +110,7 @@ class EmbedSettings:
             "tile_px": self.tile_px,
             "overlap_px": self.overlap_px,
             "min_tissue": self.min_tissue,
+            "tissue_options": self.tissue_options,
             "precision": self.precision,
             "batch_size": self.batch_size,
             "workers": self.workers,
@@ -272,6 +274,7 @@ def _key_factory(
                     tissue=None,
                     slide_mpp=slide_mpp,
                     dtype=settings.dtype,
+                    tissue_options=settings.tissue_options,
                 )
             )
         return cache[slide_mpp]

@@ -6,6 +6,7 @@ import hashlib
 import inspect
 import json
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -97,10 +98,13 @@ def reuse_key(
     tissue: TissueMask | bool | None,
     slide_mpp: float | tuple[float, float] | None,
     dtype: str,
+    tissue_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The settings that decide whether an existing feature file is reused (its root attributes).
 
-    ``mpp`` / ``tile_px`` None take the encoder's ``meta.tile_mpp`` / ``meta.tile_px``. The
+    ``mpp`` / ``tile_px`` None take the encoder's ``meta.tile_mpp`` / ``meta.tile_px``;
+    ``tissue_options`` are :func:`~gpfm_core.tissue.detect_tissue` overrides (``exclude_ink``,
+    ``modality`` ...), keyed with the detector's version and defaults. The
     embedding pipeline stores this dict in every file, and the cohort planner compares it
     (hashed) with its cohort table, so both always agree on what "the same settings" means.
     """
@@ -111,7 +115,7 @@ def reuse_key(
         "tile_px": int(tile_px if tile_px is not None else meta.tile_px),
         "overlap_px": int(overlap_px),
         "min_tissue": float(min_tissue),
-        **tissue_key(tissue),
+        **tissue_key(tissue, **dict(tissue_options or {})),
         "slide_mpp_override": mpp_key(slide_mpp),
         "features_dtype": dtype,
     }
@@ -132,7 +136,9 @@ def file_attrs(
     info: Any,
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Root, ``coords`` and ``features`` attributes of the file."""
-    name = slide_path.stem
+    from gpfm_core.slide._formats import slide_stem
+
+    name = slide_stem(slide_path)
     w0, h0 = (int(v) for v in grid.level0_size)
     smx, smy = (float(v) for v in grid.slide_mpp)
     root: dict[str, Any] = dict(grid.attrs())
@@ -171,6 +177,8 @@ def trident_coords_attrs(grid: TileGrid, *, name: str, out_dir: Path) -> dict[st
     attrs: dict[str, Any] = {
         "patch_size": int(grid.tile_px),
         "patch_size_level0": int(grid.tile_size_level0),
+        # TRIDENT assumes square pixels; the tiles' level-0 height of a non-square pixel slide
+        "patch_size_level0_y": int(grid.tile_size_level0_xy[1]),
         "level0_magnification": magnification(smx),
         "target_magnification": magnification(float(grid.effective_mpp)),
         "overlap": int(grid.overlap_px),

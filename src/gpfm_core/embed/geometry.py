@@ -19,7 +19,10 @@ Each tool records its tiling differently (attribute names checked in their sourc
   from the patching file (``coords_file``).
 
 The tile size is the footprint of one tile in level-0 px; the stride the step between
-neighbouring tiles of one lattice. Positions are the stored ``coords`` themselves, so
+neighbouring tiles of one lattice. Both have an x and a y value: slides with non-square
+pixels (µm/px x ≠ y) are tiled with a level-0 box that is not square (gpfm's
+``tile_size_level0_y`` / ``stride_level0_y``, TRIDENT-style ``patch_size_level0_y`` beside
+``patch_size_level0``; CLAM's ``downsample`` is already ``(dx, dy)``). Positions are the stored ``coords`` themselves, so
 ``coords`` + ``tile_size_level0`` place every tile exactly. ``grid_rc`` puts each tile in a
 cell of one raster of pitch ``stride_level0`` from ``origin``; :attr:`TileGeometry.exact` says
 whether that raster places every tile exactly (CLAM files with several contours: no, each tile
@@ -45,15 +48,15 @@ class TileGeometry:
     Attributes
     ----------
     tile_size_level0 : int or None
-        Side of each tile's footprint; None when it cannot be known.
+        Width of each tile's footprint; None when it cannot be known.
     stride_level0 : int or None
-        Step between neighbouring tiles of one lattice; None when unknown.
+        Step along x between neighbouring tiles of one lattice; None when unknown.
     origin : (int, int)
         Level-0 ``(x, y)`` of raster cell ``(0, 0)``'s top-left corner.
     grid_shape : (int, int)
         ``(rows, cols)`` of the raster holding every ``grid_rc``.
     exact : bool
-        Every tile's corner is ``origin + grid_rc[:, ::-1] * stride_level0``.
+        Every tile's corner is ``origin + grid_rc[:, ::-1] * stride_level0_xy``.
     grid_error_level0 : int or None
         Largest distance (per axis) between a tile's corner and its raster cell; 0 when exact.
     source : str
@@ -61,6 +64,9 @@ class TileGeometry:
         (measured from the coordinates) or ``"unknown"``.
     note : str or None
         One line when something had to be assumed or is unknown.
+    tile_size_level0_y, stride_level0_y : int or None
+        The same along y; they differ from the x values only for non-square pixels (None at
+        construction means "same as x").
     """
 
     tile_size_level0: int | None
@@ -71,11 +77,32 @@ class TileGeometry:
     grid_error_level0: int | None
     source: str
     note: str | None = None
+    tile_size_level0_y: int | None = None
+    stride_level0_y: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("tile_size_level0", "stride_level0"):
+            if getattr(self, f"{name}_y") is None and getattr(self, name) is not None:
+                object.__setattr__(self, f"{name}_y", int(getattr(self, name)))
 
     @property
     def known(self) -> bool:
         """Whether the tile size is known (tiles can be placed on the slide)."""
         return self.tile_size_level0 is not None
+
+    @property
+    def tile_size_level0_xy(self) -> tuple[int, int] | None:
+        """Level-0 ``(width, height)`` of a tile, None when unknown."""
+        if self.tile_size_level0 is None:
+            return None
+        return int(self.tile_size_level0), int(self.tile_size_level0_y)  # type: ignore[arg-type]
+
+    @property
+    def stride_level0_xy(self) -> tuple[int, int] | None:
+        """Level-0 ``(x, y)`` step between neighbouring tiles, None when unknown."""
+        if self.stride_level0 is None:
+            return None
+        return int(self.stride_level0), int(self.stride_level0_y)  # type: ignore[arg-type]
 
 
 def _num(attrs: Mapping[str, Any], key: str) -> float | None:
@@ -110,34 +137,62 @@ def measured_stride(coords: np.ndarray) -> int | None:
     return None
 
 
-def _from_attrs(attrs: Mapping[str, Any]) -> tuple[int | None, int | None, str, str | None]:
-    """(tile size, stride or None, source, note) from the attributes alone."""
+Pair = tuple[int, int]
+
+
+def _xy(x: float | None, y: float | None) -> Pair | None:
+    """``(round(x), round(y))`` with y defaulting to x; None without x."""
+    if x is None:
+        return None
+    return round(x), round(y if y is not None else x)
+
+
+def _from_attrs(attrs: Mapping[str, Any]) -> tuple[Pair | None, Pair | None, str, str | None]:
+    """(tile size (x, y), stride (x, y) or None, source, note) from the attributes alone."""
     tile0 = _num(attrs, "tile_size_level0")
     stride0 = _num(attrs, "stride_level0")
     if tile0 is not None:
-        return round(tile0), (round(stride0) if stride0 else None), "gpfm", None
+        return (
+            _xy(tile0, _num(attrs, "tile_size_level0_y")),
+            _xy(stride0, _num(attrs, "stride_level0_y")),
+            "gpfm",
+            None,
+        )
     patch = _num(attrs, "patch_size")
     size0 = _num(attrs, "patch_size_level0")
     mag0, mag = _num(attrs, "level0_magnification"), _num(attrs, "target_magnification")
     if size0 is not None or (patch is not None and mag0 and mag):
-        ratio = mag0 / mag if (mag0 and mag) else (size0 / patch if patch else None)
-        tile = round(patch * ratio) if (patch and mag0 and mag) else round(size0)  # type: ignore[arg-type]
+        # TRIDENT reads round(patch * mag0 / mag) level-0 px and records the floor of it;
+        # a writer whose magnifications are rounded labels (gpfm's) records the true size
+        by_mag = bool(patch and mag0 and mag) and (
+            size0 is None or int(patch * mag0 // mag) == round(size0)  # type: ignore[operator]
+        )
+        ratio = mag0 / mag if by_mag else (size0 / patch if patch else None)  # type: ignore[operator]
+        tile = round(patch * ratio) if by_mag else round(size0)  # type: ignore[arg-type,operator]
         overlap = _num(attrs, "overlap") or 0.0
-        stride = tile - (round(overlap * ratio) if ratio else 0)
-        return tile, max(stride, 1), "trident", None
+        over0 = round(overlap * ratio) if ratio else 0
+        # TRIDENT assumes square pixels; gpfm writes the height of non-square ones beside it
+        tile_y = _num(attrs, "patch_size_level0_y")
+        size = (tile, round(tile_y) if tile_y is not None else tile)
+        return size, (max(size[0] - over0, 1), max(size[1] - over0, 1)), "trident", None
     if patch is not None and "patch_level" in attrs:
         level = int(np.asarray(attrs["patch_level"]).ravel()[0])
-        ds = _num(attrs, "downsample")
-        if ds is None and level == 0:
-            ds = 1.0
-        if ds is None:
+        ds = attrs.get("downsample")
+        dxy = None
+        if ds is not None and not isinstance(ds, str | bytes):
+            arr = np.asarray(ds, dtype=float).ravel()
+            if arr.size and np.isfinite(arr).all() and (arr > 0).all():
+                dxy = (float(arr[0]), float(arr[-1]))  # CLAM records the level's (dx, dy)
+        if dxy is None and level == 0:
+            dxy = (1.0, 1.0)
+        if dxy is None:
             return (
                 None,
                 None,
                 "clam",
                 f"CLAM file at patch_level {level} without its 'downsample' attribute",
             )
-        return round(patch * ds), None, "clam", None
+        return (round(patch * dxy[0]), round(patch * dxy[1])), None, "clam", None
     return None, None, "unknown", None
 
 
@@ -172,9 +227,13 @@ def tile_geometry(
     if stride is None:
         measured = measured_stride(coords)
         if measured is not None:
-            stride = measured
+            # one step for both axes: files that record no stride come from tools that
+            # assume square pixels (a non-square tile size keeps its own aspect)
+            stride = (measured, measured)
+            if tile is not None and tile[0] != tile[1]:
+                stride = (measured, max(1, round(measured * tile[1] / tile[0])))
             if tile is None:
-                tile, source = measured, "spacing"
+                tile, source = (measured, measured), "spacing"
                 note = (
                     f"{name}: no tile-size attributes; tile size {measured} level-0 px taken "
                     "from the tile spacing (assumes no overlap)" + (f" ({note})" if note else "")
@@ -191,16 +250,17 @@ def tile_geometry(
         shape = (int(rc[:, 0].max()) + 1, int(rc[:, 1].max()) + 1) if n else (0, 0)
         origin = (int(coords[:, 0].min()), int(coords[:, 1].min())) if n else (0, 0)
         return TileGeometry(None, None, origin, shape, False, None, "unknown", note), rc
+    step = np.array(stride, dtype=np.int64)  # (x, y)
     if grid_rc is not None and n:
         rc = np.asarray(grid_rc, dtype=np.int64).reshape(-1, 2)
-        offsets = coords - rc[:, ::-1] * stride
+        offsets = coords - rc[:, ::-1] * step
         origin_arr = offsets[0]
     elif n:
-        origin_arr = _origin(coords, stride)
-        rc = np.rint((coords - origin_arr) / stride).astype(np.int64)[:, ::-1]
+        origin_arr = _origin(coords, step)
+        rc = np.rint((coords - origin_arr) / step).astype(np.int64)[:, ::-1]
     else:
         rc, origin_arr = np.zeros((0, 2), np.int64), np.zeros(2, np.int64)
-    err = int(np.abs(coords - origin_arr - rc[:, ::-1] * stride).max()) if n else 0
+    err = int(np.abs(coords - origin_arr - rc[:, ::-1] * step).max()) if n else 0
     rows = int(attrs.get("grid_rows", 0) or 0) if grid_rc is not None else 0
     cols = int(attrs.get("grid_cols", 0) or 0) if grid_rc is not None else 0
     if n:
@@ -212,27 +272,32 @@ def tile_geometry(
             f"their coords, the one-raster grid_rc is up to {err} level-0 px off"
         )
     geom = TileGeometry(
-        int(tile),
-        int(stride),
+        int(tile[0]),
+        int(stride[0]),
         (int(origin_arr[0]), int(origin_arr[1])),
         (rows, cols),
         err == 0,
         err,
         source,
         note,
+        tile_size_level0_y=int(tile[1]),
+        stride_level0_y=int(stride[1]),
     )
     return geom, rc
 
 
-def _origin(coords: np.ndarray, stride: int) -> np.ndarray:
-    """Raster origin: the lattice of most tiles, moved left/up until no cell index is < 0."""
+def _origin(coords: np.ndarray, stride: np.ndarray) -> np.ndarray:
+    """Raster origin: the lattice of most tiles, moved left/up until no cell index is < 0.
+
+    ``stride`` is the ``(x, y)`` step.
+    """
     res = coords % stride
     pairs, counts = np.unique(res, axis=0, return_counts=True)
     anchor = pairs[np.argmax(counts)]
     lo = coords.min(axis=0)
     # nearest cell: a tile maps to round((c - o) / s) >= 0 iff c - o >= -s/2
     shift = np.array(
-        [math.ceil(max(0.0, (anchor[i] - lo[i] - stride / 2) / stride)) for i in (0, 1)]
+        [math.ceil(max(0.0, (anchor[i] - lo[i] - stride[i] / 2) / stride[i])) for i in (0, 1)]
     )
     return (anchor - shift * stride).astype(np.int64)
 

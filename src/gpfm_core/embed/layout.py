@@ -144,9 +144,13 @@ def slide_file_names(
     """The two names a slide's file may have: ``<stem><suffix>`` and ``<stem>-<id8><suffix>``.
 
     The stem drops the last suffix only (``CMU-1.svs`` -> ``CMU-1``), as TRIDENT and CLAM do;
-    the second name is used only when the first holds another slide.
+    a DICOM series is named after its folder, whichever file of it was given
+    (:func:`gpfm_core.slide.slide_stem`). The second name is used only when the first holds
+    another slide.
     """
-    stem = Path(slide_path).stem or Path(slide_path).name
+    from gpfm_core.slide._formats import slide_stem
+
+    stem = slide_stem(slide_path)
     return f"{stem}{suffix}", f"{stem}-{str(slide_id)[:_ID_CHARS]}{suffix}"
 
 

@@ -59,6 +59,9 @@ class Embeddings:
     geometry : TileGeometry
         Tile size, stride, raster origin and shape, from the attributes
         (:func:`gpfm_core.embed.geometry.tile_geometry`).
+    ink_fraction : np.ndarray or None
+        (N,) float32 fraction of each tile on marker ink or marking dye, or None when the
+        file lacks it (files of other tools, older gpfm files).
     """
 
     features: np.ndarray
@@ -68,6 +71,7 @@ class Embeddings:
     attrs: dict[str, Any] = field(repr=False)
     path: Path
     geometry: TileGeometry = field(repr=False, default=None)  # type: ignore[assignment]
+    ink_fraction: np.ndarray | None = field(repr=False, default=None)
 
     def __len__(self) -> int:
         return int(self.features.shape[0])
@@ -79,8 +83,14 @@ class Embeddings:
 
     @property
     def tile_size_level0(self) -> int | None:
-        """Side of each tile's footprint in level-0 px (None when it cannot be known)."""
+        """Width of each tile's footprint in level-0 px (None when it cannot be known)."""
         return None if self.geometry is None else self.geometry.tile_size_level0
+
+    @property
+    def tile_size_level0_xy(self) -> tuple[int, int] | None:
+        """Level-0 ``(width, height)`` of each tile's footprint (None when unknown); they
+        differ only for slides with non-square pixels."""
+        return None if self.geometry is None else self.geometry.tile_size_level0_xy
 
     def tile_boxes(self) -> np.ndarray:
         """(N, 4) int64 level-0 ``(x0, y0, x1, y1)`` of every tile: exact, whatever the grid.
@@ -90,11 +100,11 @@ class Embeddings:
         EmbeddingsFileError
             The tile size cannot be known (see ``geometry.note``).
         """
-        size = self.tile_size_level0
+        size = self.tile_size_level0_xy
         if size is None:
             note = self.geometry.note if self.geometry is not None else None
             raise EmbeddingsFileError(note or f"{self.path}: tile size unknown")
-        return np.concatenate([self.coords, self.coords + size], axis=1)
+        return np.concatenate([self.coords, self.coords + np.asarray(size, np.int64)], axis=1)
 
     @property
     def encoder(self) -> str | None:
@@ -146,7 +156,8 @@ def load_embeddings(
     -------
     Embeddings
         ``features`` (N, D) float32, ``coords`` (N, 2) int64, ``grid_rc`` (N, 2) int64,
-        ``tissue_fraction`` (N,) or None, merged ``attrs``, ``geometry``.
+        ``tissue_fraction`` (N,) or None, merged ``attrs``, ``geometry``, ``ink_fraction``
+        (N,) or None.
 
     Raises
     ------
@@ -171,10 +182,9 @@ def load_embeddings(
         features = np.asarray(f["features"][:], dtype=np.float32)
         coords = np.asarray(f["coords"][:], dtype=np.int64)
         grid_rc = np.asarray(f["grid_rc"][:], dtype=np.int64) if "grid_rc" in f else None
-        tissue = (
-            np.asarray(f["tissue_fraction"][:], dtype=np.float32)
-            if "tissue_fraction" in f
-            else None
+        tissue, ink = (
+            np.asarray(f[name][:], dtype=np.float32) if name in f else None
+            for name in ("tissue_fraction", "ink_fraction")
         )
     if features.ndim == 3 and features.shape[0] == 1:  # some writers add a batch axis
         features = features[0]
@@ -193,7 +203,7 @@ def load_embeddings(
         warnings.warn(geometry.note, GeometryWarning, stacklevel=2)
     elif geometry.note:
         log.info("%s", geometry.note)
-    return Embeddings(features, coords, rc, tissue, attrs, p, geometry)
+    return Embeddings(features, coords, rc, tissue, attrs, p, geometry, ink)
 
 
 def _coords_file_attrs(

@@ -21,7 +21,7 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -152,6 +152,7 @@ def iter_embed_slide(
     overlap_px: int = 0,
     min_tissue: float = 0.25,
     tissue: TissueMask | bool | None = None,
+    tissue_options: Mapping[str, Any] | None = None,
     slide_mpp: float | tuple[float, float] | None = None,
     device: str = "auto",
     batch_size: int = 64,
@@ -188,6 +189,10 @@ def iter_embed_slide(
     tissue
         A :class:`~gpfm_core.tissue.TissueMask` to use (e.g. edited by the user), None to
         detect tissue, False for every tile.
+    tissue_options
+        Keyword arguments of :func:`~gpfm_core.tissue.detect_tissue` when tissue is detected
+        (e.g. ``{"exclude_ink": False}`` keeps marker ink, ``{"modality": "fluorescence"}``);
+        they are part of the reuse key, so a file made with other options is not reused.
     slide_mpp
         µm/px override for slides without (or with wrong) metadata.
     device, precision
@@ -237,9 +242,10 @@ def iter_embed_slide(
         ``lock_timeout`` passed while another process wrote the file.
     """
     from gpfm_core.slide import open_slide
-    from gpfm_core.tiling import make_tile_grid, read_tiles
+    from gpfm_core.tiling import check_tissue_options, make_tile_grid, read_tiles
 
     t0 = time.perf_counter()
+    detector = check_tissue_options(tissue_options)
     if dtype not in ("float32", "float16"):
         raise GpfmError(f"dtype must be 'float32' or 'float16', not {dtype!r}")
     if batch_size < 1 or workers < 0:
@@ -261,6 +267,7 @@ def iter_embed_slide(
         tissue=tissue,
         slide_mpp=slide_mpp,
         dtype=dtype,
+        tissue_options=detector,
     )
     folder = features_dir(
         out_dir,
@@ -315,6 +322,7 @@ def iter_embed_slide(
                 overlap_px=overlap_px,
                 min_tissue=min_tissue,
                 tissue=tissue,
+                tissue_options=detector,
             )
             stages["tiling"] = time.perf_counter() - t0 - sum(stages.values())
             # the CPU precision is settled on tiles of this slide (see choose_cpu_precision)
@@ -388,6 +396,7 @@ def _embed_into(
         coords=grid.coords,
         grid_rc=grid.grid_rc,
         tissue_fraction=grid.tissue_fraction,
+        ink_fraction=grid.ink_fraction,
         embed_dim=int(meta.embed_dim),
         dtype=dtype,
         attrs=root,

@@ -10,6 +10,7 @@ dataset              shape        meaning
 ``coords``           (N, 2)       int64 level-0 top-left ``(x, y)`` of each tile
 ``grid_rc``          (N, 2)       int64 ``(row, col)`` of each tile in the full grid
 ``tissue_fraction``  (N,)         float32 tissue fraction under each tile
+``ink_fraction``     (N,)         float32 marker ink / marking dye under each tile (when given)
 ===================  ===========  =====================================================
 
 Attributes: the file's root holds gpfm's own names (``encoder``, ``weights_hash``,
@@ -97,6 +98,9 @@ class EmbeddingWriter:
         (N, 2) int64 arrays, written at once.
     tissue_fraction
         (N,) float array.
+    ink_fraction
+        (N,) float array of marker ink under each tile (:attr:`TileGrid.ink_fraction`), or
+        None to leave the dataset out.
     embed_dim
         D of the features to come.
     dtype
@@ -120,6 +124,7 @@ class EmbeddingWriter:
         grid_rc: np.ndarray,
         tissue_fraction: np.ndarray,
         embed_dim: int,
+        ink_fraction: np.ndarray | None = None,
         dtype: str = "float32",
         attrs: Mapping[str, Any] | None = None,
         coords_attrs: Mapping[str, Any] | None = None,
@@ -152,6 +157,8 @@ class EmbeddingWriter:
             c = f.create_dataset("coords", data=np.asarray(coords, dtype=np.int64).reshape(-1, 2))
             f.create_dataset("grid_rc", data=np.asarray(grid_rc, dtype=np.int64).reshape(-1, 2))
             f.create_dataset("tissue_fraction", data=np.asarray(tissue_fraction, dtype=np.float32))
+            if ink_fraction is not None:
+                f.create_dataset("ink_fraction", data=np.asarray(ink_fraction, dtype=np.float32))
             _set_attrs(f, {"gpfm_format": FORMAT_VERSION, "features_dtype": dtype, **(attrs or {})})
             _set_attrs(c, coords_attrs or {})
             _set_attrs(self._features, features_attrs or {})

@@ -26,6 +26,7 @@ from gpfm_core.slide._formats import (
     SUPPORTED_SUFFIXES,
     TIFF_SUFFIXES,
     dicom_series_file,
+    slide_stem,
 )
 from gpfm_core.slide._geometry import LevelGeometry, measure_levels
 from gpfm_core.slide._ids import compute_slide_id, normalise_mpp
@@ -45,6 +46,7 @@ __all__ = [
     "measure_levels",
     "open_slide",
     "rgba_to_rgb",
+    "slide_stem",
 ]
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "TIFF_SUFFIXES",
     "dicom_series_file",
     "napari_filename_patterns",
+    "slide_stem",
 ]
 
 #: Extensions of the formats OpenSlide reads (Aperio, Hamamatsu, Leica, MIRAX, Sakura,
@@ -110,3 +111,27 @@ def dicom_series_file(
         if series is None or _series_uid(path) == series:
             return Path(path)
     return None
+
+
+def slide_stem(path: str | os.PathLike[str]) -> str:
+    """The name a slide's output files take: the file's stem, or a DICOM series' folder name.
+
+    A DICOM whole-slide image is a series of files in one folder (see
+    :func:`dicom_series_file`); the folder names the slide, whichever of its files (or the
+    folder itself) was given, so ``gpfm embed scan/`` and ``gpfm embed scan/label.dcm``
+    write the same file. Other slides: the last suffix dropped (``CMU-1.svs`` ->
+    ``CMU-1``), as TRIDENT and CLAM name their files.
+
+    Parameters
+    ----------
+    path
+        A slide file, a DICOM series' folder, or any file of one (``.dcm`` or a DICOM Part
+        10 file named by its UID).
+    """
+    p = Path(path)
+    if p.is_dir():
+        return p.resolve().name or p.name
+    suffix = p.suffix.lower()
+    if suffix == ".dcm" or (suffix not in SUPPORTED_SUFFIXES and _is_dicom_part10(os.fspath(p))):
+        return p.resolve().parent.name or p.stem
+    return p.stem or p.name

@@ -79,7 +79,7 @@ def populate_demo(
         from gpfm_core.analysis import query_from_point
 
         found = query_from_point(
-            float(query_xy[0]), float(query_xy[1]), session.coords, session.tile_size
+            float(query_xy[0]), float(query_xy[1]), session.coords, session.tile_size_xy
         )
         if found is None:
             raise GpfmError(

@@ -142,10 +142,38 @@ class GpfmDock(QWidget):
         self.toggle_overlay()
 
     def _layer_removed(self, event: Any) -> None:
-        name = getattr(event.value, "name", None)
+        """A slide layer was closed: drop its session and the layers the dock made for it.
+
+        Tissue, ink, grid, coverage, overlays, tiles and the query outline go with the
+        slide. Annotation layers are the user's work: an empty one goes, one holding shapes
+        or points stays, still tagged with the slide (opening it again finds them), and a
+        notification says so. Nothing happens while another layer of the same slide is still open.
+        """
+        from napari_gpfm._widget._embed_tab import slide_ref
+
+        layer = event.value
+        ref = slide_ref(layer)
+        name = getattr(layer, "name", None)
         for s in self.store:
-            if s.name == name:
-                self.forget(s.key)
+            if s.name == name and (ref is None or s.key != ref.slide_id):
+                self.forget(s.key)  # a session made for a layer of that name (the demo's)
+        if ref is None or any(r.slide_id == ref.slide_id for r in self.embed_tab.slide_refs()):
+            return
+        self.forget(ref.slide_id)
+        kept = []
+        for own in ov.layers_of(self.viewer, ref.slide_id):
+            kind = ov.info(own).get("kind")
+            if kind in ("annotations", "annotation_points") and len(own.data):
+                kept.append(own.name)
+                continue
+            self.viewer.layers.remove(own)
+        if kept:
+            from napari_gpfm._notify import notify_info
+
+            notify_info(
+                f"{ref.layer_name} closed: its annotations were kept ({', '.join(kept)}); "
+                "delete them yourself if you no longer need them"
+            )
 
     @property
     def jobs(self) -> list[Any]:
@@ -182,7 +210,7 @@ class GpfmDock(QWidget):
         ]
         for session in ordered:
             x, y = self.level0_at(session, position)
-            index = query_from_point(x, y, session.coords, session.tile_size)
+            index = query_from_point(x, y, session.coords, session.tile_size_xy)
             if index is not None:
                 return session, index
         return None, None

@@ -17,6 +17,14 @@ an edited one as that mask, and the grid layer follows the edits.
 The slide's µm/px comes from its metadata or, for a slide without it (or with a wrong
 one), from the "Slide µm/px" field; the value is remembered per slide and used for tiling,
 the layers' scale and the session.
+
+"Keep ink" passes ``exclude_ink=False`` to the tissue detector (stains that colour tissue
+blue or green); "Tissue + grid" shows the ink it found as ``gpfm: ink (<slide>)``, and the
+option is part of the embeddings' cache key. "Load features…" opens a feature file made
+elsewhere (gpfm, TRIDENT, CLAM; :func:`gpfm_core.embed.load_embeddings`) for the chosen
+slide: tiles are placed by their own coordinates and tile size (a CLAM file whose contours
+start their own grids is drawn tile by tile), and a file whose geometry cannot be known is
+refused in one line.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import numpy as np
 from napari.layers import Image
 from qtpy.QtCore import QTimer, Signal
 from qtpy.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QDoubleSpinBox,
     QFileDialog,
@@ -107,6 +116,14 @@ class EmbedParams:
     #: µm/px entered in the dock (None: the slide's metadata)
     slide_mpp: tuple[float, float] | None = None
     min_tissue: float = MIN_TISSUE
+    #: keep marker ink / marking dye as tissue (the detector's ``exclude_ink=False``)
+    keep_ink: bool = False
+
+    @property
+    def tissue_options(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`~gpfm_core.tissue.detect_tissue` for this run (the
+        defaults left out, so a default run keys its file as the CLI does)."""
+        return {"exclude_ink": False} if self.keep_ink else {}
 
     @property
     def level0_mpp(self) -> tuple[float, float]:
@@ -139,7 +156,7 @@ def grid_for(slide: Any, params: EmbedParams, tissue: Any) -> Any:
 
     return make_tile_grid(
         slide, mpp=float(params.mpp), tile_px=int(params.tile_px), overlap_px=0,
-        min_tissue=float(params.min_tissue), tissue=tissue,
+        min_tissue=float(params.min_tissue), tissue=tissue, tissue_options=params.tissue_options,
     )  # fmt: skip
 
 
@@ -155,6 +172,7 @@ def embed_job(params: EmbedParams, *, cancel: threading.Event) -> Generator[Step
         params.ref.path, encoder=params.encoder, out_dir=params.out_dir, mpp=params.mpp,
         tile_px=params.tile_px, device=params.device, batch_size=params.batch_size, cancel=cancel, reuse=True,
         tissue=params.tissue, slide_mpp=params.slide_mpp, min_tissue=params.min_tissue,
+        tissue_options=params.tissue_options,
         force=True,  # a cache: a file made otherwise (an edited mask) is replaced
     )  # fmt: skip
     grid = None
@@ -250,6 +268,15 @@ class EmbedTab(QWidget):
         )
         self.cancel_btn = QPushButton("Cancel")
         self.cancel_btn.setEnabled(False)
+        self.ink_check = QCheckBox("keep ink")
+        self.ink_check.setToolTip(
+            "keep blue/green marker ink and marking dye as tissue (for stains that colour "
+            "tissue blue or green: trichrome, Alcian blue); 'Tissue + grid' shows the ink found"
+        )
+        self.load_btn = QPushButton("Load features…")
+        self.load_btn.setToolTip(
+            "open a feature file of the chosen slide made elsewhere (gpfm, TRIDENT or CLAM .h5)"
+        )
         self.progress = QProgressBar()
         self.status = QLabel("Open a slide (File > Open) to embed it.")
         self.status.setWordWrap(True)
@@ -262,6 +289,7 @@ class EmbedTab(QWidget):
         form.addRow("Tile size", self.tile_spin)
         form.addRow("Device", self.device_combo)
         form.addRow("Batch size", self.batch_spin)
+        form.addRow("Tissue", self.ink_check)
         form.addRow("Output folder", out_row)
         buttons = QHBoxLayout()
         buttons.addWidget(self.tissue_btn)
@@ -270,12 +298,15 @@ class EmbedTab(QWidget):
         lay = QVBoxLayout(self)
         lay.addLayout(form)
         lay.addLayout(buttons)
+        lay.addWidget(self.load_btn)
         lay.addWidget(self.progress)
         lay.addWidget(self.status)
         lay.addStretch(1)
 
         self.run_btn.clicked.connect(lambda: self.run())
         self.tissue_btn.clicked.connect(lambda: self.show_tissue())
+        self.load_btn.clicked.connect(lambda: self._load_dialog())
+        self.ink_check.toggled.connect(lambda _on: self._ink_option_changed())
         self.cancel_btn.clicked.connect(self.job.cancel)
         self.encoder_combo.currentTextChanged.connect(self._encoder_changed)
         self.slide_combo.currentTextChanged.connect(lambda _t: self._show_slide_mpp())
@@ -416,6 +447,7 @@ class EmbedTab(QWidget):
             ref, self.encoder_combo.currentText().strip(), float(self.mpp_spin.value()),
             int(self.tile_spin.value()), self.device_combo.currentText(), Path(self.out_dir),
             int(self.batch_spin.value()), None, None if entered is None else (entered, entered),
+            keep_ink=self.ink_check.isChecked(),
         )  # fmt: skip
         if tissue:
             from dataclasses import replace
@@ -449,7 +481,7 @@ class EmbedTab(QWidget):
             from gpfm_core.tissue import detect_tissue
 
             with self._open(params) as slide:
-                tissue = detect_tissue(slide)
+                tissue = detect_tissue(slide, **params.tissue_options)
                 grid = grid_for(slide, params, tissue)
             return tissue, grid
 
@@ -459,7 +491,9 @@ class EmbedTab(QWidget):
                 self.viewer, tissue, grid, slide_id=params.ref.slide_id,
                 slide_name=params.ref.layer_name, mpp=params.level0_mpp,
             )  # fmt: skip
-            self._detected[params.ref.slide_id] = (ov.info(layer)["detected"], tissue)
+            self._detected[params.ref.slide_id] = (
+                ov.info(layer)["detected"], params.tissue_options, tissue,
+            )  # fmt: skip
             self.watch_tissue(params.ref.slide_id)
             self.status.setText(
                 f"{params.ref.layer_name}: {len(grid)} tiles on tissue; edit its tissue layer "
@@ -476,13 +510,23 @@ class EmbedTab(QWidget):
         worker.start()
         return worker
 
+    def _ink_option_changed(self) -> None:
+        """"Keep ink" changed: detect again where the chosen slide shows unedited tissue."""
+        ref = self.current_ref()
+        layer = None if ref is None else ov.find(self.viewer, ov.TISSUE, slide_id=ref.slide_id)
+        if layer is not None and tissue_fingerprint(layer) == ov.info(layer).get("detected"):
+            self.show_tissue()
+
     def _edited_tissue(self, params: EmbedParams) -> Any:
         """The slide's own tissue layer as a TissueMask when the user edited it, else None.
 
         Only the layer tagged with this slide's id counts. An unedited layer (its shapes
         hash to the detection's) gives None: the pipeline detects the same tissue itself
-        and reuses a file made that way.
+        and reuses a file made that way. An edited mask keeps the ink "Tissue + grid" found
+        (same mask grid), so the tiles' ink fractions are still recorded.
         """
+        from dataclasses import replace
+
         from napari_gpfm._layers import tissue_from_layer
 
         layer = ov.find(self.viewer, ov.TISSUE, slide_id=params.ref.slide_id)
@@ -491,7 +535,12 @@ class EmbedTab(QWidget):
         if tissue_fingerprint(layer) == ov.info(layer).get("detected"):
             return None
         with self._open(params) as slide:
-            return tissue_from_layer(layer, slide)
+            mask = tissue_from_layer(layer, slide)
+        detected = self._detected.get(params.ref.slide_id, ("", {}, None))[2]
+        ink = getattr(detected, "ink", None)
+        if ink is not None and ink.shape == mask.mask.shape:
+            mask = replace(mask, ink=ink)
+        return mask
 
     # ------------------------------------------------------------------ grid follows edits
     def watch_tissue(self, slide_id: str) -> None:
@@ -531,13 +580,14 @@ class EmbedTab(QWidget):
             tissue = params.tissue
             if tissue is None:  # unedited: the detected tissue (cached from "Tissue + grid")
                 layer = ov.find(self.viewer, ov.TISSUE, slide_id=slide_id)
-                fingerprint, cached = self._detected.get(slide_id, ("", None))
-                if cached is not None and layer is not None and ov.info(layer).get("detected") == fingerprint:
+                fingerprint, opts, cached = self._detected.get(slide_id, ("", {}, None))
+                if (cached is not None and layer is not None and opts == params.tissue_options
+                        and ov.info(layer).get("detected") == fingerprint):  # fmt: skip
                     tissue = cached
                 else:
                     from gpfm_core.tissue import detect_tissue
 
-                    tissue = detect_tissue(slide)
+                    tissue = detect_tissue(slide, **params.tissue_options)
             grid = grid_for(slide, params, tissue)
         add_slide_grid_layer(
             self.viewer, grid, slide_id=slide_id, slide_name=ref.layer_name,
@@ -571,10 +621,11 @@ class EmbedTab(QWidget):
     def _coverage_session(self, grid: Any) -> SlideSession:
         assert self._params is not None
         ref = self._params.ref
+        (sx, sy), (tx, ty) = grid.stride_level0_xy, grid.tile_size_level0_xy
         return SlideSession(
             key=ref.slide_id, name=ref.layer_name, slide_path=None, features=np.zeros((len(grid), 0)),
             coords=grid.coords, grid_rc=grid.grid_rc, grid_shape=grid.grid_shape,
-            stride=grid.stride_level0, tile_size=grid.tile_size_level0, mpp=grid.slide_mpp,
+            stride=sx, tile_size=tx, stride_y=sy, tile_size_y=ty, mpp=grid.slide_mpp,
         )  # fmt: skip
 
     def cancel(self) -> None:
@@ -635,14 +686,137 @@ class EmbedTab(QWidget):
             raise GpfmError(
                 f"{ref.layer_name}: no tissue tile was found; check the slide or lower min tissue"
             )
+        self._adopt(session, "reused" if self.last_reused else "embedded")
+
+    def _adopt(self, session: SlideSession, how: str) -> None:
+        """Show ``session``'s tiles as its coverage, keep it and make it active."""
         self._cov_session = session
         self._coverage = session.raster(np.full(session.n_tiles, 2, np.uint8), fill=0)
         self._paint_coverage(force=True)
         ov.show_only(self.viewer, session, ov.COVERAGE)
         self.store.add(session)
-        how = "reused" if self.last_reused else "embedded"
-        self.status.setText(f"{ref.layer_name}: {session.n_tiles} tiles {how} ({emb.path.name}).")
+        where = session.embeddings_path.name if session.embeddings_path else ""
+        self.status.setText(f"{session.name}: {session.n_tiles} tiles {how} ({where}).")
         self.embedded.emit(session)
+
+    # ------------------------------------------------------------------ foreign files
+    def load_features(
+        self, path: str | Path, *, coords_file: str | Path | None = None, ref: SlideRef | None = None
+    ) -> SlideSession:
+        """Load a feature file made elsewhere (gpfm, TRIDENT, CLAM) for ``ref``'s slide.
+
+        Tiles are placed by the file's own ``coords`` and tile size
+        (:attr:`gpfm_core.embed.Embeddings.geometry`); a CLAM file whose contours start their
+        own grids is drawn tile by tile (one notification says so). The file must fit the
+        slide: its slide id and level-0 size when it records them, else its tiles inside it.
+
+        Parameters
+        ----------
+        path
+            The ``.h5`` file.
+        coords_file
+            Its patching file (CLAM's feature files carry no tile geometry; a ``patches``
+            folder beside ``h5_files`` is found without it).
+        ref
+            The slide (default: the one chosen in the combo).
+
+        Returns
+        -------
+        SlideSession
+
+        Raises
+        ------
+        GpfmError
+            No slide chosen, an unreadable file, a file of another slide, or a tile geometry
+            that cannot be known (one line naming the way out).
+        """
+        import warnings
+
+        from gpfm_core.embed import GeometryWarning, load_embeddings
+        from napari_gpfm._notify import notify_info, notify_warning
+
+        ref = ref or self.current_ref()
+        if ref is None:
+            raise GpfmError("no slide chosen: open the slide the features belong to and pick it")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", GeometryWarning)
+            emb = load_embeddings(path, coords_file=coords_file)
+        if not emb.geometry.known:  # one line: the note says what is missing and the way out
+            raise GpfmError(emb.geometry.note or f"{Path(path).name}: tile geometry unknown")
+        self._check_fits(emb, ref)
+        session = SlideSession.from_embeddings(
+            emb, key=ref.slide_id, name=ref.layer_name, slide_path=ref.path,
+            mpp=self.mpp_for(ref) or (1.0, 1.0), path=emb.path,
+        )  # fmt: skip
+        if session.n_tiles == 0:
+            raise GpfmError(f"{Path(path).name} holds no tiles: choose the slide's feature file")
+        for w in caught:
+            if issubclass(w.category, GeometryWarning):
+                notify_warning(w.message)
+        if not session.exact:
+            notify_info(
+                f"{Path(path).name}: its tiles lie on several grids (CLAM's per-contour grids, "
+                f"up to {emb.geometry.grid_error_level0} level-0 px apart): overlays are drawn "
+                "tile by tile at their coordinates; only the 3x3 neighbourhood query uses each "
+                "tile's nearest cell of one grid"
+            )
+        self._adopt(session, "loaded")
+        return session
+
+    def _check_fits(self, emb: Any, ref: SlideRef) -> None:
+        """Raise :class:`GpfmError` unless ``emb``'s tiles can belong to ``ref``'s slide."""
+        from gpfm_core.slide import open_slide
+
+        name = emb.path.name
+        sid = emb.attrs.get("slide_id")
+        if sid and str(sid) != ref.slide_id:
+            raise GpfmError(
+                f"{name} holds another slide ({emb.attrs.get('slide_name') or sid}), not "
+                f"{ref.layer_name}: choose {ref.layer_name}'s own feature file"
+            )
+        with open_slide(ref.path) as slide:
+            w0, h0 = slide.dimensions
+        size = (emb.attrs.get("level0_width"), emb.attrs.get("level0_height"))
+        if all(v is not None for v in size) and (int(size[0]), int(size[1])) != (w0, h0):
+            raise GpfmError(
+                f"{name} was made on a {int(size[0])}x{int(size[1])} px slide but "
+                f"{ref.layer_name} is {w0}x{h0}: choose {ref.layer_name}'s own feature file"
+            )
+        xy = emb.coords
+        if len(xy) and (xy.min() < 0 or xy[:, 0].max() >= w0 or xy[:, 1].max() >= h0):
+            raise GpfmError(
+                f"{name} has tiles outside {ref.layer_name} ({w0}x{h0} px): choose "
+                f"{ref.layer_name}'s own feature file"
+            )
+
+    def _load_dialog(self) -> None:
+        from napari_gpfm._widget._workers import notify_error
+
+        path, _ = QFileDialog.getOpenFileName(
+            self, "Load features", str(self.out_dir), "Feature files (*.h5 *.hdf5)"
+        )
+        if not path:
+            return
+        try:
+            self.load_features(path)
+        except GpfmError as exc:
+            if "patching file" not in str(exc):
+                notify_error(exc)
+                return
+            # a CLAM feature file alone: its patching file holds the tile geometry
+            coords, _ = QFileDialog.getOpenFileName(
+                self, "Its patching file (CLAM patches/<slide>.h5)", str(Path(path).parent),
+                "Patching files (*.h5 *.hdf5)",
+            )  # fmt: skip
+            if not coords:
+                notify_error(exc)
+                return
+            try:
+                self.load_features(path, coords_file=coords)
+            except Exception as again:  # one line, never a traceback
+                notify_error(again)
+        except Exception as exc:
+            notify_error(exc)
 
     def _on_end(self, state: str) -> None:
         self.run_btn.setEnabled(True)

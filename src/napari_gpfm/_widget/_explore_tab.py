@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from napari.layers import Labels
 from qtpy.QtWidgets import (
     QComboBox,
     QFormLayout,
@@ -236,8 +237,9 @@ class ExploreTab(QWidget):
         if cmap is not None:
             self.colormap_sets += 1
         layer = ov.upsert_labels(
-            self.viewer, ov.CLUSTERS, raster, session, slide_layer, colormap=cmap, opacity=0.45
-        )
+            self.viewer, ov.CLUSTERS, raster, session, slide_layer, colormap=cmap, opacity=0.45,
+            values=session.clusters,
+        )  # fmt: skip
         point_colors = np.empty((session.n_tiles, 4), np.float32)
         noise = session.clusters == 0
         point_colors[~noise] = colors[session.clusters[~noise] - 1]
@@ -269,6 +271,8 @@ class ExploreTab(QWidget):
         idx = np.asarray(indices, dtype=np.int64)
         rc = session.grid_rc[idx]
         raster[rc[:, 0], rc[:, 1]] = 1
+        chosen = np.zeros(session.n_tiles, np.uint8)
+        chosen[idx] = 1
         new = ov.find(self.viewer, ov.SELECTION, session) is None
         cmap = ov.label_colormap(np.array([[1.0, 1.0, 0.0, 1.0]])) if new else None
         ov.upsert_labels(
@@ -279,6 +283,7 @@ class ExploreTab(QWidget):
             self._slide_layer(session),
             colormap=cmap,
             opacity=0.7,
+            values=chosen,
         )
         self.status.setText(f"{idx.size} tiles selected.")
 
@@ -292,7 +297,7 @@ class ExploreTab(QWidget):
         self.scatter.highlight([index])
         cluster = int(session.clusters[index])
         layer = ov.find(self.viewer, ov.CLUSTERS, session)
-        if layer is not None and cluster > 0:
+        if isinstance(layer, Labels) and cluster > 0:  # tile boxes (a Shapes layer) have none
             layer.selected_label = cluster
         self.status.setText(f"tile {index}: cluster {cluster if cluster else 'noise'}")
 

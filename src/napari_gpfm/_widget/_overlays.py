@@ -2,8 +2,14 @@
 
 Every tile-resolution layer (one pixel per tile) is placed on the slide with
 :func:`gpfm_core.analysis.raster.tile_layer_placement` (``scale = stride * mpp``,
-``translate = ((stride - 1) / 2 + origin) * mpp`` in ``(row, col)`` order) plus the slide
-layer's own translate, so each pixel covers exactly its tile's level-0 region.
+``translate = ((stride - 1) / 2 + origin) * mpp`` per axis, in ``(row, col)`` order, with
+the x and y strides and µm/px of the slide: they differ for non-square pixels) plus the
+slide layer's own translate, so each pixel covers exactly its tile's level-0 region.
+
+A session whose tiles do not all lie on its one raster (``SlideSession.exact`` False: a
+CLAM file whose contours start their own grids) gets each overlay as a Shapes layer of
+one filled box per tile, from ``coords`` and the tile size, coloured like the raster would
+be (:func:`upsert_labels` / :func:`upsert_image` choose), so no tile is drawn off its place.
 
 Each slide owns its layers. A layer the dock makes carries
 ``layer.metadata["gpfm"] = {"slide_id": ..., "kind": ..., "encoder": ..., "weights_hash": ...,
@@ -43,6 +49,7 @@ COVERAGE = "gpfm: coverage"
 TILES = "gpfm: tiles"
 SELECTION = "gpfm: selection"
 TISSUE = "gpfm: tissue"
+INK = "gpfm: ink"
 TILE_GRID = "gpfm: tile grid"
 
 #: ``layer.metadata`` key of the dock's provenance dict (see the module docstring).
@@ -95,13 +102,24 @@ def placement(
 ) -> tuple[np.ndarray, np.ndarray]:
     """napari ``(scale, translate)`` (row, col) of a tile raster of ``session``."""
     ox, oy = session.origin
-    extra = (session.tile_size - session.stride) / 2.0  # centre pixels on overlapping tiles
+    (tx, ty), (sx, sy) = session.tile_size_xy, session.stride_xy
+    # centre pixels on overlapping tiles: (T - S) / 2 per axis
     scale, translate = tile_layer_placement(
-        stride_level0=session.stride, mpp=session.mpp, origin_level0=(ox + extra, oy + extra)
-    )
+        stride_level0=(sx, sy), mpp=session.mpp,
+        origin_level0=(ox + (tx - sx) / 2.0, oy + (ty - sy) / 2.0),
+    )  # fmt: skip
     if slide_layer is not None:
         translate = translate + np.asarray(slide_layer.translate, dtype=float)[-2:]
     return scale, translate
+
+
+def box_placement(
+    session: SlideSession, slide_layer: Layer | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(scale, translate)`` of a layer of tile boxes in continuous level-0 ``(y, x)``
+    (pixel ``x`` spans ``[x, x + 1]``, the convention of ``coords`` and tile sizes)."""
+    scale, translate = slide_placement(session, slide_layer)
+    return scale, translate - 0.5 * scale
 
 
 def slide_placement(
@@ -222,6 +240,56 @@ def set_raster(layer: Image | Labels, data: np.ndarray) -> None:
         layer.data = data
 
 
+def _tile_values(session: SlideSession, data: np.ndarray, values: np.ndarray | None) -> np.ndarray:
+    """(N,) per-tile values: ``values``, else read from the raster ``data`` at ``grid_rc``."""
+    if values is not None:
+        return np.asarray(values)
+    return np.asarray(data)[session.grid_rc[:, 0], session.grid_rc[:, 1]]
+
+
+def upsert_boxes(
+    viewer: Any,
+    name: str,
+    session: SlideSession,
+    slide_layer: Layer | None,
+    colours: np.ndarray,
+    *,
+    opacity: float,
+    visible: bool = True,
+) -> Shapes:
+    """Slide ``session``'s overlay ``name`` as one filled box per tile, from ``coords``.
+
+    For sessions whose tiles are not all on one raster (``session.exact`` False): each box
+    spans exactly its tile's level-0 pixels (``coords`` to ``coords + tile_size_xy``).
+
+    Parameters
+    ----------
+    colours
+        (N, 4) float RGBA per tile (alpha 0: not drawn).
+    """
+    layer = find(viewer, name, session)
+    if not isinstance(layer, Shapes) or len(layer.data) != session.n_tiles:
+        if layer is not None:
+            viewer.layers.remove(layer)
+        b = session.tile_boxes().astype(np.float64)
+        rects = np.stack(
+            [b[:, [1, 0]], b[:, [1, 2]], b[:, [3, 2]], b[:, [3, 0]]], axis=1
+        )  # (N, 4, 2) continuous level-0 (y, x) corners
+        scale, translate = box_placement(session, slide_layer)
+        with keep_active(viewer):
+            layer = viewer.add_shapes(
+                list(rects) if len(rects) else None, shape_type="rectangle",
+                name=layer_name(name, session.name), face_color=colours if len(rects) else "transparent",
+                edge_width=0, edge_color="transparent", opacity=opacity, visible=visible,
+                scale=scale, translate=translate, **_units(slide_layer),
+            )  # fmt: skip
+        layer.editable = False
+    elif len(colours):
+        layer.face_color = colours
+    _tag_from(layer, session, name)
+    return layer
+
+
 def upsert_labels(
     viewer: Any,
     name: str,
@@ -231,8 +299,24 @@ def upsert_labels(
     *,
     colormap: DirectLabelColormap | None = None,
     opacity: float = 0.5,
-) -> Labels:
-    """Create slide ``session``'s Labels layer of kind ``name`` or update it in place."""
+    values: np.ndarray | None = None,
+) -> Labels | Shapes:
+    """Create slide ``session``'s Labels layer of kind ``name`` or update it in place.
+
+    ``data`` is the (rows, cols) raster; ``values`` the (N,) per-tile labels (default: read
+    from ``data``), used when the session's tiles are drawn box by box (``session.exact``
+    False: a Shapes layer, see :func:`upsert_boxes`).
+    """
+    if not session.exact:
+        layer = find(viewer, name, session)
+        cmap = colormap or (layer.metadata.get("gpfm_colormap") if layer is not None else None)
+        labels = _tile_values(session, data, values).astype(np.int64)
+        if cmap is None:
+            cmap = label_colormap(palette(max(int(labels.max(initial=0)), 1)))
+        colours = np.asarray(cmap.map(labels), np.float32)
+        shapes = upsert_boxes(viewer, name, session, slide_layer, colours, opacity=opacity)
+        shapes.metadata["gpfm_colormap"] = cmap
+        return shapes
     scale, translate = placement(session, slide_layer)
     layer = find(viewer, name, session)
     if not isinstance(layer, Labels):
@@ -276,18 +360,31 @@ def upsert_image(
     opacity: float = 0.6,
     contrast_range: tuple[float, float] = (0.0, 1.0),
     visible: bool = True,
-) -> Image:
+    values: np.ndarray | None = None,
+) -> Image | Shapes:
     """Create the Image layer ``name`` (lowest colour transparent) or update it in place.
 
     Contrast limits are set on creation and whenever the data change; colormap, opacity and
     the slider range (``contrast_range``, widened when needed) only on creation, so a user's
     choice survives the next update. Cells below the range (no tile) are transparent.
+    ``values`` (N,) per tile (default: read from ``data``) colour the boxes of a session
+    whose tiles are drawn box by box (``session.exact`` False, :func:`upsert_boxes`).
     """
-    scale, translate = placement(session, slide_layer)
-    layer = find(viewer, name, session)
     lo, hi = float(contrast_limits[0]), float(contrast_limits[1])
     if hi <= lo:
         hi = lo + 1e-3
+    if not session.exact:
+        cmap = transparent_low(colormap)
+        v = _tile_values(session, data, values).astype(np.float64)
+        colours = np.asarray(cmap.map(np.clip((v - lo) / (hi - lo), 0.0, 1.0)), np.float32)
+        colours[~np.isfinite(v) | (v <= lo)] = 0.0  # below the range: transparent, as the raster
+        shapes = upsert_boxes(
+            viewer, name, session, slide_layer, colours, opacity=opacity, visible=visible
+        )
+        shapes.metadata["gpfm_contrast_limits"] = (lo, hi)
+        return shapes
+    scale, translate = placement(session, slide_layer)
+    layer = find(viewer, name, session)
     if not isinstance(layer, Image):
         if layer is not None:
             viewer.layers.remove(layer)
@@ -359,7 +456,7 @@ def upsert_tiles(
                 features=table,
                 scale=scale,
                 translate=translate,
-                size=max(session.stride // 4, 1),
+                size=max(min(session.stride_xy) // 4, 1),
                 face_color="white",
                 visible=False,
                 **_units(slide_layer),
@@ -380,7 +477,7 @@ def upsert_shapes(
         return layer
     scale, translate = slide_placement(session, slide_layer)
     layer = viewer.add_shapes(
-        name=layer_name(name, session.name), scale=scale, translate=translate, edge_width=max(session.stride / 16, 2.0),
+        name=layer_name(name, session.name), scale=scale, translate=translate, edge_width=max(min(session.stride_xy) / 16, 2.0),
         face_color=[0, 0, 0, 0], features={"class": np.empty(0, dtype=int)}, ndim=2, **_units(slide_layer),
     )  # fmt: skip
     tag(layer, slide_id=session.key, kind=kind_of(name))
@@ -396,7 +493,7 @@ def upsert_points(
         return layer
     scale, translate = slide_placement(session, slide_layer)
     layer = viewer.add_points(
-        name=layer_name(name, session.name), scale=scale, translate=translate, size=max(session.stride / 2, 4.0),
+        name=layer_name(name, session.name), scale=scale, translate=translate, size=max(min(session.stride_xy) / 2, 4.0),
         features={"class": np.empty(0, dtype=int)}, ndim=2, **_units(slide_layer),
     )  # fmt: skip
     tag(layer, slide_id=session.key, kind=kind_of(name))

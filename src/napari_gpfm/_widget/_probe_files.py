@@ -63,11 +63,25 @@ class ProbeFilesMixin:
 
     def load_probe(self, path: str | Path) -> None:
         """Load a saved probe, adopt its classes and apply it to the current slide."""
-        from gpfm_core.analysis import LinearProbe
+        import warnings
+
+        from gpfm_core.analysis import LinearProbe, ProbeProvenanceWarning
+        from napari_gpfm._notify import notify_warning
+        from napari_gpfm._widget._session import feature_key
 
         dim = self.session.features.shape[1] if self.session is not None else None
-        self.probe = LinearProbe.load(path, embed_dim=dim)
-        self.probe_key = None  # its file names the encoder and width only
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ProbeProvenanceWarning)
+            self.probe = LinearProbe.load(path, embed_dim=dim)
+        older = [w for w in caught if issubclass(w.category, ProbeProvenanceWarning)]
+        for w in older:
+            notify_warning(w.message)
+        probe = self.probe
+        # applied only to slides embedded with its encoder, weights and tiling; an older
+        # file records the encoder name and width only (None: check_probe_fits checks those)
+        self.probe_key = None if older else feature_key(
+            probe.encoder, probe.weights_hash, probe.tiling, probe.embed_dim
+        )
         self.classes.set_classes(list(self.probe.class_names), self.probe.class_colours)
         if self.session is not None:
             self.apply_to(self.session)

@@ -245,7 +245,7 @@ def label_tiles(session: SlideSession, ann: Collected) -> TileLabels:
     from gpfm_core.analysis import labels_for_shapes
 
     out = labels_for_shapes(
-        ann.geometries, ann.classes, session.coords, session.tile_size,
+        ann.geometries, ann.classes, session.coords, session.tile_size_xy,
         points=ann.points if len(ann.points) else None,
         point_classes=ann.point_classes if len(ann.points) else None,
     )  # fmt: skip
@@ -353,7 +353,7 @@ def export_geojson(
     features = list(annotations_to_geojson(objects)["features"]) if objects else []
     if prediction is not None:
         pred = predictions_to_geojson(
-            session.coords, session.tile_size, np.asarray(prediction), class_names, colours,
+            session.coords, session.tile_size_xy, np.asarray(prediction), class_names, colours,
             confidence=confidence,
         )  # fmt: skip
         features += pred["features"]
@@ -380,7 +380,7 @@ def export_csv(
         confidence,
         class_names,
         path=path,
-        tile_size_level0=session.tile_size,
+        tile_size_level0=session.tile_size_xy,
     )
 
 

@@ -56,7 +56,11 @@ def train_job(
     from gpfm_core.analysis import LinearProbe
 
     yield Step(0, 2, "fitting")
-    probe = LinearProbe(encoder=session.encoder or None, class_colours=colours)
+    # the probe records what its features were made with, so it is applied only alike
+    probe = LinearProbe(
+        encoder=session.encoder or None, weights_hash=session.weights_hash or None,
+        tiling=dict(session.tiling) or None, class_colours=colours,
+    )  # fmt: skip
     report = probe.fit(
         session.features, labels, class_names=names, groups=groups, grid_rc=session.grid_rc
     )
@@ -367,14 +371,16 @@ class ProbeTab(ProbeFilesMixin, QWidget):
         slide_layer = self._slide_layer(session)
         raster = session.raster(pred + 1, fill=0, dtype=np.int32)
         layer = ov.upsert_labels(
-            self.viewer, ov.PREDICTION, raster, session, slide_layer, colormap=cmap, opacity=0.45
-        )
+            self.viewer, ov.PREDICTION, raster, session, slide_layer, colormap=cmap, opacity=0.45,
+            values=pred + 1,
+        )  # fmt: skip
         layer.metadata["gpfm_cmap"] = key
         craster = session.raster(conf.astype(np.float32), fill=-1.0)
         ov.upsert_image(
             self.viewer, ov.CONFIDENCE, craster, session, slide_layer, colormap="viridis",
             contrast_limits=(1.0 / max(len(names), 2), 1.0), opacity=0.7,
             visible=False,  # created hidden (eye icon shows it): it would hide the class colours
+            values=conf,
         )  # fmt: skip
         ov.show_only(self.viewer, session, ov.PREDICTION)
         tiles = ov.find(self.viewer, ov.TILES, session)
@@ -385,17 +391,26 @@ class ProbeTab(ProbeFilesMixin, QWidget):
     def check_probe_fits(self, session: SlideSession) -> None:
         """Raise :class:`GpfmError` unless the probe reads features like ``session``'s.
 
-        A probe trained here needs the encoder, weights and tiling of its training slide; a
-        loaded probe (its file names the encoder and width only) needs those two.
+        A probe trained here, or loaded from a file that records them, needs the encoder,
+        weights and tiling it was trained on (:attr:`probe_key`); an older probe file (it
+        names the encoder and width only) needs those two.
         """
         if self.probe is None:
             raise GpfmError("no probe yet: annotate and train, or load a saved probe")
         if self.probe_key is not None:
             if self.probe_key != session.feature_key:
-                enc, _weights, mpp, px, _overlap, _dim = self.probe_key
+                enc, weights, mpp, px, _overlap, _dim = self.probe_key
+                what = [
+                    label for label, a, b in zip(
+                        ("encoder", "weights", "µm/px", "tile size", "overlap", "width"),
+                        self.probe_key, session.feature_key, strict=True,
+                    ) if a != b
+                ]  # fmt: skip
                 raise GpfmError(
                     f"{session.name} was embedded with another encoder, weights or tiling than "
-                    f"the probe ({enc}, {mpp} µm/px, {px} px tiles): embed it with those"
+                    f"the probe (its {', '.join(what)} differ; the probe's: "
+                    f"{enc or 'unknown encoder'}, weights {str(weights)[:8] or 'unknown'}, "
+                    f"{mpp} µm/px, {px} px tiles): embed it with those"
                 )
             return
         if self.probe.embed_dim != session.features.shape[1] or (

@@ -51,23 +51,29 @@ QUERY = "gpfm: query"
 
 
 def thumbnails_job(
-    items: list[tuple[str, int, int, int]], *, cancel: threading.Event
+    items: list[tuple[str, int, int, tuple[int, int]]], *, cancel: threading.Event
 ) -> Generator[Step, None, None]:
-    """Worker body: read (slide path, x, y, size) tiles; yields ``Step(payload=(i, rgb))``."""
+    """Worker body: read (slide path, x, y, (w, h) level-0 size) tiles; yields
+    ``Step(payload=(i, rgb))``, each a square image (a tile of a slide with non-square
+    pixels is resampled to its true, square, aspect)."""
+    from PIL import Image as PILImage
+
     from gpfm_core.slide import open_slide
 
     slides: dict[str, Any] = {}
     try:
-        for i, (path, x, y, size) in enumerate(items):
+        for i, (path, x, y, (w, h)) in enumerate(items):
             if cancel.is_set():
                 return
             slide = slides.get(path) or slides.setdefault(path, open_slide(path))
-            level = slide.best_level_for_downsample(max(size / THUMB_PX, 1.0))
+            level = slide.best_level_for_downsample(max(min(w, h) / THUMB_PX, 1.0))
             ds = float(slide.level_downsamples[level])
-            side = max(round(size / ds), 1)
-            yield Step(
-                i + 1, len(items), "thumbnails", (i, slide.read_region((x, y), level, (side, side)))
-            )
+            rw, rh = max(round(w / ds), 1), max(round(h / ds), 1)
+            rgb = slide.read_region((x, y), level, (rw, rh))
+            if rw != rh:
+                side = max(rw, rh)
+                rgb = np.asarray(PILImage.fromarray(rgb).resize((side, side)))
+            yield Step(i + 1, len(items), "thumbnails", (i, rgb))
     finally:
         for s in slides.values():
             s.close()
@@ -94,7 +100,7 @@ def query_outline(session: SlideSession, query: np.ndarray) -> tuple[np.ndarray,
     extent - 0.5) relative to the origin, the top-left tile corner.
     """
     xy = session.coords[np.asarray(query, dtype=np.int64)]
-    lo, hi = xy.min(axis=0), xy.max(axis=0) + session.tile_size
+    lo, hi = xy.min(axis=0), xy.max(axis=0) + np.asarray(session.tile_size_xy)
     h, w = float(hi[1] - lo[1]), float(hi[0] - lo[0])
     rect = np.array([[0, 0], [0, w], [h, w], [h, 0]], dtype=np.float64) - 0.5
     return np.array([lo[1], lo[0]], dtype=np.float64), rect
@@ -210,6 +216,7 @@ class RetrieveTab(QWidget):
         ov.upsert_image(
             self.viewer, ov.SIMILARITY, raster, session, ov.find(self.viewer, session.name),
             colormap="magma", contrast_limits=(lo, hi), opacity=0.6, contrast_range=(-1.0, 1.0),
+            values=scores,
         )  # fmt: skip
         ov.show_only(self.viewer, session, ov.SIMILARITY)  # a query shows its answer alone
         tiles = ov.find(self.viewer, ov.TILES, session)
@@ -231,7 +238,7 @@ class RetrieveTab(QWidget):
             with ov.keep_active(self.viewer):
                 layer = self.viewer.add_shapes(
                     [rect], shape_type="rectangle", name=QUERY, edge_color="cyan",
-                    face_color=[0, 0, 0, 0], edge_width=max(session.stride / 12, 2.0),
+                    face_color=[0, 0, 0, 0], edge_width=max(min(session.stride_xy) / 12, 2.0),
                     scale=scale, translate=translate,
                 )  # fmt: skip
             layer.editable = False
@@ -254,7 +261,7 @@ class RetrieveTab(QWidget):
             if s is None or s.slide_path is None:
                 continue
             x, y = (int(v) for v in s.coords[hit.index])
-            items.append((str(s.slide_path), x, y, int(s.tile_size)))
+            items.append((str(s.slide_path), x, y, s.tile_size_xy))
         if items and not self.thumbs.running:
             self.thumbs.start(items, sync=sync)
 

@@ -4,6 +4,13 @@ A :class:`SlideSession` holds one embedded slide: its tile table (features, coor
 indices), a lazily built similarity index (L2-normalised features, cached), the
 ``(rows, cols)`` raster of tile indices used for click look-up and for building
 tile-resolution layers, and the analysis results (UMAP, clusters, similarity, probe).
+
+Geometry comes from the file's :class:`~gpfm_core.embed.geometry.TileGeometry` (gpfm,
+TRIDENT or CLAM files alike): tile size and stride per axis (they differ for slides with
+non-square pixels), the raster's origin, and whether that one raster places every tile
+exactly (``exact``; CLAM's per-contour grids do not share one lattice, and their tiles are
+then drawn one box per tile from ``coords`` + tile size, see ``_overlays``).
+
 :class:`SessionStore` keeps one session per embedded slide so retrieval can search all of
 them. Nothing here imports napari or Qt; ``_overlays`` turns sessions into layers.
 """
@@ -22,8 +29,6 @@ from gpfm_core.errors import GpfmError
 
 log = logging.getLogger(__name__)
 
-_STRIDE_KEYS = ("stride_level0", "stride", "step_level0")
-_TILE_KEYS = ("tile_size_level0", "patch_size_level0", "tile_size")
 _MPP_KEYS = ("slide_mpp", "mpp_level0", "level0_mpp")
 
 
@@ -39,6 +44,27 @@ def _pair(value: Any) -> tuple[float, float]:
     if arr.size == 1:
         return float(arr[0]), float(arr[0])
     return float(arr[0]), float(arr[1])
+
+
+def feature_key(
+    encoder: str | None, weights_hash: str | None, tiling: Mapping[str, Any] | None, dim: int
+) -> tuple[Any, ...]:
+    """What makes features comparable: ``(encoder, weights_hash, requested_mpp rounded to
+    1e-4 µm/px, tile_px, overlap_px, D)``; values not recorded are ``""``.
+
+    One definition for sessions (:attr:`SlideSession.feature_key`) and for the probes
+    trained on them (``LinearProbe.encoder`` / ``weights_hash`` / ``tiling``).
+    """
+    t = tiling or {}
+    mpp = t.get("requested_mpp")
+    return (
+        encoder or "",
+        weights_hash or "",
+        "" if mpp is None else round(float(mpp), 4),
+        "" if t.get("tile_px") is None else int(t["tile_px"]),
+        "" if t.get("overlap_px") is None else int(t["overlap_px"]),
+        int(dim),
+    )
 
 
 @dataclass
@@ -62,9 +88,9 @@ class SlideSession:
     grid_shape : tuple of int
         ``(rows, cols)`` of the tile grid.
     stride : int
-        Grid step in level-0 pixels.
+        Grid step along x in level-0 pixels.
     tile_size : int
-        Tile side in level-0 pixels.
+        Tile width in level-0 pixels.
     mpp : tuple of float
         Level-0 µm/px ``(x, y)`` of the slide.
     embeddings_path : Path or None
@@ -74,6 +100,15 @@ class SlideSession:
     tiling : dict
         ``requested_mpp`` (µm/px), ``tile_px`` and ``overlap_px`` of the tile grid (empty when
         unknown). With ``encoder`` and ``weights_hash`` it decides :meth:`comparable`.
+    stride_y, tile_size_y : int or None
+        The same along y (None: as x); they differ for slides with non-square pixels.
+    origin_level0 : (int, int) or None
+        Level-0 ``(x, y)`` of raster cell (0, 0)'s top-left corner (None: from the first tile).
+    exact : bool
+        Whether the ``(rows, cols)`` raster places every tile exactly (False for CLAM files
+        whose contours start their own grids: overlays are then drawn tile by tile).
+    geometry_note : str or None
+        What was assumed about the file's geometry (one line), or None.
     """
 
     key: str
@@ -90,6 +125,11 @@ class SlideSession:
     encoder: str = ""
     weights_hash: str = ""
     tiling: dict[str, Any] = field(default_factory=dict)
+    stride_y: int | None = None
+    tile_size_y: int | None = None
+    origin_level0: tuple[int, int] | None = None
+    exact: bool = True
+    geometry_note: str | None = None
     umap: np.ndarray | None = None
     clusters: np.ndarray | None = None
     similarity: np.ndarray | None = None
@@ -109,6 +149,17 @@ class SlideSession:
         if self.coords.shape != (n, 2) or self.grid_rc.shape != (n, 2):
             raise GpfmError("coords / grid_rc do not match the features: re-embed the slide")
         self.grid_shape = (int(self.grid_shape[0]), int(self.grid_shape[1]))
+        self.stride, self.tile_size = int(self.stride), int(self.tile_size)
+        self.stride_y = int(self.stride if self.stride_y is None else self.stride_y)
+        self.tile_size_y = int(self.tile_size if self.tile_size_y is None else self.tile_size_y)
+        if self.origin_level0 is None:
+            sx, sy = self.stride_xy
+            if n:
+                c0, rc0 = self.coords[0], self.grid_rc[0]
+                self.origin_level0 = (int(c0[0] - rc0[1] * sx), int(c0[1] - rc0[0] * sy))
+            else:
+                self.origin_level0 = (0, 0)
+        self.origin_level0 = (int(self.origin_level0[0]), int(self.origin_level0[1]))
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -127,8 +178,10 @@ class SlideSession:
         Parameters
         ----------
         emb
-            ``Embeddings`` with ``features`` (N, D), ``coords`` (N, 2), optional ``grid_rc``
-            (N, 2) and ``attrs`` (stride / tile size in level-0 px, slide µm/px, grid shape).
+            ``Embeddings`` with ``features`` (N, D), ``coords`` (N, 2), ``grid_rc`` (N, 2),
+            ``attrs`` and ``geometry`` (:class:`~gpfm_core.embed.geometry.TileGeometry`: tile
+            size and stride per axis, raster origin and shape, ``exact``); gpfm, TRIDENT and
+            CLAM files alike.
         key, name
             Slide identity and display name.
         slide_path
@@ -137,14 +190,24 @@ class SlideSession:
             Level-0 µm/px; overrides the value stored in the attributes.
         path
             The HDF5 file.
+
+        Raises
+        ------
+        GpfmError
+            The tile geometry cannot be known (the file's note, one line), or no µm/px.
         """
         attrs: Mapping[str, Any] = dict(getattr(emb, "attrs", {}) or {})
         coords = np.asarray(emb.coords, dtype=np.int64)
-        tile = int(_attr(attrs, _TILE_KEYS, 0) or 0)
-        stride = int(_attr(attrs, _STRIDE_KEYS, 0) or 0) or tile
-        if tile <= 0 or stride <= 0:
+        geom = getattr(emb, "geometry", None)
+        grid_rc = getattr(emb, "grid_rc", None)
+        if geom is None:  # not from load_embeddings: read the same attributes it reads
+            from gpfm_core.embed.geometry import tile_geometry
+
+            geom, grid_rc = tile_geometry(coords, attrs, grid_rc, name=str(path or name))
+        if not geom.known:
             raise GpfmError(
-                "embedding file lacks the tile size: re-embed the slide with this version"
+                geom.note
+                or "the embeddings file lacks the tile size: load its patching file with it"
             )
         if mpp is None:
             mpp = _attr(attrs, _MPP_KEYS)
@@ -155,18 +218,7 @@ class SlideSession:
             )
         if mpp is None:
             raise GpfmError("embedding file lacks the slide µm/px: re-embed the slide")
-        grid_rc = getattr(emb, "grid_rc", None)
-        origin = coords.min(axis=0) if len(coords) else np.zeros(2, np.int64)
-        if grid_rc is None:
-            grid_rc = np.stack(
-                [(coords[:, 1] - origin[1]) // stride, (coords[:, 0] - origin[0]) // stride], axis=1
-            )
-        grid_rc = np.asarray(grid_rc, dtype=np.int64)
-        shape = _attr(attrs, ("grid_shape",))
-        if shape is None and "grid_rows" in attrs and "grid_cols" in attrs:
-            shape = (int(attrs["grid_rows"]), int(attrs["grid_cols"]))
-        if shape is None:
-            shape = (int(grid_rc[:, 0].max()) + 1, int(grid_rc[:, 1].max()) + 1)
+        (tx, ty), (sx, sy) = geom.tile_size_level0_xy, geom.stride_level0_xy
         encoder = str(_attr(attrs, ("encoder", "encoder_name"), ""))
         tiling = {
             k: attrs[k] for k in ("requested_mpp", "tile_px", "overlap_px") if k in attrs
@@ -177,15 +229,20 @@ class SlideSession:
             slide_path=Path(slide_path) if slide_path else None,
             features=np.asarray(emb.features),
             coords=coords,
-            grid_rc=grid_rc,
-            grid_shape=tuple(int(v) for v in np.asarray(shape).ravel()[:2]),  # type: ignore[arg-type]
-            stride=stride,
-            tile_size=tile,
+            grid_rc=np.asarray(grid_rc, dtype=np.int64),
+            grid_shape=tuple(int(v) for v in geom.grid_shape),  # type: ignore[arg-type]
+            stride=sx,
+            tile_size=tx,
             mpp=_pair(mpp),
             embeddings_path=Path(path) if path else None,
             encoder=encoder,
             weights_hash=str(attrs.get("weights_hash", "") or ""),
             tiling=tiling,
+            stride_y=sy,
+            tile_size_y=ty,
+            origin_level0=geom.origin,
+            exact=bool(geom.exact),
+            geometry_note=geom.note,
         )
 
     # ------------------------------------------------------------------ provenance
@@ -196,20 +253,10 @@ class SlideSession:
 
     @property
     def feature_key(self) -> tuple[Any, ...]:
-        """What makes two sessions' features comparable: encoder, weights, tiling, width.
-
-        ``(encoder, weights_hash, requested_mpp rounded to 1e-4 µm/px, tile_px, overlap_px,
-        D)``; values a file does not record are ``""``.
-        """
-        t = self.tiling
-        mpp = t.get("requested_mpp")
-        return (
-            self.encoder,
-            self.weights_hash,
-            "" if mpp is None else round(float(mpp), 4),
-            "" if t.get("tile_px") is None else int(t["tile_px"]),
-            "" if t.get("overlap_px") is None else int(t["overlap_px"]),
-            int(self.features.shape[1]),
+        """What makes two sessions' features comparable: encoder, weights, tiling, width
+        (:func:`feature_key`)."""
+        return feature_key(
+            self.encoder, self.weights_hash, self.tiling, int(self.features.shape[1])
         )
 
     def comparable(self, other: SlideSession) -> bool:
@@ -232,13 +279,24 @@ class SlideSession:
         return int(self.features.shape[0])
 
     @property
+    def stride_xy(self) -> tuple[int, int]:
+        """Level-0 ``(x, y)`` step between neighbouring tiles."""
+        return int(self.stride), int(self.stride_y)  # type: ignore[arg-type]
+
+    @property
+    def tile_size_xy(self) -> tuple[int, int]:
+        """Level-0 ``(width, height)`` of a tile."""
+        return int(self.tile_size), int(self.tile_size_y)  # type: ignore[arg-type]
+
+    @property
     def origin(self) -> tuple[int, int]:
         """Level-0 ``(x, y)`` of grid cell (0, 0)'s top-left corner."""
-        if self.coords.shape[0] == 0:
-            return 0, 0
-        x = int(self.coords[0, 0] - self.grid_rc[0, 1] * self.stride)
-        y = int(self.coords[0, 1] - self.grid_rc[0, 0] * self.stride)
-        return x, y
+        assert self.origin_level0 is not None  # set in __post_init__
+        return self.origin_level0
+
+    def tile_boxes(self) -> np.ndarray:
+        """(N, 4) int64 level-0 ``(x0, y0, x1, y1)`` of every tile (exact, from ``coords``)."""
+        return np.concatenate([self.coords, self.coords + np.asarray(self.tile_size_xy)], axis=1)
 
     @property
     def index_raster(self) -> np.ndarray:
@@ -276,10 +334,18 @@ class SlideSession:
         out[self.grid_rc[:, 0], self.grid_rc[:, 1]] = values
 
     def tile_at(self, x: float, y: float) -> int | None:
-        """Index of the embedded tile whose grid cell holds level-0 point ``(x, y)``, else None."""
+        """Index of the embedded tile holding level-0 point ``(x, y)``, else None.
+
+        Looked up in the raster when it is exact, else among the tiles' boxes.
+        """
+        if not self.exact:
+            from gpfm_core.analysis import query_from_point
+
+            return query_from_point(x, y, self.coords, self.tile_size_xy)
         ox, oy = self.origin
-        col = int(np.floor((x - ox) / self.stride))
-        row = int(np.floor((y - oy) / self.stride))
+        sx, sy = self.stride_xy
+        col = int(np.floor((x - ox) / sx))
+        row = int(np.floor((y - oy) / sy))
         if not (0 <= row < self.grid_shape[0] and 0 <= col < self.grid_shape[1]):
             return None
         idx = int(self.index_raster[row, col])
@@ -287,13 +353,15 @@ class SlideSession:
 
     def tile_center(self, index: int) -> tuple[float, float]:
         """Level-0 ``(x, y)`` centre of tile ``index`` (pixel-centre convention)."""
-        x, y = self.coords[index]
-        half = (self.tile_size - 1) / 2.0
-        return float(x + half), float(y + half)
+        cx, cy = self._centre(self.coords[index])
+        return float(cx), float(cy)
+
+    def _centre(self, xy: np.ndarray) -> np.ndarray:
+        return xy.astype(np.float64) + (np.asarray(self.tile_size_xy, np.float64) - 1) / 2.0
 
     def tile_centers(self) -> np.ndarray:
         """(N, 2) float64 level-0 ``(x, y)`` centres of all tiles."""
-        return self.coords.astype(np.float64) + (self.tile_size - 1) / 2.0
+        return self._centre(self.coords)
 
     # ------------------------------------------------------------------ caches
     def similarity_index(self) -> Any:

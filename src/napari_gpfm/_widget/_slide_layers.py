@@ -1,4 +1,8 @@
-"""A slide's own tissue and tile-grid layers (named after it, tagged with its ``slide_id``).
+"""A slide's own tissue, ink and tile-grid layers (named after it, tagged with its ``slide_id``).
+
+The ink layer (``gpfm: ink (<slide>)``, kind ``ink``) shows the marker ink and marking dye
+the detector found (:attr:`gpfm_core.tissue.TissueMask.ink`) at mask resolution: left out
+of the tissue by default, kept with the Embed tab's "keep ink" box.
 
 "Tissue + grid" (Embed tab) and the demo make them; the Embed tab reads the tissue layer of
 the slide it embeds and nothing else. The tissue layer's ``metadata["gpfm"]["detected"]``
@@ -43,9 +47,41 @@ def add_slide_tissue_layers(
     with ov.keep_active(viewer):
         layer = add_tissue_layer(viewer, tissue, mpp=mpp, name=ov.layer_name(ov.TISSUE, slide_name))
     own_tissue_layer(layer, slide_id=slide_id, slide_name=slide_name)
+    add_slide_ink_layer(viewer, tissue, slide_id=slide_id, slide_name=slide_name, mpp=mpp)
     return layer, add_slide_grid_layer(
         viewer, grid, slide_id=slide_id, slide_name=slide_name, mpp=mpp
     )
+
+
+#: Colour of marker ink on the ink layer (magenta: no stain or overlay uses it).
+INK_RGBA = (1.0, 0.0, 1.0, 1.0)
+
+
+def add_slide_ink_layer(
+    viewer: Any, tissue: Any, *, slide_id: str, slide_name: str, mpp: tuple[float, float]
+) -> Any:
+    """Add (or replace) slide ``slide_id``'s ``gpfm: ink`` layer from ``tissue.ink``.
+
+    A Labels layer at mask resolution (label 1 = ink), one pixel per mask pixel: placed with
+    the tile-raster formula at the mask's ``downsample``. Returns None (and removes the
+    slide's old ink layer) when the mask found no ink.
+    """
+    from napari_gpfm._layers import tile_layer_transform
+
+    for layer in ov.layers_of(viewer, slide_id, ("ink",)):
+        viewer.layers.remove(layer)
+    ink = getattr(tissue, "ink", None)
+    if ink is None or not np.asarray(ink).any():
+        return None
+    with ov.keep_active(viewer):
+        layer = viewer.add_labels(
+            np.asarray(ink, dtype=np.uint8), name=ov.layer_name(ov.INK, slide_name),
+            colormap=ov.label_colormap(np.array([INK_RGBA])), opacity=0.6,
+            units=("µm", "µm"), **tile_layer_transform(tuple(tissue.downsample), mpp),
+        )  # fmt: skip
+    layer.editable = False
+    ov.tag(layer, slide_id=slide_id, kind="ink", fraction=float(np.mean(ink)))
+    return layer
 
 
 def own_tissue_layer(layer: Any, *, slide_id: str, slide_name: str) -> None:
