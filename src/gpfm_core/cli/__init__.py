@@ -25,6 +25,8 @@ SUBCOMMANDS: dict[str, str] = {
     "train": "gpfm_core.cli._train",
     "export": "gpfm_core.cli._export",
     "make-slide": "gpfm_core.cli._make_slide",
+    "eval": "gpfm_core.cli._eval",
+    "train-mil": "gpfm_core.cli._train_mil",
 }
 
 log = logging.getLogger("gpfm_core")
