@@ -156,6 +156,16 @@ def _crops(skin: Path, carc: Path) -> tuple[list[_Crop], list[_Crop]]:
     return skin_crops, carc_crops
 
 
+def _has_ink(pixels: np.ndarray, *, max_fraction: float = 1e-3) -> bool:
+    """Whether a crop shows tissue-marking dye (teal: green well above red), as CMU-1 does.
+
+    Such crops are left out of the slides' skin pool: an attention model rightly finds
+    them unusual, and the demo's slides should differ by their carcinoma only.
+    """
+    p = pixels.astype(np.int16)
+    return float(np.mean(p[..., 1] > p[..., 0] + 40)) > max_fraction
+
+
 def _tile_class(c: _Crop) -> str | None:
     if c.source == "carcinoma":
         return "carcinoma"
@@ -428,7 +438,7 @@ def make_demo_data(
     if not (out / "tiles" / "items.csv").is_file():
         _write_tile_task(out, skin + carc, np.random.default_rng([seed, 1]))
     # the pool: every carcinoma crop and as many dense skin crops as fill whole pool rows
-    dense = [c for c in skin if c.tissue >= 0.9]
+    dense = [c for c in skin if c.tissue >= 0.9 and not _has_ink(c.pixels)]
     n_skin = min(len(dense), -len(carc) % _POOL_COLS + _POOL_COLS * 3)
     skin_pool = [dense[int(i)] for i in sorted(rng.choice(len(dense), n_skin, replace=False))]
     pool = np.stack([c.pixels for c in carc + skin_pool])

@@ -70,6 +70,13 @@ def _check(y_true: np.ndarray, proba: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return y.astype(np.int64), p
 
 
+def _auc_classes(y: np.ndarray, k: int) -> list[int]:
+    """Classes whose one-vs-rest AUROC is averaged: binary tasks the positive class only
+    (scikit-learn's binary AUROC), else every class with positives and negatives."""
+    candidates = [1] if k == 2 else range(k)
+    return [c for c in candidates if 0 < int((y == c).sum()) < y.size]
+
+
 def classification_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, float]:
     """Balanced accuracy, macro-F1 and macro-AUROC (scikit-learn).
 
@@ -83,9 +90,9 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, f
     Returns
     -------
     dict
-        ``balanced_accuracy``, ``f1_macro``, ``auroc_macro``. AUROC is averaged over the
-        classes that have positives and negatives among the items (one-vs-rest; for two
-        classes it equals the binary AUROC); NaN when none has.
+        ``balanced_accuracy``, ``f1_macro``, ``auroc_macro``. AUROC is one-vs-rest,
+        averaged over the classes that have positives and negatives among the items; for
+        two classes it is the binary AUROC of class 1. NaN when undefined.
     """
     from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 
@@ -94,9 +101,7 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, f
     with warnings.catch_warnings():  # a small test set may lack a predicted class: expected
         warnings.filterwarnings("ignore", message=".*y_pred contains classes not in y_true.*")
         bal = float(balanced_accuracy_score(y, pred))
-    aucs = [
-        roc_auc_score(y == c, p[:, c]) for c in range(p.shape[1]) if 0 < (y == c).sum() < y.size
-    ]
+    aucs = [roc_auc_score(y == c, p[:, c]) for c in _auc_classes(y, p.shape[1])]
     return {
         "balanced_accuracy": bal,
         "f1_macro": float(f1_score(y, pred, average="macro", zero_division=0)),
@@ -192,10 +197,8 @@ def weighted_classification(
             warnings.simplefilter("ignore", RuntimeWarning)
             f1_macro = np.nanmean(f1, axis=1)
     aucs = np.full((w.shape[0], k), np.nan)
-    for c in range(k):
-        pos = y == c
-        if 0 < pos.sum() < y.size:
-            aucs[:, c] = _weighted_auroc(w, pos, p[:, c])
+    for c in _auc_classes(y, k):
+        aucs[:, c] = _weighted_auroc(w, y == c, p[:, c])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows stay NaN
         auc = np.nanmean(aucs, axis=1)
