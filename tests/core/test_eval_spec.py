@@ -153,6 +153,11 @@ def test_split_and_fold_columns_are_used(tmp_path: Path) -> None:
     task, rows = _slide_task(tmp_path, "slide_id,label,split", lines)
     (f,) = slide_folds(task, rows, np.arange(16) % 2, seed=0)
     assert len(f.train) == 8 and len(f.val) == 4 and len(f.test) == 4
+    lines = [f"s{i},{'ab'[i % 2]},{['train', 'train', 'train', 'test'][i % 4]}" for i in range(40)]
+    task, rows = _slide_task(tmp_path, "slide_id,label,split", lines)
+    (f,) = slide_folds(task, rows, np.arange(40) % 2, seed=0)  # official train/test: val carved
+    assert len(f.test) == 10 and len(f.val) == 3 and len(f.train) == 27
+    assert set((np.arange(40) % 2)[f.val]) == {0, 1}
     lines = [f"s{i},{'ab'[i % 2]},{i % 3}" for i in range(12)]
     task, rows = _slide_task(tmp_path, "slide_id,label,fold", lines)
     folds = slide_folds(task, rows, np.arange(12) % 2, seed=0)

@@ -25,9 +25,10 @@ Relative paths are relative to the YAML file (or to ``root:`` when given). Item 
   ``features:`` (the tiles of embedded slides, matched on their level-0 ``x, y``); or
   ``folders:`` mapping split names to folders with one sub-folder per class.
 * ``slide`` — ``slide_id,label``; ``survival`` — ``slide_id,survival_months,censorship``
-  (1 = censored). Both take ``split`` (train / val / test) or ``fold`` (integer) columns;
-  without either, ``splits: {folds: k}`` makes stratified folds (grouped by ``case_id``
-  when the CSV has one). Fold i tests on fold i, validates on fold i+1 and trains on the rest.
+  (1 = censored). Both take ``split`` (train / val / test; without val, ``splits.val`` of
+  train, stratified, validates) or ``fold`` (integer) columns; without either,
+  ``splits: {folds: k}`` makes stratified folds (grouped by ``case_id`` when the CSV has
+  one). Fold i tests on fold i, validates on fold i+1 and trains on the rest.
 
 Splits values: ``train``, ``val`` (``valid``, ``validation``), ``test``. A tile task without a
 validation split gets one carved from its train split (stratified, ``splits.val``).
@@ -431,11 +432,17 @@ def slide_folds(
     n = len(rows)
     cols = set(rows[0]) if rows else set()
     if "split" in cols:
-        split = np.array([r["split"] for r in rows])
+        split = np.array([r["split"] for r in rows], dtype=object)
+        if "val" not in set(split):  # e.g. CAMELYON16's official train / test
+            train = np.flatnonzero(split == "train")
+            pick = _stratified_pick(
+                strata[train], float(task.splits.get("val", 0.1)), np.random.default_rng(seed)
+            )
+            split[train[pick]] = "val"
         f = Fold(0, *(np.flatnonzero(split == s) for s in ("train", "val", "test")))
         if min(f.train.size, f.val.size, f.test.size) == 0:
             raise ConfigError(
-                f"task {task.name!r}: the split column needs train, val and test slides"
+                f"task {task.name!r}: the split column needs train and test slides (val optional)"
             )
         return [f]
     if "fold" in cols:
