@@ -14,7 +14,7 @@ import pytest
 from _eval_support import read_csv, tile_truth
 
 from gpfm_core.embed import embed_slide, load_embeddings
-from gpfm_core.errors import GpfmError
+from gpfm_core.errors import ConfigError, GpfmError
 from gpfm_core.evaluation import load_spec, make_demo_data, run_slide_task
 from gpfm_core.evaluation.demo import THRESHOLD
 
@@ -99,6 +99,40 @@ def test_the_demo_is_reproducible_and_its_folder_guarded(
     with pytest.raises(GpfmError, match="not empty"):
         make_demo_data(tmp_path / "busy", encoders=(), sources=sources)
     assert (tmp_path / "busy" / "thesis.docx").read_text() == "keep me"
+
+
+def test_case_bags_join_a_patients_slides(eval_demo, tmp_path: Path) -> None:
+    rows = read_csv(eval_demo.slides_csv)
+    by_label: dict[str, list[str]] = {}
+    for r in rows:
+        by_label.setdefault(r["label"], []).append(r["slide_id"])
+    case_of = {
+        s: f"case-{lab}-{i // 2}" for lab, ids in by_label.items() for i, s in enumerate(ids)
+    }
+    csv_text = "slide_id,case_id,label\n" + "".join(
+        f"{r['slide_id']},{case_of[r['slide_id']]},{r['label']}\n" for r in rows
+    )
+    (tmp_path / "cases.csv").write_text(csv_text)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        "tasks:\n  - name: cases\n    type: slide\n    items: cases.csv\n    bag: case\n"
+        f"    features: {eval_demo.root}/features/{{encoder}}\n    classes: [low, high]\n"
+        "    splits: {folds: 4}\n    abmil: {max_epochs: 3, min_epochs: 1}\n"
+    )
+    task = load_spec(spec).tasks[0]
+    out = run_slide_task(task, "hed-texture", out=None, seed=0, bootstrap=0)
+    assert sorted(out.slides) == sorted(set(case_of.values()))  # 20 patients, 2 slides each
+    assert all(s["output"].attention.shape == (128,) for s in out.slides.values())
+    (tmp_path / "cases.csv").write_text(
+        csv_text.replace("demo_slide_00,case-", "demo_slide_00,odd-", 1)
+    )
+    rows[0]["label"] = "high" if rows[0]["label"] == "low" else "low"
+    bad = "slide_id,case_id,label\n" + "".join(
+        f"{r['slide_id']},{case_of[r['slide_id']]},{r['label']}\n" for r in rows
+    )
+    (tmp_path / "cases.csv").write_text(bad)
+    with pytest.raises(ConfigError, match="disagree on label"):
+        run_slide_task(task, "hed-texture", out=None, seed=0, bootstrap=0)
 
 
 def _tasks(eval_demo):

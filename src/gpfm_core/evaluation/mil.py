@@ -463,8 +463,9 @@ class SlideBags:
     Parameters
     ----------
     paths
-        One embeddings file per slide (any file :func:`gpfm_core.embed.load_embeddings`
-        reads), or in-memory arrays (for tests and benchmarks).
+        One embeddings file per bag (any file :func:`gpfm_core.embed.load_embeddings`
+        reads), a list of files (a patient's slides: their tiles form one bag), or
+        in-memory arrays (for tests and benchmarks).
     cache_bytes
         Keep recently read slides in memory up to this size (LRU); a cohort that fits is
         read from disk once.
@@ -473,7 +474,7 @@ class SlideBags:
     def __init__(
         self, paths: Sequence[str | os.PathLike[str] | np.ndarray], *, cache_bytes: int = 4 << 30
     ) -> None:
-        self._items = list(paths)
+        self._items: list[Any] = list(paths)
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self._bytes = 0
         self.cache_bytes = int(cache_bytes)
@@ -492,7 +493,10 @@ class SlideBags:
             return hit
         from gpfm_core.embed import load_embeddings
 
-        feats = self._checked(i, load_embeddings(item).features)
+        if isinstance(item, list | tuple):  # a patient: the tiles of all their slides
+            feats = self._checked(i, np.concatenate([load_embeddings(p).features for p in item]))
+        else:
+            feats = self._checked(i, load_embeddings(item).features)
         self._cache[i] = feats
         self._bytes += feats.nbytes
         while self._bytes > self.cache_bytes and len(self._cache) > 1:

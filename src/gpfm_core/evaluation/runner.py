@@ -249,7 +249,8 @@ def run_slide_task(
         Resamples of the intervals when the task has a single split.
     labels_override
         Replaces the targets in CSV order (classification: class indices; survival: a
-        permutation of the rows' (time, censorship) pairs) — for null-signal checks.
+        permutation of the rows' (time, censorship) pairs) — for null-signal checks. With
+        ``bag: case`` a case takes the value of its first slide's row.
     """
     from gpfm_core.evaluation.mil import MILConfig, train_abmil
 
@@ -571,7 +572,39 @@ def _load_slide_cohort(
         raise GpfmError(f"task {task.name!r}: no slide has a features file")
     paths = {r["slide_id"]: files[r["slide_id"]] for r in rows}
     info = slide_encoder_info(paths, encoder)
-    return rows, keep, SlideBags([paths[r["slide_id"]] for r in rows]), info
+    if task.bag == "slide":
+        return rows, keep, SlideBags([paths[r["slide_id"]] for r in rows]), info
+    return (*_case_bags(task, rows, keep, paths), info)
+
+
+def _case_bags(
+    task: TaskSpec, rows: list[dict[str, str]], keep: list[int], paths: Mapping[str, Path]
+) -> tuple[list[dict[str, str]], list[int], Any]:
+    """One bag per ``case_id``: the tiles of all its slides (patient-level, as PORPOISE).
+
+    Returns case rows (the first slide's row, ``slide_id`` set to the case id), the CSV index
+    of that first row, and the bags. The slides of a case must agree on the targets.
+    """
+    from gpfm_core.evaluation.mil import SlideBags
+
+    if "case_id" not in rows[0]:
+        raise ConfigError(f"task {task.name!r}: bag: case needs a case_id column")
+    targets = (task.label_col,) if task.kind == "slide" else ("survival_months", "censorship")
+    cases: dict[str, list[int]] = {}
+    for j, r in enumerate(rows):
+        cases.setdefault(r["case_id"], []).append(j)
+    out_rows, out_keep, bags = [], [], []
+    for case, members in cases.items():
+        first = rows[members[0]]
+        for j in members[1:]:
+            if any(rows[j][k] != first[k] for k in targets):
+                raise ConfigError(
+                    f"task {task.name!r}: the slides of case {case} disagree on {'/'.join(targets)}"
+                )
+        out_rows.append({**first, "slide_id": case})
+        out_keep.append(keep[members[0]])
+        bags.append([paths[rows[j]["slide_id"]] for j in members])
+    return out_rows, out_keep, SlideBags(bags)
 
 
 def train_slide_model(

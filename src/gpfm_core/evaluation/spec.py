@@ -29,6 +29,8 @@ Relative paths are relative to the YAML file (or to ``root:`` when given). Item 
   train, stratified, validates) or ``fold`` (integer) columns; without either,
   ``splits: {folds: k}`` makes stratified folds (grouped by ``case_id`` when the CSV has
   one). Fold i tests on fold i, validates on fold i+1 and trains on the rest.
+  ``bag: case`` makes one bag of all the slides of a ``case_id`` (patient-level, as
+  PORPOISE does for TCGA survival).
 
 Splits values: ``train``, ``val`` (``valid``, ``validation``), ``test``. A tile task without a
 validation split gets one carved from its train split (stratified, ``splits.val``).
@@ -84,6 +86,7 @@ _TASK_KEYS = {
     "abmil",
     "primary",
     "missing",
+    "bag",
 }
 _SPEC_KEYS = {"name", "root", "seed", "bootstrap", "tasks", "data", "description"}
 
@@ -107,6 +110,7 @@ class TaskSpec:
     abmil: dict[str, Any] = field(default_factory=dict)
     primary: tuple[str, str] | None = None
     missing: str = "error"
+    bag: str = "slide"
 
     @property
     def primary_metric(self) -> tuple[str, str]:
@@ -204,6 +208,9 @@ def _task(raw: Any, root: Path, index: int) -> TaskSpec:
     missing = str(raw.get("missing", "error"))
     if missing not in ("error", "skip"):
         raise ConfigError(f"task {name!r}: missing must be 'error' or 'skip'")
+    bag = str(raw.get("bag", "slide"))
+    if bag not in ("slide", "case"):
+        raise ConfigError(f"task {name!r}: bag must be 'slide' or 'case' (one bag per patient)")
     for key in ("splits", "linear", "knn", "fewshot", "abmil"):
         if raw.get(key) is not None and not isinstance(raw[key], Mapping):
             raise ConfigError(f"task {name!r}: {key} must be a mapping")
@@ -226,6 +233,7 @@ def _task(raw: Any, root: Path, index: int) -> TaskSpec:
         abmil=dict(raw.get("abmil") or {}),
         primary=primary,
         missing=missing,
+        bag=bag,
     )
 
 

@@ -28,6 +28,7 @@ import logging
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -41,6 +42,9 @@ from gpfm_core.evaluation.metrics import (
     fast_classification_metrics,
     summarise,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "LinearProbeConfig",
@@ -112,6 +116,17 @@ def _check_split(x: np.ndarray, y: np.ndarray, name: str, n_classes: int) -> Non
 
 
 # ----------------------------------------------------------------------------- linear probe
+def _adamw(params: Iterator, *, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW, fused into one kernel per step where torch offers it (the same update)."""
+    import torch
+
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, TypeError):  # a torch without fused CPU AdamW
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
 def linear_probe(
     x_train: np.ndarray,
     y_train: np.ndarray,
@@ -162,15 +177,20 @@ def linear_probe(
         torch.manual_seed(seed)
         layer = torch.nn.Linear(d, n_classes)
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(layer.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = _adamw(layer.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.max_epochs * steps_per_epoch)
 
-    def batches() -> Iterator[torch.Tensor]:
-        """Batches of a fresh permutation after each pass, forever."""
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches of a fresh permutation after each pass, forever.
+
+        Each pass gathers the shuffled split once, so a batch is a contiguous slice (a
+        per-batch gather costs as much as the batch's whole forward pass).
+        """
         while True:
             perm = torch.randperm(n, generator=gen)
+            xs, ys = xtr[perm], ytr[perm]
             for start in range(0, n, cfg.batch_size):
-                yield perm[start : start + cfg.batch_size]
+                yield xs[start : start + cfg.batch_size], ys[start : start + cfg.batch_size]
 
     stream = batches()
 
@@ -192,8 +212,8 @@ def linear_probe(
     with torch.enable_grad(), torch_threads(1):
         for epoch in range(1, cfg.max_epochs + 1):
             for _ in range(steps_per_epoch):
-                idx = next(stream)
-                loss = F.cross_entropy(layer(xtr[idx]), ytr[idx])
+                xb, yb = next(stream)
+                loss = F.cross_entropy(layer(xb), yb)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
