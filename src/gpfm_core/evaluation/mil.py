@@ -250,30 +250,18 @@ class SlideModel:
         GpfmError
             Missing, foreign, damaged or newer file; or a feature width that does not fit.
         """
-        from safetensors import safe_open
+        from gpfm_core._modelfile import read_model_file
 
         p = Path(path)
-        if not p.is_file():
-            raise GpfmError(f"slide model {p} not found: train one with gpfm train-mil")
-        try:
-            with safe_open(str(p), framework="numpy") as fh:
-                meta = json.loads((fh.metadata() or {})[_META_KEY])
-                state = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
-        except Exception as exc:
-            raise GpfmError(
-                f"{p} is not a gpfm slide model ({type(exc).__name__}): train or save it again"
-            ) from exc
-        return cls._from_parts(state, meta, p, embed_dim)
-
-    @classmethod
-    def _from_parts(
-        cls, state: dict[str, np.ndarray], meta: Any, p: Path, embed_dim: int | None
-    ) -> SlideModel:
+        state, meta = read_model_file(
+            p,
+            _META_KEY,
+            fmt=FORMAT,
+            version=FORMAT_VERSION,
+            what="slide model",
+            missing_fix="train one with gpfm train-mil",
+        )
         bad = f"{p} is a damaged or foreign slide model: save it again"
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise GpfmError(bad)
-        if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-            raise GpfmError(f"{p} was written by a newer napari-gpfm: upgrade to load it")
         try:
             task = str(meta["task"])
             d = int(meta["embed_dim"])

@@ -299,7 +299,11 @@ def plot_km(path: Path, task: str, curves: Mapping[str, CurveData]) -> Path | No
             if both
             else float("nan")
         )
-        ax.set(title=f"{enc}\nlog-rank p = {p:.2g}", xlabel="survival_months", ylabel="survival probability")
+        ax.set(
+            title=f"{enc}\nlog-rank p = {p:.2g}",
+            xlabel="survival_months",
+            ylabel="survival probability",
+        )
         ax.set_ylim(0, 1.05)
         ax.legend(fontsize=8)
     fig.suptitle(task)
