@@ -12,6 +12,13 @@ class-balanced weights (CLAM's ``make_weights_for_balanced_classes_split``; surv
 (time bin, censorship) groups, as PORPOISE), early stopping on the validation loss (the
 weights of the best epoch are kept).
 
+Two choices beyond the paper's recipe, both about optimisation only: the first layer reads
+features standardised with the training tiles' mean and std (folded into its weights when
+training ends, so the saved network is the plain ABMIL on raw features), and a survival
+head starts at the training split's baseline hazards. Without them, features with a large
+common offset (texture statistics) make the first epochs rank slides by feature magnitude,
+and survival risks start inverted.
+
 A trained model is a :class:`SlideModel`; it is saved as ONE ``.safetensors`` file: the
 weights as tensors and a JSON config in the header (key ``gpfm_slide_model``: task, class
 names or survival bin edges, sizes, the encoder and its weights hash, the tiling, the training

@@ -278,6 +278,8 @@ def load_spec(
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
         raise ConfigError(f"{p}: task names must be unique, got {names}")
+    if raw.get("data") not in (None, "demo"):
+        raise ConfigError(f"{p}: data may only be 'demo' (the generated demo tasks)")
     try:
         seed, boot = int(raw.get("seed", 0)), int(raw.get("bootstrap", 1000))
     except (TypeError, ValueError):

@@ -6,7 +6,9 @@ metrics with bootstrap intervals. All of them are deterministic under their ``se
 
 * :func:`linear_probe` — one ``nn.Linear`` on the frozen features; AdamW (lr 5e-4, weight
   decay 1e-5), cosine schedule, batch 256, early stopping on validation macro-AUROC (the
-  weights of the best validation epoch are kept).
+  weights of the best validation epoch are kept; ties go to the lower validation loss).
+  Features are standardised with the train split's mean / std (the same linear model,
+  better conditioned) and small splits get at least ``min_steps`` updates.
 * :func:`knn_scores` — cosine similarity, the k most similar training items vote with weight
   ``exp(sim / T)``, T = 0.07 (the weighted kNN of DINO, Caron et al. 2021, ``eval_knn.py``),
   k = 1 and 20.
