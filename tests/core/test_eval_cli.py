@@ -1,7 +1,7 @@
 """``gpfm eval`` and ``gpfm train-mil`` end to end on the demo data (real encoders, ABMIL).
 
-The report of ``gpfm eval demo --encoders gpfm-student,hed-texture`` (slide tasks) is made
-once; the learning checks of issue 13 read it: ABMIL AUROC >= 0.9 on the carcinoma-share
+The report of ``gpfm eval demo --encoders gpfm-student,hed-texture`` is made once; the
+learning checks of issue 13 read it: ABMIL AUROC >= 0.9 on the carcinoma-share
 task, c-index >= 0.7 on its survival twin, and the top-attended tile of the high-share
 slides is a carcinoma tile in >= 80 % of them.
 """
@@ -22,36 +22,44 @@ from gpfm_core.evaluation import SlideModel, apply_slide_model
 
 pytest_plugins = ["_eval_support"]
 
-SLIDE_TASKS = "carcinoma-share,carcinoma-share-survival"
-
 
 @pytest.fixture(scope="module")
 def report(eval_demo, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("eval-report")
     rc = main(
         ["eval", "demo", "--data", str(eval_demo.root), "--encoders", "gpfm-student,hed-texture",
-         "--out", str(out), "--tasks", SLIDE_TASKS, "--bootstrap", "200"]
+         "--out", str(out), "--bootstrap", "200"]
     )  # fmt: skip
     assert rc == 0
     return out
 
 
-def _results(report: Path) -> dict[tuple[str, str, str], dict[str, str]]:
-    return {(r["task"], r["encoder"], r["metric"]): r for r in read_csv(report / "results.csv")}
+def _results(report: Path) -> dict[tuple[str, str, str, str], dict[str, str]]:
+    """Rows by (task, encoder, protocol, metric)."""
+    return {
+        (r["task"], r["encoder"], r["protocol"], r["metric"]): r
+        for r in read_csv(report / "results.csv")
+    }
 
 
 def test_the_report_has_tables_ranks_plots_and_provenance(report: Path) -> None:
     res = _results(report)
     for enc in ("gpfm-student", "hed-texture"):
         for m in ("balanced_accuracy", "f1_macro", "auroc_macro"):
-            r = res[("carcinoma-share", enc, m)]
+            r = res[("carcinoma-share", enc, "abmil", m)]
             assert r["n_folds"] == "5" and r["n_test"] == "40" and float(r["sd"]) >= 0
-        assert ("carcinoma-share-survival", enc, "c_index") in res
-    assert json.loads((report / "results.json").read_text())[0]["task"] == "carcinoma-share"
+        assert ("carcinoma-share-survival", enc, "abmil", "c_index") in res
+        for m in ("balanced_accuracy", "f1_macro", "auroc_macro"):
+            r = res[("tissue-tiles", enc, "linear", m)]
+            assert float(r["ci_low"]) <= float(r["value"]) <= float(r["ci_high"])
+    assert json.loads((report / "results.json").read_text())[0]["task"] == "tissue-tiles"
     ranks = read_csv(report / "ranks.csv")
     assert {r["encoder"] for r in ranks} == {"gpfm-student", "hed-texture"}
     assert all(1.0 <= float(r["average_rank"]) <= 2.0 for r in ranks)
-    for name in ("roc_carcinoma-share.png", "km_carcinoma-share-survival.png", "ranks.png"):
+    assert all(r["tasks_ranked"] == "3" for r in ranks)
+    for name in (
+        "roc_tissue-tiles.png", "roc_carcinoma-share.png", "km_carcinoma-share-survival.png", "ranks.png"
+    ):  # fmt: skip
         with Image.open(report / "plots" / name) as im:
             assert im.format == "PNG" and im.width >= 300 and im.height >= 250
     run = json.loads((report / "run.json").read_text())
@@ -65,7 +73,10 @@ def test_the_report_has_tables_ranks_plots_and_provenance(report: Path) -> None:
     e = encs[("carcinoma-share", "gpfm-student")]
     assert e["weights_hash"] == student_hash and e["embed_dim"] == 192
     assert e["tiling"]["requested_mpp"] == 0.5 and e["tiling"]["tile_px"] == 224
-    assert res[("carcinoma-share", "gpfm-student", "auroc_macro")]["weights_hash"] == student_hash
+    assert (
+        res[("carcinoma-share", "gpfm-student", "abmil", "auroc_macro")]["weights_hash"]
+        == student_hash
+    )
 
 
 def test_saved_slide_models_apply_to_a_slide(report: Path, eval_demo) -> None:
@@ -89,8 +100,8 @@ def test_saved_slide_models_apply_to_a_slide(report: Path, eval_demo) -> None:
 @pytest.mark.parametrize("encoder", ["gpfm-student", "hed-texture"])
 def test_abmil_learns_the_carcinoma_share(report: Path, encoder: str) -> None:
     res = _results(report)
-    assert float(res[("carcinoma-share", encoder, "auroc_macro")]["value"]) >= 0.9
-    assert float(res[("carcinoma-share-survival", encoder, "c_index")]["value"]) >= 0.7
+    assert float(res[("carcinoma-share", encoder, "abmil", "auroc_macro")]["value"]) >= 0.9
+    assert float(res[("carcinoma-share-survival", encoder, "abmil", "c_index")]["value"]) >= 0.7
 
 
 def test_attention_points_at_the_carcinoma(report: Path, eval_demo) -> None:

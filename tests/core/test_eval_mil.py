@@ -73,6 +73,26 @@ def test_the_network_is_the_papers_abmil() -> None:
     assert isinstance(net.attention[1], torch.nn.Tanh)
 
 
+def test_dropout_is_active_in_training_only() -> None:
+    net = build_abmil(D, 2, hidden=64, attn_dim=8)
+    x = torch.randn(50, D)
+    with torch.no_grad():
+        net.eval()
+        assert torch.equal(net(x)[1], net(x)[1])
+        net.train()
+        assert not torch.equal(net(x)[1], net(x)[1])
+        torch.manual_seed(0)
+        h = torch.relu(net.first_layer(x))
+        torch.manual_seed(0)
+        kept = torch.rand_like(h) >= 0.25  # the mask forward draws after the same seed
+        torch.manual_seed(0)
+        a_train = net(x)[1]
+        # the attention of the dropped-and-rescaled hidden units, by hand
+        want = net.attention(h * kept / 0.75).squeeze(-1)
+    assert torch.allclose(a_train, want, atol=1e-5)
+    assert 0.7 < kept.float().mean() < 0.8
+
+
 def test_training_learns_the_signal_tiles(trained) -> None:
     res, bags, y, truth = trained
     probs = np.array([res.outputs[i].probabilities[1] for i in range(len(bags))])

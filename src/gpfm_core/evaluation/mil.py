@@ -145,7 +145,12 @@ def build_abmil(
             return torch.nn.functional.linear(x, w, lin.bias - w @ self.input_mean)
 
         def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            h = self.fc[2](self.fc[1](self.first_layer(x)))
+            h = torch.relu(self.first_layer(x))
+            p = self.fc[2].p
+            if self.training and p > 0:
+                # nn.Dropout's Bernoulli sampling costs 6x a uniform draw on CPU (a sixth of
+                # a 5,000-tile step); this is the same inverted dropout from torch.rand
+                h = h * torch.rand_like(h).ge_(p).mul_(1.0 / (1.0 - p))
             a = self.attention(h).squeeze(-1)
             z = torch.softmax(a, dim=0) @ h
             return self.classifier(z), a
