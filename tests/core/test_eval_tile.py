@@ -129,3 +129,38 @@ def test_demo_tile_task_is_deterministic_with_intervals_around_the_estimates(
     assert by[("retrieval", "top1_macro")]["value"] >= 0.75
     assert (tmp_path / "predictions" / "tissue-tiles__hed-texture__linear.csv").is_file()
     assert (tmp_path / "features" / "tissue-tiles" / "hed-texture.h5").is_file()
+
+
+def test_labelled_tiles_of_embedded_slides(eval_demo, tmp_path) -> None:
+    """A tile task over tiles of embedded slides, matched on their level-0 corner."""
+    from _eval_support import read_csv
+
+    from gpfm_core.evaluation import load_spec, run_tile_task
+
+    rows = read_csv(eval_demo.tile_truth)
+    slides = sorted({r["slide_id"] for r in rows})
+    split_of = {
+        s: ("test" if i % 4 == 0 else "val" if i % 4 == 1 else "train")
+        for i, s in enumerate(slides)
+    }
+    lines = [
+        f"{r['slide_id']},{r['x']},{r['y']},{r['tissue']},{split_of[r['slide_id']]}"
+        for r in rows[::3]
+    ]
+    (tmp_path / "tiles.csv").write_text("slide_id,x,y,label,split\n" + "\n".join(lines) + "\n")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        "tasks:\n  - name: slide-tiles\n    type: tile\n    items: tiles.csv\n"
+        f"    features: {eval_demo.root}/features/{{encoder}}\n    protocols: [knn]\n"
+    )
+    task = load_spec(spec).tasks[0]
+    out = run_tile_task(task, "hed-texture", out=tmp_path, seed=0, bootstrap=100)
+    by = {(r["protocol"], r["metric"]): r["value"] for r in out.rows}
+    assert by[("knn-20", "balanced_accuracy")] >= 0.9  # carcinoma vs skin tiles
+    assert out.encoder.tiling["tile_px"] == 224
+    bad = (
+        "slide_id,x,y,label,split\ndemo_slide_00,5,5,skin,train\ndemo_slide_00,0,0,carcinoma,test\n"
+    )
+    (tmp_path / "tiles.csv").write_text(bad)
+    with pytest.raises(GpfmError, match="no tile at x=5, y=5"):
+        run_tile_task(task, "hed-texture", out=tmp_path, seed=0, bootstrap=100)
