@@ -698,30 +698,18 @@ class LinearProbe:
         embed_dim
             When given, the probe must expect this feature width.
         """
-        from safetensors import safe_open
+        from gpfm_core._modelfile import read_model_file
 
         p = Path(path)
-        if not p.is_file():
-            raise GpfmError(f"probe file {p} not found: choose a saved .safetensors probe")
-        try:
-            with safe_open(str(p), framework="numpy") as fh:
-                meta = json.loads((fh.metadata() or {})[_META_KEY])
-                t = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
-        except Exception as exc:
-            raise GpfmError(
-                f"{p} is not a gpfm probe file ({type(exc).__name__}): save it again"
-            ) from exc
-        return cls._from_parts(t, meta, p, embed_dim)
-
-    @classmethod
-    def _from_parts(
-        cls, t: dict[str, np.ndarray], meta: dict, p: Path, embed_dim: int | None
-    ) -> LinearProbe:
+        t, meta = read_model_file(
+            p,
+            _META_KEY,
+            fmt=FORMAT,
+            version=FORMAT_VERSION,
+            what="probe file",
+            missing_fix="choose a saved .safetensors probe",
+        )
         bad = f"{p} is a damaged or foreign probe file: save the probe again"
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise GpfmError(bad)
-        if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-            raise GpfmError(f"{p} was written by a newer napari-gpfm: upgrade to load it")
         try:
             coef, intercept = t["coef"], t["intercept"]
             mean, scale, classes = t["scaler_mean"], t["scaler_scale"], t["classes"]

@@ -27,6 +27,8 @@ SUBCOMMANDS: dict[str, str] = {
     "export": "gpfm_core.cli._export",
     "export-anndata": "gpfm_core.cli._export_anndata",
     "make-slide": "gpfm_core.cli._make_slide",
+    "eval": "gpfm_core.cli._eval",
+    "train-mil": "gpfm_core.cli._train_mil",
 }
 
 log = logging.getLogger("gpfm_core")
