@@ -206,8 +206,14 @@ def test_feature_fidelity_cases(case: str, min_cos: tuple, overlap: tuple | None
 
 
 def test_cli_int8(cmu_svs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    args = ["embed", str(cmu_svs), "--encoder", "tiny-vit", "--mpp", "2", "--out", str(tmp_path)]
-    assert main([*args, "--device", "cpu", "--precision", "int8", "--quiet"]) == 0
+    # 0.5 µm/px: enough tiles that the 32-tile fidelity sample spreads over the tissue (at
+    # 2 µm/px the sample is nearly every tile, and a random tiny ViT's top-10 neighbours among
+    # them are too close to call: the check then rightly falls back to fp32)
+    args = ["embed", str(cmu_svs), "--encoder", "tiny-vit", "--mpp", "0.5", "--out", str(tmp_path)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PrecisionFallbackWarning)
+        assert main([*args, "--device", "cpu", "--precision", "int8", "--quiet"]) == 0
     assert "[int8]" in capsys.readouterr().out
     (h5,) = tmp_path.rglob("cmu_small_region.h5")  # TRIDENT-style subfolders
-    assert load_embeddings(h5).attrs["compute_precision"] == "int8"
+    a = load_embeddings(h5).attrs
+    assert a["compute_precision"] == "int8" and a["precision_requested"] == "int8"

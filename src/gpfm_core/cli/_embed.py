@@ -222,7 +222,8 @@ def run(args: argparse.Namespace) -> int:
             how = "reused existing file"
         else:
             how = f"{r.n_tiles / max(r.seconds, 1e-9):.1f} tiles/s"
-        bar.write(f"{r.slide_path} -> {r.file} ({r.n_tiles} tiles, {how})", file=sys.stdout)
+        prec = f" [{r.precision}]" if r.precision else ""
+        bar.write(f"{r.slide_path} -> {r.file} ({r.n_tiles} tiles, {how}){prec}", file=sys.stdout)
 
     def on_dashboard(link: str | None) -> None:
         if link:

@@ -147,6 +147,9 @@ class SlideReport:
         Where the last try ran (``"inline"`` in this process).
     file
         The feature file, or "".
+    precision
+        What the features were computed in (``"fp32"``, ``"int8"``, ``"bf16"``...; "" when
+        not known, e.g. skipped).
     error
         One line, for ``failed``.
     retryable
@@ -166,6 +169,7 @@ class SlideReport:
     worker: str = ""
     pid: int = 0
     file: str = ""
+    precision: str = ""
     error: str = ""
     retryable: bool = False
     row: TableRow | None = None
@@ -193,6 +197,7 @@ class SlideReport:
             worker=self.worker,
             pid=str(self.pid),
             file=self.file,
+            precision=self.precision,
             slide_path=self.slide_path,
             error=self.error,
         )
@@ -519,6 +524,7 @@ def _embed_one(
         report.status = "reused" if result.reused else "embedded"
         report.n_tiles = int(result.n_tiles)
         report.file = str(result.path)
+        report.precision = str(result.precision)
         report.row = row
         if publish is not None:
             publish(result.n_tiles, result.n_tiles, final=True)
