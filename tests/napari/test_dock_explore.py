@@ -84,20 +84,21 @@ def test_cluster_button_scatter_and_slide_are_linked(embedded: Any, qtbot: Any) 
     assert tab.scatter.selected.size == 0
 
     # lasso in the scatter with real mouse events -> exactly those tiles on gpfm: selection
+    # the lasso is the quadrant about the median point that holds the most points (a UMAP
+    # layout may leave any fixed quadrant empty)
     px = tab.scatter.to_pixels()
     lo, hi = px.min(axis=0), px.max(axis=0)
-    mid = (lo + hi) / 2
-    poly = np.array(
-        [
-            [lo[0] - 2, lo[1] - 2],
-            [mid[0], lo[1] - 2],
-            [mid[0], mid[1]],
-            [lo[0] - 2, mid[1]],
-            [lo[0] - 2, lo[1] - 2],
-        ]
-    )
+    mid = np.median(px, axis=0) + 0.5  # between pixel centres, never on a point
+    quads = [(sx, sy) for sx in (-1, 1) for sy in (-1, 1)]
+    counts = [
+        int(np.sum((sx * (px[:, 0] - mid[0]) > 0) & (sy * (px[:, 1] - mid[1]) > 0)))
+        for sx, sy in quads
+    ]
+    sx, sy = quads[int(np.argmax(counts))]
+    far = np.array([hi[0] + 2 if sx > 0 else lo[0] - 2, hi[1] + 2 if sy > 0 else lo[1] - 2])
+    poly = np.array([far, [mid[0], far[1]], mid, [far[0], mid[1]], far])
     _lasso(tab.scatter, poly)
-    inside = (px[:, 0] < mid[0]) & (px[:, 1] < mid[1])
+    inside = (sx * (px[:, 0] - mid[0]) > 0) & (sy * (px[:, 1] - mid[1]) > 0)
     expected = np.flatnonzero(inside)
     assert expected.size > 0
     np.testing.assert_array_equal(tab.scatter.selected, expected)
