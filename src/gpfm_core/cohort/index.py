@@ -196,6 +196,8 @@ class CohortHit:
         Level-0 top-left corner of the tile.
     score : float
         Cosine similarity of the centred features, in [-1, 1].
+    tile_size_level0 : int
+        The tile's side in level-0 px (0 when unknown), e.g. to read its thumbnail.
     """
 
     slide_id: str
@@ -206,6 +208,7 @@ class CohortHit:
     x: int
     y: int
     score: float
+    tile_size_level0: int = 0
 
 
 @dataclass(frozen=True)
@@ -1620,7 +1623,15 @@ class CohortIndex:
             x, y = (int(v) for v in self._coords[num][row])
             out.append(
                 CohortHit(
-                    rec.slide_id, rec.name, rec.file, rec.slide_path, int(row), x, y, float(s)
+                    rec.slide_id,
+                    rec.name,
+                    rec.file,
+                    rec.slide_path,
+                    int(row),
+                    x,
+                    y,
+                    float(s),
+                    rec.tile_size_level0,
                 )
             )
         return out
