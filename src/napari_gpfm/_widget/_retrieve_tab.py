@@ -394,7 +394,7 @@ class RetrieveTab(QWidget):
             else "no hits"
         )
         self.status.setText(
-            f"query: tile {index} of {session.name} in cohort {folder} "
+            f"query: tile {index} of {session.name} against the cohort in {folder}/ "
             f"({len(q.index.slides)} slides, {q.index.n_tiles} tiles); {best} (centred on the "
             "cohort's mean tile). Click a tile to open its slide there."
         )
