@@ -175,8 +175,9 @@ class RetrieveTab(QWidget):
         self._thumb_gen = 0
         self._pending_thumbs: tuple[list[ThumbItem], bool] | None = None
         self.thumbs = Job(
-            thumbnails_job, name="GPFM gallery", on_step=self._on_thumb, on_end=self._thumbs_ended
-        )
+            thumbnails_job, name="GPFM gallery", on_step=self._on_thumb, on_end=self._thumbs_ended,
+            progress_bar=False,  # a bar per click costs more than reading the thumbnails
+        )  # fmt: skip
 
         self.arm_btn = QPushButton("Query by click: on")
         self.arm_btn.setCheckable(True)
