@@ -96,6 +96,12 @@ def test_cohort_gallery_scores_thumbnails_and_opening_a_hit(
     assert tab.cohort_mode and tab.cohort_check.isChecked()
     assert remembered_folder() == cohort
 
+    from napari.utils import progress
+
+    bars: list[str] = []  # progress bars opened meanwhile (a bar per click costs ~0.25 s)
+    progress._all_instances.events.changed.connect(
+        lambda e: bars.extend(str(p.desc) for p in e.added)
+    )
     query = 100
     click(viewer, tile_world_centre(cmu, query))
     q = tab.last_cohort_query
@@ -129,6 +135,7 @@ def test_cohort_gallery_scores_thumbnails_and_opening_a_hit(
     # thumbnails of every hit, read from the slide files (three of them not open)
     qtbot.waitUntil(lambda: len(tab.gallery.thumbnails_shown) == K, timeout=60_000)
     assert tab.gallery.thumbnails_missing == set()
+    assert bars == []  # the thumbnails are read without a progress bar
 
     # a hit on a slide that is not open: opened through the reader, session from the
     # cohort's file, its heatmap for the same query, the view centred on the tile
