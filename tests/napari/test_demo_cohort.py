@@ -7,13 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from _dock_support import tile_world_centre
-from napari.layers import Image
-from qtpy.QtCore import QSettings, Qt
+from _dock_support import open_cohort_hit
+from qtpy.QtCore import QSettings
 
 from napari_gpfm._demo import add_analysis_dock, build_demo
-from napari_gpfm._layers import viewer_camera
 from napari_gpfm._widget import _overlays as ov
 
 pytest_plugins = ["_dock_support"]
@@ -53,20 +50,8 @@ def test_demo_searches_its_own_cohort_opens_a_hit_and_a_second_start_reuses_it(
     assert tab.gallery.thumbnails_missing == set()
 
     # clicking a hit of a generated slide opens it, centred on the tile, with its heatmap
-    i, hit = next((i, h) for i, h in enumerate(tab.hits) if h.key != session.key)
+    hit, _ = open_cohort_hit(qtbot, viewer, dock, not_on=session.key)
     assert hit.name.startswith("cohort-")
-    qtbot.mouseClick(tab.gallery.buttons[i], Qt.MouseButton.LeftButton)
-    opened = [lay for lay in viewer.layers if lay.metadata.get("path") == hit.slide_path]
-    assert len(opened) == 1 and isinstance(opened[0], Image)
-    other = dock.store.get(hit.key)
-    assert other is not None and other.embeddings_path == Path(hit.file)
-    np.testing.assert_allclose(
-        viewer_camera(viewer).center[-2:], tile_world_centre(other, hit.index), atol=1e-6
-    )
-    heat = ov.find(viewer, ov.SIMILARITY, other)
-    assert heat is not None and heat.visible
-    value = heat.data[other.grid_rc[hit.index, 0], other.grid_rc[hit.index, 1]]
-    assert abs(value - hit.score) < 3e-3  # the gallery's score is its value on the heatmap
 
     # the next start: no slide generated, embedded or indexed again, no file rewritten
     def stamps() -> dict[str, int]:

@@ -22,11 +22,11 @@ from _dock_support import (
     TILE_PX,
     click,
     make_dock,
+    open_cohort_hit,
     open_slide_layer,
     tile_world_centre,
     unit,
 )
-from napari.layers import Image
 from qtpy.QtCore import QSettings, Qt
 
 from napari_gpfm._layers import viewer_camera
@@ -139,21 +139,10 @@ def test_cohort_gallery_scores_thumbnails_and_opening_a_hit(
 
     # a hit on a slide that is not open: opened through the reader, session from the
     # cohort's file, its heatmap for the same query, the view centred on the tile
-    i, hit = next((i, h) for i, h in enumerate(tab.hits) if h.key != cmu.key)
-    n_layers = len(viewer.layers)
-    qtbot.mouseClick(tab.gallery.buttons[i], Qt.MouseButton.LeftButton)
-    opened = [lay for lay in viewer.layers if lay.metadata.get("path") == hit.slide_path]
-    assert len(opened) == 1 and isinstance(opened[0], Image) and len(viewer.layers) > n_layers
-    other = dock.store.get(hit.key)
-    assert other is not None and other.embeddings_path == Path(hit.file)
+    i = next(i for i, h in enumerate(tab.hits) if h.key != cmu.key)
+    hit, other = open_cohort_hit(qtbot, viewer, dock, not_on=cmu.key)
     assert dock.store.active is other and dock.explore_tab.session is other
-    np.testing.assert_allclose(
-        viewer_camera(viewer).center[-2:], tile_world_centre(other, hit.index), atol=1e-6
-    )
     other_sim = ov.find(viewer, ov.SIMILARITY, other)
-    assert other_sim is not None and other_sim.visible
-    value = other_sim.data[other.grid_rc[hit.index, 0], other.grid_rc[hit.index, 1]]
-    assert abs(value - hit.score) < 3e-3  # the gallery's score is its value on the heatmap
     np.testing.assert_allclose(
         other_sim.data[other.grid_rc[:, 0], other.grid_rc[:, 1]],
         unit(other.features - q.mean) @ q.direction,
