@@ -64,6 +64,7 @@ bench: sysdeps-test setup
 	$(PY) benchmarks/bench_embed.py
 	$(PY) benchmarks/bench_analysis.py
 	xvfb-run -a $(PY) benchmarks/bench_dock.py
+	xvfb-run -a $(PY) benchmarks/bench_cohort_dock.py
 	$(PY) benchmarks/bench_train.py
 
 clean:

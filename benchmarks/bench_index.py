@@ -46,11 +46,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from gpfm_core.analysis.similarity import center_features  # noqa: E402
 from gpfm_core.cohort import (  # noqa: E402
     CohortIndex,
     add_to_index,
     build_index,
-    center_on_cohort_mean,
     default_candidates,
     default_nprobe,
     remove_from_index,
@@ -94,7 +94,7 @@ def _ground_truth(files: list[Path], mean: np.ndarray, queries: np.ndarray, k: i
     """(Q, k) global row numbers of the exact top-k centred cosines, streaming the files."""
     from gpfm_core.embed import load_embeddings
 
-    qn = center_on_cohort_mean(queries, mean).astype(np.float64)
+    qn = center_features(queries, mean=mean, unit=True)[0].astype(np.float64)
     best_s = np.full((len(queries), k), -np.inf)
     best_i = np.zeros((len(queries), k), np.int64)
     offset = 0
@@ -170,7 +170,8 @@ def compare_usearch(n: int, dim: int, queries: int = 100) -> None:
     x = clustered_features(n, dim, seed=0)
     q = clustered_features(queries, dim, seed=QUERY_SEED)
     mean = x.mean(axis=0)
-    xu, qu = center_on_cohort_mean(x, mean), center_on_cohort_mean(q, mean)
+    xu = center_features(x, mean=mean, unit=True)[0]
+    qu = center_features(q, mean=mean, unit=True)[0]
     gt = np.argsort(-(qu @ xu.T), axis=1)[:, :10]
     x16 = xu.astype(np.float16)
 

@@ -147,6 +147,11 @@ def add_analysis_dock(viewer: Any, state: DemoState, *, encoder: str | None = No
         slide_layer=state.slide_layer.name,
     )
     state.extras.update(dock=dock, session=session)
+    from napari_gpfm._demo_cohort import add_cohort_search  # the Retrieve tab's cohort search
+
+    state.extras["cohort"] = add_cohort_search(
+        dock, session, sample=state.slide.info.path, slides_dir=state.out_dir / "cohort"
+    )
     print(
         f"napari-gpfm demo: {session.n_tiles} tiles embedded by {session.encoder!s}",
         flush=True,
@@ -166,7 +171,8 @@ def run_demo(
 
     With ``analysis`` (the default) the dock embeds the slide, clusters it, queries a preset
     tile and leaves the probe ready; one overlay is shown at a time (the Retrieve tab's
-    similarity heatmap; the others are a click on their eye icon or tab away).
+    similarity heatmap; the others are a click on their eye icon or tab away). The Retrieve
+    tab searches a small cohort the demo makes (:mod:`napari_gpfm._demo_cohort`).
 
     Returns
     -------

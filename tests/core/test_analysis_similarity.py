@@ -166,6 +166,38 @@ def test_center_features_slide_or_given_mean() -> None:
         center_features(x, mean=np.zeros(3))
 
 
+@pytest.mark.parametrize(
+    ("dtype", "given"), [("float32", None), ("float16", None), ("float32", "cohort")]
+)
+def test_center_features_unit_is_the_one_centred_cosine(dtype: str, given: str | None) -> None:
+    """unit=True gives the rows whose dot products are centred cosines, for every user:
+    the dock's SimilarityIndex, the cohort index and the int8 fidelity check."""
+    from gpfm_core.analysis import SimilarityIndex, center_features
+
+    rng = np.random.default_rng(4)
+    x = (rng.normal(size=(30, 16)) + 3.0).astype(dtype)
+    mean = np.full(16, 3.0, np.float32) if given == "cohort" else None
+    others = np.delete(x, 7, axis=0).astype(np.float64).mean(axis=0)
+    x[7] = others if mean is None else mean  # a row at the mean (its own, or the cohort's)
+    unit, mu = center_features(x, mean=mean, unit=True)
+    ref = x.astype(np.float64) - mu
+    norms = np.linalg.norm(ref, axis=1)
+    ok = norms > 1e-3
+    tol = 5e-3 if dtype == "float16" else 1e-5
+    np.testing.assert_allclose(unit[ok], ref[ok] / norms[ok, None], atol=tol)
+    if dtype == "float32":  # float16 rounds the row off the mean
+        assert np.linalg.norm(unit[7]) < 1e-2  # (near) zero, not NaN: no direction to match
+    assert np.isfinite(unit).all()
+    index = SimilarityIndex(x, center=True if mean is None else mean)
+    np.testing.assert_array_equal(index.normalized, unit)
+    # NaN is refused by default and passed through with finite=False
+    bad = x.astype(np.float32)
+    bad[0, 0] = np.nan
+    with pytest.raises(GpfmError, match="NaN"):
+        center_features(bad, unit=True)
+    assert np.isnan(center_features(bad, mean=np.zeros(16), unit=True, finite=False)[0][0]).any()
+
+
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 def test_centred_index_matches_definition_and_crosses_slides(precision: str) -> None:
     rng = np.random.default_rng(4)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gpfm_core.analysis.similarity import center_features
 from gpfm_core.cli import main
 from gpfm_core.cohort import (
     CohortIndex,
@@ -22,7 +23,6 @@ from gpfm_core.cohort import (
     FeatureFilesError,
     add_to_index,
     build_index,
-    center_on_cohort_mean,
     remove_from_index,
 )
 from gpfm_core.cohort.synth import clustered_features, write_feature_file
@@ -115,8 +115,8 @@ def test_rerank_is_exact_among_the_candidates(
         for g, w in zip(got, want, strict=True):
             if g != w:
                 xs = (
-                    center_on_cohort_mean(feats[[g, w]], mean)
-                    @ center_on_cohort_mean(q[None], mean)[0]
+                    center_features(feats[[g, w]], mean=mean, unit=True)[0]
+                    @ center_features(q[None], mean=mean, unit=True)[0][0]
                 )
                 assert abs(xs[0] - xs[1]) < 2e-3
 
@@ -432,7 +432,7 @@ def test_cli_on_files_from_gpfm_embed(
     assert lines[0].startswith("rank,score,slide_id") and len(lines) == 5
     # the hits are the exact top 4 (a small index: exhaustive candidates); compared by
     # score, so float16 near-ties between look-alike tiles may swap places
-    c = center_on_cohort_mean(emb.features, emb.features.mean(axis=0))
+    c = center_features(emb.features, mean=emb.features.mean(axis=0), unit=True)[0]
     exact = np.sort(np.delete(c @ c[3], 3))[::-1][:4]
     np.testing.assert_allclose([float(r.split(",")[1]) for r in lines[1:]], exact, atol=2e-3)
     assert 3 not in [int(r.split(",")[4]) for r in lines[1:]]
@@ -443,3 +443,72 @@ def test_cli_on_files_from_gpfm_embed(
     assert len(err) == 1 and "tiny-vit" in err[0] and "synthetic" in err[0]
     assert main(["index", "info", str(cohort)]) == 0
     assert f"slides:   1, tiles: {len(emb)}" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------- one index per feature set
+
+
+def _embed(slides: list[Path], out: Path, mpp: float, *extra: str) -> int:
+    args = ["embed", *map(str, slides), "--encoder", "tiny-vit", "--mpp", str(mpp)]
+    return main([*args, "--device", "cpu", "--out", str(out), "--quiet", *extra])
+
+
+def test_gpfm_embed_indexes_each_feature_set_and_index_cli_finds_it(
+    cmu_svs: Path, small_pyramid: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gpfm_core.cohort import feature_sets, find_index, index_group
+
+    out = tmp_path / "cohort"
+    slides = [cmu_svs, small_pyramid]
+    # a cohort (two slides): indexed as they finish, in the feature folder's own gpfm_index
+    assert _embed(slides, out, 2) == 0
+    (set2,) = feature_sets(out)
+    assert set2.parent.name == "2mpp_112px_0px_overlap" and set2.name.startswith("features_tiny")
+    idx = CohortIndex.open(set2 / "gpfm_index")
+    assert len(idx.slides) == 2 and find_index(out) == set2 / "gpfm_index"
+    # another tiling, --no-index: its folder gets no index; one slide alone: no index either
+    assert _embed(slides, out, 4, "--no-index") == 0
+    assert _embed([cmu_svs], out, 8) == 0
+    sets = feature_sets(out)
+    assert [s.parent.name.split("mpp")[0] for s in sets] == ["2", "4", "8"]
+    assert [(s / "gpfm_index").exists() for s in sets] == [True, False, False]
+    capsys.readouterr()
+    assert main(["index", "info", str(out)]) == 0  # the one index there
+    assert "slides:   2" in capsys.readouterr().out
+
+    # build over the output folder: one index per feature set (never one over a mix)
+    assert main(["index", "build", str(out), "--quiet"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert sum("added" in line for line in lines) == 3
+    assert all((s / "gpfm_index" / "index.json").is_file() for s in sets)
+    assert [index_group(s / "gpfm_index").mpp for s in sets] == [2.0, 4.0, 8.0]
+    # query / info need one: the folder's three are named in one line, with the way out
+    for action in (["info"], ["query", "--slide", "cmu_small_region", "--tile", "0"]):
+        assert main(["index", action[0], str(out), *action[1:]]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "3 indexes" in err[0], err
+        assert all(s.relative_to(out).as_posix() in err[0] for s in sets)
+    assert main(["index", "info", str(sets[1])]) == 0  # a feature folder names its index
+    assert "4 µm/px" in capsys.readouterr().out
+    # the dock's way: the index of the open slide's encoder, weights and tiling
+    g = index_group(sets[2] / "gpfm_index")
+    assert find_index(out, group=g) == sets[2] / "gpfm_index"
+    with pytest.raises(CohortIndexError) as e:
+        find_index(out, group=type(g)(g.encoder, g.weights_hash, 96, g.mpp, 0))
+    assert "no index of" in _one_line(e) and "96 px" in _one_line(e)
+
+
+def test_an_index_that_cannot_be_written_is_one_line_and_embedding_goes_on(
+    cmu_svs: Path, small_pyramid: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "cohort"
+    assert _embed([cmu_svs], out, 4, "--no-index") == 0
+    (folder,) = (p.parent for p in out.rglob("*.h5"))
+    (folder / "gpfm_index").write_text("in the way")  # a file where the index folder goes
+    capsys.readouterr()
+    assert _embed([cmu_svs, small_pyramid], out, 4) == 1
+    captured = capsys.readouterr()
+    err = [line for line in captured.err.splitlines() if "index" in line]
+    assert len(err) == 1 and "not updated" in err[0] and "gpfm index add" in err[0], err
+    assert "1 embedded, 1 skipped" in captured.out  # the slides are done all the same
+    assert len(list(folder.glob("*.h5"))) == 2 and (folder / "gpfm_index").is_file()

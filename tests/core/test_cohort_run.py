@@ -213,28 +213,103 @@ def test_two_concurrent_runs_on_one_cohort_embed_each_slide_once(
     assert sorted(r.slide_id for r in table) == sorted(f"id-{s.stem}" for s in cohort_slides)
 
 
-def test_gpfm_embed_cluster_local_then_a_rerun_does_nothing(
-    cohort_slides: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+def _index_state(index_dir: Path) -> dict[str, tuple[int, int]]:
+    """(inode, mtime) of every file of an index: a rewrite changes one of them."""
+    return {
+        p.relative_to(index_dir).as_posix(): (p.stat().st_ino, p.stat().st_mtime_ns)
+        for p in sorted(index_dir.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _kill_the_writer_of(proc: subprocess.Popen, pattern: str, out: Path, timeout: float) -> int:
+    """SIGKILL the worker process (a child of ``proc``) holding a temporary ``pattern`` file
+    open, i.e. the worker writing that slide right now; returns its pid."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        temps = {str(p) for p in out.rglob(pattern)}
+        if temps:
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                try:
+                    held = {f.path for f in child.open_files()}
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+                if held & temps:
+                    os.kill(child.pid, signal.SIGKILL)
+                    return child.pid
+        time.sleep(0.02)
+    raise AssertionError(f"no worker was seen writing {pattern}")
+
+
+def test_gpfm_embed_cluster_survives_a_killed_worker_writes_report_and_index_rerun_does_nothing(
+    cohort_slides: list[Path],
+    small_pyramid: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    manifest = _manifest(tmp_path / "cohort.csv", cohort_slides[:4])
+    """Issue 11's done criterion, through the CLI: ``gpfm embed --cluster local:2 cohort.csv
+    --out cohort/`` embeds a generated cohort, survives a worker killed mid-slide, writes its
+    report and its index, and a rerun does nothing."""
+    from gpfm_core.cohort import CohortIndex, find_index, index_dir_for
+    from gpfm_core.embed import load_embeddings
+
+    big = tmp_path / "big.svs"  # ~180 tiles at 0.5 µm/px, 2 a batch: many batches to be killed in
+    shutil.copy(small_pyramid, big)
+    manifest = _manifest(tmp_path / "cohort.csv", [big, *cohort_slides[:3]])
     out = tmp_path / "cohort"
-    args = ["embed", "--cluster", "local:2", str(manifest), "--encoder", "tiny-vit",
-            "--mpp", str(MPP), "--device", "cpu", "--out", str(out)]  # fmt: skip
-    assert main(args) == 0
-    captured = capsys.readouterr()
-    assert "dask dashboard: http" in captured.err and "slide" in captured.err
-    assert "4 embedded" in captured.out and "via local:2" in captured.out
+    args = ["embed", "--cluster", "local:2", str(manifest), "--encoder", "tiny-vit", "--mpp",
+            "0.5", "--batch-size", "2", "--workers", "1", "--device", "cpu", "--out", str(out)]  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gpfm_core", *args],
+        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        killed = _kill_the_writer_of(proc, ".big.h5.*.tmp", out, timeout=240)
+        stdout, stderr = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "dask dashboard: http" in stderr
+    assert "4 embedded" in stdout and "via local:2" in stdout, stdout
+    # the report: every slide embedded, the big one redone by another process
+    (report,) = (out / "reports").glob("*.csv")
+    rows = {r["slide_id"]: r for r in read_report(report)}
+    assert {r["status"] for r in rows.values()} == {"embedded"}
+    assert int(rows["id-big"]["pid"]) != killed and int(rows["id-big"]["n_tiles"]) > 100
+    _assert_complete(out)
     files = _h5_files(out)
     assert len(files) == 4
-    _assert_complete(out)
-    stamps = [f.stat().st_mtime_ns for f in files]
-    (report,) = (out / "reports").glob("*.csv")
-    assert {r["status"] for r in read_report(report)} == {"embedded"}
+    # the index: one per feature folder, holding every slide, the features of the files
+    index_dir = index_dir_for(files[0])
+    assert find_index(out) == index_dir and all(index_dir_for(f) == index_dir for f in files)
+    assert f"index: {index_dir} (4 added; 4 slides" in stdout
+    idx = CohortIndex.open(index_dir)
+    table = {r.file: r for r in read_table(out)}
+    assert sorted(s.file for s in idx.slides) == files
+    assert idx.n_tiles == sum(r.n_tiles for r in table.values())
+    for f in files:
+        emb = load_embeddings(f)
+        rec = idx.slide(f)
+        assert rec.slide_id == emb.attrs["slide_id"] and rec.n_tiles == len(emb)
+        for row in (0, len(emb) - 1):  # float16 copy of the file's own features
+            np.testing.assert_allclose(
+                idx.tile_features(f, row), emb.features[row], atol=2e-2, rtol=2e-3
+            )
+    hits = idx.search_tile(files[0], 0, k=5, other_slides_only=True)
+    assert len(hits) == 5 and all(h.file != files[0] for h in hits)
 
-    assert main(args) == 0  # nothing to do: no cluster is started, nothing rewritten
+    # a rerun: nothing to do, no cluster started, no feature file or index file rewritten
+    stamps = [f.stat().st_mtime_ns for f in files]
+    before = _index_state(index_dir)
+    assert main(args) == 0
     captured = capsys.readouterr()
     assert "4 skipped" in captured.out and "dashboard" not in captured.err
+    assert f"index: {index_dir} (unchanged; 4 slides" in captured.out
     assert [f.stat().st_mtime_ns for f in files] == stamps
+    assert _index_state(index_dir) == before
     with open(out / "cohort.csv", newline="") as fh:
         assert len(list(csv.DictReader(fh))) == 4
 

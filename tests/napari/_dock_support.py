@@ -144,3 +144,33 @@ def unit(features: np.ndarray) -> np.ndarray:
     """Row-normalised float64 copy (independent reference for cosine checks)."""
     f = features.astype(np.float64)
     return f / np.linalg.norm(f, axis=1, keepdims=True)
+
+
+def open_cohort_hit(qtbot: Any, viewer: Any, dock: GpfmDock, *, not_on: str) -> tuple[Any, Any]:
+    """Click the Retrieve gallery's best cohort hit on a slide other than ``not_on`` and
+    check what a click on a cohort hit does: its slide opened once through the reader, its
+    session loaded from the cohort's feature file, the view centred on the tile, and its
+    similarity heatmap shown, the hit's score being its value there. Returns (hit, session).
+    """
+    from napari.layers import Image
+    from qtpy.QtCore import Qt
+
+    from napari_gpfm._layers import viewer_camera
+    from napari_gpfm._widget import _overlays as ov
+
+    tab = dock.retrieve_tab
+    i, hit = next((i, h) for i, h in enumerate(tab.hits) if h.key != not_on)
+    n_layers = len(viewer.layers)
+    qtbot.mouseClick(tab.gallery.buttons[i], Qt.MouseButton.LeftButton)
+    opened = [lay for lay in viewer.layers if lay.metadata.get("path") == hit.slide_path]
+    assert len(opened) == 1 and isinstance(opened[0], Image) and len(viewer.layers) > n_layers
+    other = dock.store.get(hit.key)
+    assert other is not None and other.embeddings_path == Path(hit.file)
+    np.testing.assert_allclose(
+        viewer_camera(viewer).center[-2:], tile_world_centre(other, hit.index), atol=1e-6
+    )
+    heat = ov.find(viewer, ov.SIMILARITY, other)
+    assert heat is not None and heat.visible
+    value = heat.data[other.grid_rc[hit.index, 0], other.grid_rc[hit.index, 1]]
+    assert abs(value - hit.score) < 3e-3  # the gallery's score is its value on the heatmap
+    return hit, other

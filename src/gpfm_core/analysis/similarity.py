@@ -27,29 +27,45 @@ _EPS = 1e-12
 
 
 def center_features(
-    features: np.ndarray, *, mean: np.ndarray | None = None
+    features: np.ndarray,
+    *,
+    mean: np.ndarray | None = None,
+    unit: bool = False,
+    finite: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Subtract the mean feature vector from every row.
+    """Subtract a mean feature vector from every row (and optionally normalise the rows).
+
+    The one centring of the project: the dock's similarity (:class:`SimilarityIndex`, the
+    slide's own mean), the cohort index (:mod:`gpfm_core.cohort.index`, the running cohort
+    mean) and the int8 fidelity check (:func:`gpfm_core.embed.device.feature_fidelity`, the
+    sample's mean) all call it.
 
     Parameters
     ----------
     features
-        (N, D) float array, one embedding per tile.
+        (N, D) float array, one embedding per tile (float16 is upcast).
     mean
         (D,) mean to subtract (a cohort's, for slides compared with each other); default the
-        mean of ``features`` (the slide's own).
+        mean of ``features`` (the slide's own, accumulated in float64).
+    unit
+        Also L2-normalise each centred row, so dot products are centred cosines; a row equal
+        to the mean stays zero.
+    finite
+        Refuse NaN / inf values (False lets them through, e.g. to be caught by the caller).
 
     Returns
     -------
     tuple of numpy.ndarray
-        centred (N, D) float32 (a new array) and the mean (D,) float32 subtracted.
+        centred (N, D) float32 (a new array; unit rows with ``unit``) and the mean (D,)
+        float32 subtracted.
 
     Raises
     ------
     GpfmError
-        Not an (N, D) numeric array, NaN / inf values, or a ``mean`` of another width.
+        Not an (N, D) numeric array, NaN / inf values (with ``finite``), or a ``mean`` of
+        another width.
     """
-    x = as_features(features)
+    x = as_features(features, finite=finite)
     if mean is None:
         mu = x.mean(axis=0, dtype=np.float64).astype(np.float32)
     else:
@@ -58,7 +74,10 @@ def center_features(
             raise GpfmError(
                 f"mean must be a finite ({x.shape[1]},) vector: compute it on features of this encoder"
             )
-    return np.subtract(x, mu, dtype=np.float32), mu
+    centred = np.subtract(x, mu, dtype=np.float32)
+    if unit:
+        _unit_rows_(centred)
+    return centred, mu
 
 
 def _unit_rows_(x: np.ndarray) -> np.ndarray:
@@ -142,8 +161,7 @@ class SimilarityIndex:
             normed = normalize_rows(features)
         else:
             given = None if isinstance(center, (bool, np.bool_)) else center
-            normed, self.mean = center_features(features, mean=given)
-            _unit_rows_(normed)
+            normed, self.mean = center_features(features, mean=given, unit=True)
         self._half = None
         if precision == "float32":
             self._normed: np.ndarray | None = normed

@@ -3,7 +3,10 @@
 ``<out>/<mpp>mpp_<tile_px>px_<overlap>px_overlap/features_<encoder>-<hash8>/<slide_stem>.h5``
 (see :mod:`gpfm_core.embed.layout`), the cohort table ``<out>/cohort.csv`` and a run report
 ``<out>/reports/embed-<time>-<pid>.csv``. Inline by default; ``--cluster local[:N]`` or
-``--scheduler ADDRESS`` runs one dask task per slide (:mod:`gpfm_core.cohort`).
+``--scheduler ADDRESS`` runs one dask task per slide (:mod:`gpfm_core.cohort`). A cohort
+run (a manifest, a glob, several slides, or a cluster) also keeps the similarity index of
+the feature folder current as slides finish (``<features folder>/gpfm_index``, see
+:mod:`gpfm_core.cohort.index`); ``--no-index`` skips it, ``--index`` asks for it with one slide.
 """
 
 from __future__ import annotations
@@ -72,6 +75,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=None,
         metavar="CSV",
         help="run report path (default: <out>/reports/embed-<time>-<pid>.csv)",
+    )
+    p.add_argument(
+        "--index",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="add each slide, as it finishes, to the similarity index of its feature folder "
+        "(<features folder>/gpfm_index; see gpfm index). Default: on for a cohort (a manifest, "
+        "a glob, several slides or a cluster), off for one slide",
     )
     p.add_argument(
         "--encoder",
@@ -241,6 +252,7 @@ def run(args: argparse.Namespace) -> int:
             on_result=on_result,
             on_dashboard=on_dashboard,
             on_plan=bar.start,
+            index=_wants_index(args, entries),
         )
     finally:
         bar.close()
@@ -255,6 +267,18 @@ def run(args: argparse.Namespace) -> int:
     )
     if result.report_path is not None:
         print(f"report: {result.report_path}")
+    for index_dir, up in result.indexes.items():
+        parts = [f"{len(v)} {k}" for k in ("added", "replaced") if (v := getattr(up, k))]
+        print(
+            f"index: {index_dir} ({', '.join(parts) or 'unchanged'}; "
+            f"{up.n_slides} slides, {up.n_tiles} tiles)"
+        )
+    for index_dir, error in result.index_errors.items():
+        print(
+            f"gpfm embed: index {index_dir} not updated: {error} "
+            f"(gpfm index add {index_dir.parent} retries)",
+            file=sys.stderr,
+        )
     failed = result.failed
     if failed:
         print(
@@ -264,4 +288,13 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    return 0
+    return 1 if result.index_errors else 0
+
+
+def _wants_index(args: argparse.Namespace, entries: list[Any]) -> bool:
+    """--index / --no-index, else on for a cohort: a manifest, a glob, several slides, a
+    cluster (one slide embedded by hand leaves its folder as it was)."""
+    if args.index is not None:
+        return bool(args.index)
+    cohortish = any(s.lower().endswith(".csv") or any(c in s for c in "*?[") for s in args.slides)
+    return cohortish or len(entries) > 1 or bool(args.cluster or args.scheduler)

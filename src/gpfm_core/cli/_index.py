@@ -1,8 +1,12 @@
 """``gpfm index build|add|remove|query|info COHORT``: the cohort-wide similarity index.
 
-The index of a cohort folder lives in ``COHORT/gpfm_index`` unless ``--index DIR`` says
-otherwise. ``add`` is safe to run from several processes at once (a file lock), e.g. from
-each worker as it finishes a slide.
+One index per feature set (encoder, weights and tiling): for a ``gpfm embed`` output folder
+each ``COHORT/<tiling>/features_<encoder>-<hash8>/`` gets its own ``gpfm_index`` (where
+``gpfm embed`` builds it as slides finish); for any other folder of feature files the index
+is ``COHORT/gpfm_index``. ``build`` and ``add`` treat every feature set of COHORT; ``query``,
+``info`` and ``remove`` need one index (COHORT, one of its feature folders, or ``--index
+DIR``; a folder holding several names them in one line). ``add`` is safe to run from several
+processes at once (a file lock), e.g. from each worker as it finishes a slide.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             "--index",
             type=Path,
             default=None,
-            help="index folder (default: COHORT/gpfm_index)",
+            help="index folder (default: the gpfm_index of COHORT's feature set, or "
+            "COHORT/gpfm_index)",
         )
 
     b = sub.add_parser("build", help="index every feature file under COHORT (retrains)")
@@ -77,10 +82,29 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def _index_dir(args: argparse.Namespace) -> Path:
+def _targets(args: argparse.Namespace) -> list[tuple[Any, Path]]:
+    """(sources, index folder) pairs for build / add: one per feature set of COHORT."""
+    from gpfm_core.cohort import feature_sets
+
+    if args.index is not None:
+        return [(list(getattr(args, "files", None) or []) or args.cohort, args.index)]
+    sets = feature_sets(args.cohort)
+    files = list(getattr(args, "files", None) or [])
+    if not files:
+        return [(s, _default(s)) for s in sets] or [(args.cohort, _default(args.cohort))]
+    # named files go to the index of the feature set they lie in
+    by_dir: dict[Path, list[Path]] = {}
+    for f in files:
+        home = next((s for s in sets if Path(f).resolve().is_relative_to(s.resolve())), None)
+        by_dir.setdefault(_default(home if home is not None else args.cohort), []).append(f)
+    return [(fs, d) for d, fs in by_dir.items()]
+
+
+def _default(cohort: Path) -> Path:
+    """The index folder of COHORT (of a feature folder: its own ``gpfm_index``)."""
     from gpfm_core.cohort import default_index_dir
 
-    return args.index if args.index is not None else default_index_dir(args.cohort)
+    return default_index_dir(cohort)
 
 
 def _bar(args: argparse.Namespace, desc: str) -> Any:
@@ -113,21 +137,25 @@ def run(args: argparse.Namespace) -> int:
     """Run one index action."""
     from gpfm_core import cohort
 
-    out = _index_dir(args)
     if args.action == "build":
         kwargs: dict[str, Any] = {"nlist": args.nlist, "pq_m": args.pq_m}
         if args.train_min is not None:
             kwargs["train_min"] = args.train_min
-        res = cohort.build_index(args.cohort, out, progress=_bar(args, "indexing"), **kwargs)
-        print(_summary(res))
-        print("stage 1: IVF-PQ (trained)" if res.trained else "stage 1: exact (below --train-min)")
+        for sources, out in _targets(args):
+            res = cohort.build_index(sources, out, progress=_bar(args, "indexing"), **kwargs)
+            print(_summary(res))
+            print(
+                "stage 1: IVF-PQ (trained)" if res.trained else "stage 1: exact (below --train-min)"
+            )
         return 0
     if args.action == "add":
-        res = cohort.add_to_index(out, args.files or args.cohort, progress=_bar(args, "adding"))
-        print(_summary(res))
-        if res.trained:
-            print("the cohort reached its training size: quantisers trained on it")
+        for sources, out in _targets(args):
+            res = cohort.add_to_index(out, sources, progress=_bar(args, "adding"))
+            print(_summary(res))
+            if res.trained:
+                print("the cohort reached its training size: quantisers trained on it")
         return 0
+    out = args.index if args.index is not None else cohort.find_index(args.cohort)
     if args.action == "remove":
         print(_summary(cohort.remove_from_index(out, args.slides)))
         return 0

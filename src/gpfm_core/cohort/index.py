@@ -14,8 +14,9 @@ Two stages per query:
    measured by ``tests/core/test_cohort_index.py`` and ``benchmarks/bench_index.py``.
 
 **Centring.** Features are compared as cosines of *centred* features (the cohort mean
-subtracted), as the dock's similarity does: embeddings share a large common direction that
-otherwise makes every tile look alike. The mean is a running one, kept exactly: the index
+subtracted), as the dock's similarity does, with the same arithmetic
+(:func:`gpfm_core.analysis.similarity.center_features` with ``unit=True``): embeddings share
+a large common direction that otherwise makes every tile look alike. The mean is a running one, kept exactly: the index
 stores the sum of all tiles (float64) and their count, so adding or removing a slide updates
 it without touching the other slides. The re-rank centres on the *current* mean at query time
 (cheap: it only touches the candidates). The quantiser codes were computed once, centred on
@@ -74,7 +75,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gpfm_core._atomic import atomic_path, write_atomic
+from gpfm_core.analysis.similarity import center_features
 from gpfm_core.cohort.files import (
+    FEATURE_SUFFIX,
     FeatureFilesError,
     FeatureGroup,
     PathLike,
@@ -126,33 +129,6 @@ def _faiss() -> Any:
 
 
 _FAISS_READY = False
-
-# --------------------------------------------------------------------------- centring
-
-
-def center_on_cohort_mean(features: np.ndarray, mean: np.ndarray) -> np.ndarray:
-    """Unit rows of ``features - mean``: the vectors whose dot products are centred cosines.
-
-    The dock's similarity centres on a mean too; ``gpfm_core.analysis.similarity`` is
-    getting its own ``center_features`` and the two should become one.
-
-    Parameters
-    ----------
-    features
-        (N, D) float array (float16 is upcast).
-    mean
-        (D,) the centre to subtract.
-
-    Returns
-    -------
-    numpy.ndarray
-        (N, D) float32, rows of unit norm; a row equal to the mean stays zero.
-    """
-    x = np.asarray(features, dtype=np.float32) - np.asarray(mean, dtype=np.float32)
-    norms = np.sqrt(np.einsum("ij,ij->i", x, x))
-    x /= np.maximum(norms, _EPS)[:, None]
-    return x
-
 
 # --------------------------------------------------------------------------- records
 
@@ -220,6 +196,8 @@ class CohortHit:
         Level-0 top-left corner of the tile.
     score : float
         Cosine similarity of the centred features, in [-1, 1].
+    tile_size_level0 : int
+        The tile's side in level-0 px (0 when unknown), e.g. to read its thumbnail.
     """
 
     slide_id: str
@@ -230,6 +208,7 @@ class CohortHit:
     x: int
     y: int
     score: float
+    tile_size_level0: int = 0
 
 
 @dataclass(frozen=True)
@@ -376,9 +355,130 @@ def _state_from_json(text: str, index_dir: Path) -> _State:
 # --------------------------------------------------------------------------- files of the index
 
 
-def default_index_dir(cohort_dir: PathLike) -> Path:
-    """Where a cohort folder's index lives by default: ``<cohort_dir>/gpfm_index``."""
-    return Path(cohort_dir) / INDEX_DIRNAME
+def feature_sets(folder: PathLike) -> list[Path]:
+    """The feature folders of a ``gpfm embed`` (or TRIDENT) output folder.
+
+    ``gpfm embed --out COHORT`` writes one folder per encoder and tiling,
+    ``COHORT/<tiling>/features_<encoder>-<hash8>/`` (:func:`gpfm_core.embed.layout.features_dir`);
+    each is a *feature set*, whose features can share one index.
+
+    Parameters
+    ----------
+    folder
+        Any folder.
+
+    Returns
+    -------
+    list of Path
+        The ``*/features_*`` folders under ``folder`` that hold ``.h5`` files, sorted; empty
+        when ``folder`` is itself a feature folder (``features_*``) or has no such layout.
+    """
+    root = Path(folder)
+    if not root.is_dir() or root.name.startswith("features_"):
+        return []
+    return sorted(
+        p for p in root.glob("*/features_*") if p.is_dir() and any(p.glob(f"*{FEATURE_SUFFIX}"))
+    )
+
+
+def index_dir_for(feature_file: PathLike) -> Path:
+    """The index a feature file written by ``gpfm embed`` belongs to: ``<its folder>/gpfm_index``.
+
+    One index per feature set (encoder, weights and tiling): the folder ``gpfm embed``
+    wrote the file into holds exactly one set.
+    """
+    return Path(os.path.abspath(feature_file)).parent / INDEX_DIRNAME
+
+
+def default_index_dir(folder: PathLike) -> Path:
+    """Where the index of a folder of feature files lives (where build / add create it).
+
+    * a ``gpfm embed`` output folder holding one feature set: ``<set>/gpfm_index``
+      (:func:`feature_sets`; the same place :func:`index_dir_for` gives its files);
+    * any other folder (a feature folder itself, a folder of ``.h5`` files):
+      ``<folder>/gpfm_index``.
+
+    Raises
+    ------
+    CohortIndexError
+        The folder holds several feature sets (one index each): the message names them.
+    """
+    sets = feature_sets(folder)
+    if len(sets) > 1:
+        raise CohortIndexError(_several(Path(folder), sets, "feature sets"))
+    return (sets[0] if sets else Path(folder)) / INDEX_DIRNAME
+
+
+def index_group(index_dir: PathLike) -> FeatureGroup:
+    """The encoder, weights and tiling an index holds (read from its manifest, nothing loaded)."""
+    p = Path(index_dir) / MANIFEST
+    try:
+        return FeatureGroup(**json.loads(p.read_text(encoding="utf-8"))["group"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CohortIndexError(
+            f"{p} is missing or damaged ({type(exc).__name__}); rebuild it with gpfm index build"
+        ) from None
+
+
+def find_index(folder: PathLike, *, group: FeatureGroup | None = None) -> Path:
+    """The existing index of a folder: the folder itself, ``<folder>/gpfm_index``, or the
+    ``gpfm_index`` of one of its feature sets (:func:`feature_sets`).
+
+    Parameters
+    ----------
+    folder
+        An index folder, a feature folder, or a ``gpfm embed`` output folder.
+    group
+        Pick the index of this encoder, weights and tiling (e.g. the open slide's); without
+        it the folder must hold exactly one index.
+
+    Returns
+    -------
+    Path
+        The index folder.
+
+    Raises
+    ------
+    CohortIndexError
+        No index there; none of ``group``; several and no ``group`` to choose (the message
+        names each with its encoder and tiling).
+    """
+    root = Path(folder)
+    if (root / MANIFEST).is_file():
+        found = [root]
+    else:
+        dirs = [root / INDEX_DIRNAME, *(s / INDEX_DIRNAME for s in feature_sets(root))]
+        found = [d for d in dirs if (d / MANIFEST).is_file()]
+    if not found:
+        raise CohortIndexError(
+            f"no cohort index in {root}: make one with gpfm index build {root} "
+            "(gpfm embed makes it for a cohort)"
+        )
+    if group is not None:
+        groups = {d: index_group(d) for d in found}
+        match = [d for d in found if groups[d] == group]
+        if not match:
+            have = "; ".join(g.describe() for g in groups.values())
+            raise CohortIndexError(
+                f"{root} has no index of {group.describe()} (it has {have}): embed the slide "
+                "with the cohort's encoder and tiling, or pick another cohort"
+            )
+        found = match
+    if len(found) > 1:
+        raise CohortIndexError(_several(root, [d.parent for d in found], "indexes"))
+    return found[0]
+
+
+def _several(root: Path, sets: Sequence[Path], what: str) -> str:
+    """One line naming the feature sets of ``root`` and how to pick one."""
+    parts = []
+    for s in sets:
+        rel = s.relative_to(root).as_posix() if s.is_relative_to(root) else str(s)
+        parts.append(rel or ".")
+    return (
+        f"{root} holds {len(sets)} {what} ({', '.join(parts)}), one index each: give one of "
+        f"those folders instead (e.g. {root / parts[0]}) or --index DIR"
+    )
 
 
 def _f16_path(index_dir: Path, num: int) -> Path:
@@ -618,8 +718,11 @@ def default_candidates(k: int) -> int:
 
 
 def _stored_unit(f16: np.ndarray, shift: np.ndarray) -> np.ndarray:
-    """Unit rows of ``stored + shift`` (``shift = ref_mean - centre``), float32."""
-    return center_on_cohort_mean(f16, -shift)
+    """Unit rows of ``stored + shift`` (``shift = ref_mean - centre``), float32.
+
+    The stored rows were checked finite when the slide was added: no second check here.
+    """
+    return center_features(f16, mean=-shift, unit=True, finite=False)[0]
 
 
 def _sample_rows(index_dir: Path, st: _State, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -725,8 +828,12 @@ def _apply_adds(
     paths: Sequence[Path],
     *,
     progress: Callable[[int, int], None] | None,
-) -> tuple[list[str], list[str], list[str], list[IndexedSlide]]:
-    """Add each file to ``st`` (writing its slide files); returns added, replaced, skipped, new."""
+) -> tuple[list[str], list[str], list[str], list[IndexedSlide], bool]:
+    """Add each file to ``st`` (writing its slide files).
+
+    Returns added, replaced and skipped names, the new records, and whether the manifest
+    changed at all (a skipped file that was moved or touched updates its entry).
+    """
     from gpfm_core.embed.loading import EmbeddingsFileError, load_embeddings
 
     by_file = {r.file: r for r in st.slides.values()}
@@ -734,6 +841,7 @@ def _apply_adds(
     replaced: list[str] = []
     skipped: list[str] = []
     new: list[IndexedSlide] = []
+    touched = False
     for i, path in enumerate(paths):
         old = by_file.get(path)
         if old is not None and _unchanged(old, path):
@@ -755,6 +863,7 @@ def _apply_adds(
                 s = path.stat()  # same features (file touched or moved): remember its new stat
                 st.slides[sid] = replace(old, file=path, size=s.st_size, mtime_ns=s.st_mtime_ns)
                 skipped.append(old.name)
+                touched = True
             else:
                 if old is not None:  # re-embedded: the new features replace the old entry
                     _drop(index_dir, st, old)
@@ -764,7 +873,7 @@ def _apply_adds(
                 (replaced if old is not None else added).append(rec.name)
         if progress is not None:
             progress(i + 1, len(paths))
-    return added, replaced, skipped, new
+    return added, replaced, skipped, new, touched
 
 
 def build_index(
@@ -820,7 +929,7 @@ def build_index(
             total=np.zeros(dim, np.float64),
             next_num=old.next_num if old is not None else 1,  # new files never overwrite old
         )
-        added, _, _, _ = _apply_adds(out, st, files, progress=progress)
+        added, *_ = _apply_adds(out, st, files, progress=progress)
         trained = st.n_tiles >= st.train_min
         if trained:
             _train_and_encode(out, st, nlist=nlist, pq_m=pq_m)
@@ -845,8 +954,9 @@ def add_to_index(
     """Add slides to an index (creating it when missing), encoding only the new tiles.
 
     Safe to call from several processes at once (cluster workers): each call holds the
-    index's file lock while it writes. A file already indexed and unchanged is skipped; a
-    slide whose features changed (re-embedded) replaces its old entry.
+    index's file lock while it writes. A file already indexed and unchanged (same size and
+    modification time) is skipped without being opened, and an add that changes nothing
+    writes nothing; a slide whose features changed (re-embedded) replaces its old entry.
 
     Parameters
     ----------
@@ -873,15 +983,24 @@ def add_to_index(
     t0 = time.perf_counter()
     out = Path(index_dir).resolve()
     files = [p for p in find_feature_files(sources) if not p.is_relative_to(out)]
-    group, files = group_files(files)
     trained = False
     with _locked(out, create=True):
         st = _read_state(out)
-        if st is None:
-            dim = _width(files[0])
-            st = _State(group, dim, int(train_min), None, np.zeros(dim, np.float64))
-        _check_group(group, st, files[0])
-        added, replaced, skipped, new = _apply_adds(out, st, files, progress=progress)
+        # files indexed as they are now are skipped before anything is opened, and an add
+        # that changes nothing writes nothing (a rerun leaves the index as it was)
+        known = _unchanged_files(st, files)
+        fresh = [p for p in files if p not in known]
+        if fresh:
+            group, fresh = group_files(fresh)
+            if st is None:
+                dim = _width(fresh[0])
+                st = _State(group, dim, int(train_min), None, np.zeros(dim, np.float64))
+            _check_group(group, st, fresh[0])
+            added, replaced, skipped, new, touched = _apply_adds(out, st, fresh, progress=progress)
+        else:
+            added, replaced, skipped, new, touched = [], [], [], [], False
+        skipped = [known[p] for p in files if p in known] + skipped
+        assert st is not None  # files is never empty: find_feature_files raises
         if st.ann is None and st.n_tiles >= st.train_min:
             _train_and_encode(out, st)
             trained = True
@@ -889,7 +1008,8 @@ def add_to_index(
             index = _read_trained(out, st.ann)
             for rec in new:
                 _encode(out, st, index, rec)
-        _commit(out, st)
+        if added or replaced or touched or trained:
+            _commit(out, st)
     return IndexUpdate(
         out,
         added=added,
@@ -899,6 +1019,110 @@ def add_to_index(
         n_tiles=st.n_tiles,
         trained=trained,
         seconds=time.perf_counter() - t0,
+    )
+
+
+def _unchanged_files(st: _State | None, files: Sequence[Path]) -> dict[Path, str]:
+    """The files indexed in ``st`` and unchanged since (same size and mtime), by name."""
+    if st is None:
+        return {}
+    by_file = {r.file: r for r in st.slides.values()}
+    return {
+        p: rec.name for p in files if (rec := by_file.get(p)) is not None and _unchanged(rec, p)
+    }
+
+
+def stale_files(index_dir: PathLike, files: Iterable[PathLike]) -> list[Path]:
+    """The ``files`` that an add would change: not indexed, or changed since they were.
+
+    Reads only the manifest and ``stat``s each file (no lock, no feature file opened): a
+    finished cohort of 10,000 slides is checked in well under a second.
+    """
+    paths = [Path(os.path.abspath(f)) for f in files]
+    st = _read_state(Path(index_dir).resolve())
+    known = _unchanged_files(st, paths)
+    return [p for p in paths if p not in known]
+
+
+class IndexFeeder:
+    """Adds finished feature files to their indexes, one slide at a time, as a run goes.
+
+    The hook :func:`gpfm_core.cohort.run_cohort` uses (``index=True``, what ``gpfm embed``
+    does for a cohort): call it with each feature file as its slide finishes (in one
+    process, never concurrently); each file goes to the index of its feature set,
+    :func:`index_dir_for` (``<features folder>/gpfm_index``). Files already indexed as they
+    are now cost one ``stat`` and write nothing. An index that fails (disk full, a damaged
+    manifest) is reported in :attr:`errors` and left alone for the rest of the run; the
+    run itself goes on.
+
+    Attributes
+    ----------
+    updates : dict of Path to IndexUpdate
+        What was done to each index, accumulated over the calls.
+    errors : dict of Path to str
+        One line per index that failed.
+    """
+
+    def __init__(self, *, train_min: int = DEFAULT_TRAIN_MIN) -> None:
+        self.train_min = int(train_min)
+        self.updates: dict[Path, IndexUpdate] = {}
+        self.errors: dict[Path, str] = {}
+
+    def __call__(self, feature_file: PathLike) -> None:
+        """Add one finished slide's feature file (the ``on_slide_done`` hook)."""
+        self.add([feature_file])
+
+    def add(self, feature_files: Iterable[PathLike]) -> None:
+        """Add feature files, each to the index of its folder; one manifest read per index."""
+        by_dir: dict[Path, list[Path]] = {}
+        for f in feature_files:
+            by_dir.setdefault(index_dir_for(f), []).append(Path(os.path.abspath(f)))
+        for index_dir, files in by_dir.items():
+            if index_dir in self.errors:
+                continue
+            try:
+                todo = stale_files(index_dir, files)
+                if todo:
+                    res = add_to_index(index_dir, todo, train_min=self.train_min)
+                else:
+                    res = _summary_of(index_dir, files)
+            except GpfmError as exc:
+                self._failed(index_dir, str(exc))
+            except OSError as exc:  # a full disk, a read-only folder: the run goes on
+                self._failed(index_dir, f"{type(exc).__name__}: {exc}")
+            else:
+                self._merge(res)
+
+    def _failed(self, index_dir: Path, error: str) -> None:
+        line = error.strip().splitlines()[0] if error.strip() else "failed"
+        self.errors[index_dir] = line
+        log.warning("index %s not updated: %s", index_dir, line)
+
+    def _merge(self, res: IndexUpdate) -> None:
+        old = self.updates.get(res.index_dir)
+        if old is not None:
+            res = replace(
+                res,
+                added=old.added + res.added,
+                replaced=old.replaced + res.replaced,
+                skipped=old.skipped + res.skipped,
+                trained=old.trained or res.trained,
+                seconds=old.seconds + res.seconds,
+            )
+        self.updates[res.index_dir] = res
+
+
+def _summary_of(index_dir: Path, files: Sequence[Path]) -> IndexUpdate:
+    """An :class:`IndexUpdate` saying ``files`` were skipped, with the index's counts."""
+    st = _read_state(index_dir.resolve())
+    assert st is not None  # every file was found in it
+    names = _unchanged_files(st, files)
+    return IndexUpdate(
+        index_dir.resolve(),
+        skipped=[names[p] for p in files if p in names],
+        n_slides=len(st.slides),
+        n_tiles=st.n_tiles,
+        trained=False,
     )
 
 
@@ -1260,7 +1484,8 @@ class CohortIndex:
         keep: list[Any] = []
         params = self._params(nprobe, exclude, keep)
         n = max(1, min(int(n), st.n_tiles))
-        _, ids = self._ann_index.search(center_on_cohort_mean(q, centre), n, params=params)
+        unit_q = center_features(q, mean=centre, unit=True)[0]
+        _, ids = self._ann_index.search(unit_q, n, params=params)
         return [row[row >= 0] for row in ids]
 
     def rerank(self, query: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -1288,7 +1513,7 @@ class CohortIndex:
         mean = st.mean()
         assert st.ref_mean is not None
         shift = st.ref_mean - mean
-        qn = center_on_cohort_mean(q[None, :], mean)[0]
+        qn = center_features(q[None, :], mean=mean, unit=True)[0][0]
         if not np.any(qn):
             raise CohortIndexError("the query equals the cohort mean: it has no direction to match")
         nums = ids >> ROW_BITS
@@ -1398,7 +1623,15 @@ class CohortIndex:
             x, y = (int(v) for v in self._coords[num][row])
             out.append(
                 CohortHit(
-                    rec.slide_id, rec.name, rec.file, rec.slide_path, int(row), x, y, float(s)
+                    rec.slide_id,
+                    rec.name,
+                    rec.file,
+                    rec.slide_path,
+                    int(row),
+                    x,
+                    y,
+                    float(s),
+                    rec.tile_size_level0,
                 )
             )
         return out

@@ -236,6 +236,10 @@ class CohortRun:
         Wall time of the whole run (planning included).
     encoder, weights_hash
         The encoder's name and weights hash.
+    indexes
+        With ``index=True``: what was done to each cohort index (folder -> IndexUpdate).
+    index_errors
+        With ``index=True``: one line per index that could not be updated.
     """
 
     reports: list[SlideReport]
@@ -246,6 +250,8 @@ class CohortRun:
     seconds: float = 0.0
     encoder: str = ""
     weights_hash: str = ""
+    indexes: dict[Path, Any] = field(default_factory=dict)
+    index_errors: dict[Path, str] = field(default_factory=dict)
 
     @property
     def failed(self) -> list[SlideReport]:
@@ -619,6 +625,7 @@ def run_cohort(
     on_plan: Callable[[CohortPlan], None] | None = None,
     on_dashboard: Callable[[str | None], None] | None = None,
     table_flush_s: float = 60.0,
+    index: bool = False,
 ) -> CohortRun:
     """Embed every slide of a cohort into ``out_dir``; returns the run's reports.
 
@@ -655,6 +662,13 @@ def run_cohort(
         cluster is up.
     table_flush_s
         Write finished rows into the cohort table at least this often (and at the end).
+    index
+        Keep the cohort's similarity index current as slides finish
+        (:class:`~gpfm_core.cohort.index.IndexFeeder`: each feature file is added to the
+        ``gpfm_index`` of its feature folder, in this process, one slide at a time; slides
+        skipped as done are added at the end when the index lacks them). A slide already
+        indexed as it is costs one ``stat``: a rerun writes nothing. An index that cannot
+        be updated is reported in :attr:`CohortRun.index_errors`; embedding goes on.
 
     Returns
     -------
@@ -676,8 +690,21 @@ def run_cohort(
     plan = plan_cohort(entries, folder, meta=meta, weights_hash=weights_hash, settings=settings)
     if on_plan is not None:
         on_plan(plan)
+    feeder = None
+    slide_done = on_slide_done
+    if index:
+        from gpfm_core.cohort.index import IndexFeeder
+
+        feeder = IndexFeeder()
+
+        def slide_done(path: Path) -> None:
+            assert feeder is not None
+            feeder(path)
+            if on_slide_done is not None:
+                on_slide_done(path)
+
     collector = _Collector(
-        folder, flush_s=table_flush_s, on_result=on_result, on_slide_done=on_slide_done
+        folder, flush_s=table_flush_s, on_result=on_result, on_slide_done=slide_done
     )
     for report in plan.settled:
         collector.settle(report)
@@ -712,6 +739,10 @@ def run_cohort(
         written = write_report(reports, _report_path(folder, report_path)) if entries else None
     if table is None and table_path(folder).is_file():
         table = table_path(folder)
+    if feeder is not None:
+        # slides done by an earlier run (or a run without the index): added when missing,
+        # in one pass per index (a stat each, nothing written when all are there)
+        feeder.add(r.file for r in plan.settled if r.status == "skipped" and r.file)
     return CohortRun(
         reports,
         written,
@@ -721,6 +752,8 @@ def run_cohort(
         time.perf_counter() - t0,
         str(meta.name),
         weights_hash,
+        indexes=dict(feeder.updates) if feeder is not None else {},
+        index_errors=dict(feeder.errors) if feeder is not None else {},
     )
 
 

@@ -1,14 +1,18 @@
-"""Synthetic cohorts of feature files, for tests and benchmarks (no slide, no model).
+"""Synthetic cohorts, for tests, benchmarks and the demo.
 
 Real tile embeddings are clustered (tissue types), share a large common direction, and
 vary within a cluster along few directions. :func:`clustered_features` draws features
 like that; :func:`write_feature_file` stores them with the real
-:class:`~gpfm_core.embed.storage.EmbeddingWriter`, so every reader sees a genuine file.
+:class:`~gpfm_core.embed.storage.EmbeddingWriter`, so every reader sees a genuine file
+(no slide, no model). :func:`write_slide_cohort` writes real slide files instead (mosaics
+of the sample images, :func:`gpfm_core.synth.make_synthetic_slide`) and their manifest,
+ready for ``gpfm embed``.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +83,7 @@ def write_feature_file(
     tile_size_level0: int = 448,
     dtype: str = "float32",
     coords: np.ndarray | None = None,
+    slide_path: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Write a feature file as ``gpfm embed`` would (root attributes for grouping included).
 
@@ -94,6 +99,9 @@ def write_feature_file(
         ``"float32"`` or ``"float16"`` on disk.
     coords
         (N, 2) level-0 (x, y); default a row-major grid of ``tile_size_level0`` tiles.
+    slide_path
+        The slide the tiles claim to come from (``slide_path`` attribute, as ``gpfm embed``
+        records it), e.g. a real generated slide so thumbnails of the tiles can be read.
 
     Returns
     -------
@@ -121,6 +129,8 @@ def write_feature_file(
         "n_tiles": n,
         "embed_dim": dim,
     }
+    if slide_path is not None:
+        attrs["slide_path"] = str(Path(slide_path).resolve())
     with EmbeddingWriter(
         path,
         coords=coords,
@@ -132,3 +142,62 @@ def write_feature_file(
     ) as w:
         w.write(np.arange(n), feats)
         return w.commit()
+
+
+def write_slide_cohort(
+    folder: str | os.PathLike[str],
+    *,
+    n_slides: int = 3,
+    size: tuple[int, int] = (1536, 1152),
+    mpp: float = 0.5,
+    sources: Sequence[str | os.PathLike[str]] | None = None,
+    include: Sequence[str | os.PathLike[str]] = (),
+    seed: int = 0,
+) -> Path:
+    """Write a small cohort of real slide files and its manifest (``cohort.csv`` input).
+
+    Slides already there are kept (same arguments, same content): a second call writes
+    nothing but the manifest, so it is cheap to call every time (the demo does).
+
+    Parameters
+    ----------
+    folder
+        Where ``slides/cohort-<i>.svs`` and ``manifest.csv`` go (created).
+    n_slides
+        Generated slides.
+    size
+        Level-0 (width, height) of each, px.
+    mpp
+        Their level-0 µm/px.
+    sources
+        Tissue images mosaicked (default: the sample images, see
+        :func:`gpfm_core.synth.make_synthetic_slide`).
+    include
+        Existing slides listed in the manifest first (e.g. the sample slide itself).
+    seed
+        Seed of the first slide; slide ``i`` uses ``seed + i``.
+
+    Returns
+    -------
+    Path
+        The manifest (``path,slide_id``; absolute paths).
+    """
+    from gpfm_core._atomic import write_atomic
+    from gpfm_core.synth import make_synthetic_slide
+
+    root = Path(folder)
+    slides = [Path(p).resolve() for p in include]
+    for i in range(int(n_slides)):
+        path = root / "slides" / f"cohort-{i + 1}.svs"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            make_synthetic_slide(
+                path, width=size[0], height=size[1], mpp=mpp, tile=256, sources=sources,
+                seed=seed + i,
+            )  # fmt: skip
+        slides.append(path.resolve())
+    text = "\n".join(["path,slide_id", *(f"{p},{p.stem}" for p in slides)]) + "\n"
+    manifest = root / "manifest.csv"
+    if manifest.is_file() and manifest.read_text(encoding="utf-8") == text:
+        return manifest
+    return write_atomic(manifest, text, parents=True)

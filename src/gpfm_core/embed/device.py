@@ -246,7 +246,7 @@ def feature_fidelity(
         (n - 1) // 2, so the neighbours stay a minority of the others and the overlap means
         something; None below 5 tiles.
     """
-    from gpfm_core.cohort.index import center_on_cohort_mean
+    from gpfm_core.analysis.similarity import center_features
 
     a = np.asarray(reference, dtype=np.float64)
     b = np.asarray(test, dtype=np.float64)
@@ -260,7 +260,9 @@ def feature_fidelity(
     overlap = []
     tops = []
     for x in (a, b):
-        c = center_on_cohort_mean(x, x.mean(axis=0)).astype(np.float64)
+        # the sample's own mean, as the dock centres a slide on its own (NaN passes through:
+        # it fails the cosine check above instead of raising here)
+        c = center_features(x, unit=True, finite=False)[0].astype(np.float64)
         s = c @ c.T
         np.fill_diagonal(s, -np.inf)
         tops.append(np.argsort(-s, axis=1, kind="stable")[:, :k])

@@ -65,6 +65,7 @@ class GpfmDock(QWidget):
         lay = QVBoxLayout(self)
         lay.setContentsMargins(2, 2, 2, 2)
         lay.addWidget(self.tabs)
+        self.retrieve_tab.embed_tab = self.embed_tab  # opens cohort hits' slides through it
         self.embed_tab.embedded.connect(self.set_active)
         self.embed_tab.forget.connect(self.forget)
         self.tabs.currentChanged.connect(self._tab_changed)

@@ -1,4 +1,10 @@
-"""Gallery of the top-k retrieved tiles: thumbnail, slide and score; click to go there."""
+"""Gallery of the top-k retrieved tiles: thumbnail, slide and score; click to go there.
+
+Hits come from the open slides (``key`` is an open session) or from a cohort index (they
+carry their slide file, feature file and level-0 box, so the tile can be shown and its
+slide opened without a session). A hit whose slide file cannot be read gets a placeholder
+thumbnail, not an error.
+"""
 
 from __future__ import annotations
 
@@ -17,12 +23,35 @@ THUMB_PX = 80
 
 @dataclass(frozen=True)
 class Hit:
-    """One retrieved tile: slide ``key`` / ``name``, tile ``index`` and similarity ``score``."""
+    """One retrieved tile: slide ``key`` / ``name``, tile ``index`` and similarity ``score``.
+
+    Attributes
+    ----------
+    key, name : str
+        The slide's id and display name.
+    index : int
+        The tile's row (in the open session, or in ``file`` for a cohort hit).
+    score : float
+        Similarity to the query.
+    slide_path, file : str
+        Cohort hits: the slide file and the feature file the row belongs to ("" otherwise).
+    xy, size : (int, int) or None
+        Cohort hits: level-0 top-left corner and (width, height) of the tile.
+    """
 
     key: str
     name: str
     index: int
     score: float
+    slide_path: str = ""
+    file: str = ""
+    xy: tuple[int, int] | None = None
+    size: tuple[int, int] | None = None
+
+    @property
+    def from_cohort(self) -> bool:
+        """Whether the hit came from a cohort index (its slide may not be open)."""
+        return bool(self.file)
 
 
 def rgb_pixmap(rgb: np.ndarray, size: int = THUMB_PX) -> QPixmap:
@@ -46,6 +75,21 @@ def _blank_pixmap() -> QPixmap:
     return pix
 
 
+def _missing_pixmap() -> QPixmap:
+    """A grey square with a cross: the tile's slide file could not be read."""
+    from qtpy.QtGui import QColor, QPainter, QPen
+
+    pix = QPixmap(THUMB_PX, THUMB_PX)
+    pix.fill(QColor(90, 90, 90))
+    painter = QPainter(pix)
+    painter.setPen(QPen(QColor(200, 200, 200), 2))
+    m = THUMB_PX // 4
+    painter.drawLine(m, m, THUMB_PX - m, THUMB_PX - m)
+    painter.drawLine(m, THUMB_PX - m, THUMB_PX - m, m)
+    painter.end()
+    return pix
+
+
 class TileGallery(QWidget):
     """Grid of buttons, one per hit.
 
@@ -64,6 +108,8 @@ class TileGallery(QWidget):
         self.buttons: list[QToolButton] = []
         self._pool: list[QToolButton] = []
         self.thumbnails_shown: set[int] = set()
+        #: buttons whose slide could not be read (a placeholder is shown)
+        self.thumbnails_missing: set[int] = set()
         inner = QWidget()
         self._grid = QGridLayout(inner)
         self._grid.setSpacing(4)
@@ -93,18 +139,29 @@ class TileGallery(QWidget):
                 hit = self.hits[i]
                 b.setText(f"{hit.score:.3f}\n{elide_middle(b, hit.name, THUMB_PX + 8)}")
                 # the full slide name: slides of one study often differ only in the middle
-                b.setToolTip(f"{hit.name}\ntile {hit.index} · similarity {hit.score:.4f}")
+                where = "\nin the cohort: click to open the slide there" if hit.from_cohort else ""
+                b.setToolTip(f"{hit.name}\ntile {hit.index} · similarity {hit.score:.4f}{where}")
                 b.setIcon(blank)
             b.setVisible(i < len(self.hits))
         self.buttons = self._pool[: len(self.hits)]
-        self.thumbnails_shown: set[int] = set()
+        self.thumbnails_shown = set()
+        self.thumbnails_missing = set()
 
     def _clicked(self, i: int) -> None:
         if i < len(self.hits):
             self.tile_clicked.emit(self.hits[i])
 
-    def set_thumbnail(self, i: int, rgb: np.ndarray) -> None:
-        """Put the (H, W, 3) uint8 tile image on button ``i``."""
-        if 0 <= i < len(self.buttons):
-            self.buttons[i].setIcon(QIcon(rgb_pixmap(rgb)))
-            self.thumbnails_shown.add(i)
+    def set_thumbnail(self, i: int, rgb: np.ndarray | None, *, why: str = "") -> None:
+        """Put the (H, W, 3) uint8 tile image on button ``i``; None: a placeholder (the
+        slide could not be read, ``why`` says how, in the tooltip)."""
+        if not 0 <= i < len(self.buttons):
+            return
+        b = self.buttons[i]
+        if rgb is None:
+            b.setIcon(QIcon(_missing_pixmap()))
+            self.thumbnails_missing.add(i)
+            if why:
+                b.setToolTip(f"{b.toolTip()}\nno thumbnail: {why}")
+        else:
+            b.setIcon(QIcon(rgb_pixmap(rgb)))
+        self.thumbnails_shown.add(i)
