@@ -34,7 +34,7 @@ log = logging.getLogger("gpu_check")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _sources(data: Path) -> list[Path]:
+def sample_sources(data: Path) -> list[Path]:
     found = sorted(
         p for p in data.iterdir() if p.suffix.lower() in (".svs", ".png", ".tif", ".tiff", ".jpg")
     )
@@ -45,12 +45,43 @@ def _sources(data: Path) -> list[Path]:
     return found
 
 
-def _make_slide(path: str, px: int, sources: list[str], seed: int) -> str:
+def sample_dir(data: Path | None = None) -> Path:
+    """The sample images: ``data``, else ``bench_out/gpu_data`` (carried), else $GPFM_DATA_DIR."""
+    if data is not None:
+        return data
+    carried = ROOT / "bench_out" / "gpu_data"
+    env = Path(os.environ.get("GPFM_DATA_DIR", "-"))
+    return next((d for d in (carried, env) if d.is_dir()), carried)
+
+
+def make_slide(path: str, px: int, sources: list[str], seed: int, height: int | None = None) -> str:
+    """A synthetic 0.25 µm/px slide of ``px`` x ``height`` (default ``px``) pixels, kept if present."""
     from gpfm_core.synth import make_synthetic_slide
 
     if not Path(path).is_file():
-        make_synthetic_slide(path, width=px, height=px, mpp=0.25, sources=sources, seed=seed)
+        make_synthetic_slide(
+            path, width=px, height=height or px, mpp=0.25, sources=sources, seed=seed
+        )
     return path
+
+
+def slide_pool(n: int) -> ProcessPoolExecutor:
+    """Spawned processes for slide generation (at most one per two CPU cores, at least one)."""
+    workers = max(1, min(n, (os.cpu_count() or 2) // 2))
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def big_slide_path(work: Path, px: int, i: int) -> Path:
+    """Where the end-to-end run keeps generated slide ``i`` (the cohort check reuses them)."""
+    return work / f"synth_{px}_{i}.svs"
+
+
+def append_md(path: Path, text: str) -> None:
+    """Append ``text`` to the summary file ``path`` (rewritten atomically)."""
+    from gpfm_core._atomic import write_atomic
+
+    old = path.read_text(encoding="utf-8") if path.is_file() else ""
+    write_atomic(path, old + text + "\n", parents=True)
 
 
 def model_only(enc: Any, *, batch: int, iters: int, device: str, precision: str) -> float:
@@ -120,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--compile", action="store_true", help="torch.compile in the end-to-end run")
     p.add_argument("--work", type=Path, default=ROOT / "bench_out" / "gpu_check")
+    p.add_argument("--md", type=Path, default=None, help="append the table to this file")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.tiny:
@@ -129,15 +161,8 @@ def main(argv: list[str] | None = None) -> int:
             min(args.batch_size, 16),
         )
         args.workers, args.iters = min(args.workers, 2), min(args.iters, 3)
-    data = args.data or next(
-        (
-            d
-            for d in (ROOT / "bench_out" / "gpu_data", Path(os.environ.get("GPFM_DATA_DIR", "-")))
-            if d.is_dir()
-        ),
-        ROOT / "bench_out" / "gpu_data",
-    )
-    sources = [str(s) for s in _sources(data)]
+    data = sample_dir(args.data)
+    sources = [str(s) for s in sample_sources(data)]
     os.environ.setdefault("GPFM_DATA_DIR", str(data))
 
     import torch
@@ -156,15 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
 
     # 1. generate slides in background processes while the GPU benchmark runs
-    workers = max(1, min(args.slides, (os.cpu_count() or 2) // 2))
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    pool = slide_pool(args.slides)
     futures: list[Future[str]] = [
         pool.submit(
-            _make_slide,
-            str(args.work / f"synth_{args.slide_px}_{i}.svs"),
-            args.slide_px,
-            sources,
-            i,
+            make_slide, str(big_slide_path(args.work, args.slide_px, i)), args.slide_px, sources, i
         )
         for i in range(args.slides)
     ]
@@ -217,10 +237,16 @@ def main(argv: list[str] | None = None) -> int:
         (f"cosine bf16 vs fp32, {n_cos} real tiles ({weights})", f"mean {cos_mean:.5f} / min {cos_min:.5f}",
          ">= 0.999", verdict(cos_mean >= 0.999)),
     ]  # fmt: skip
-    print("\n| check | measured | target | result |\n| --- | --- | --- | --- |")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
-    print(f"\nend-to-end / model-only = {e2e / mo:.2f}")
+    lines = [
+        f"\nEmbedding engine ({'CPU dry run' if args.tiny else torch.cuda.get_device_name(0)})\n",
+        "| check | measured | target | result |",
+        "| --- | --- | --- | --- |",
+        *("| " + " | ".join(row) + " |" for row in rows),
+        f"\nend-to-end / model-only = {e2e / mo:.2f}",
+    ]
+    print("\n".join(lines))
+    if args.md is not None:
+        append_md(args.md, "\n".join(lines))
     return 0 if args.tiny or all(r[3] == "PASS" for r in rows) else 1
 
 
