@@ -31,7 +31,13 @@ hence how many worker processes a GPU needs at the measured rate, and the GPU-ho
 GPFM's run (87,500 steps on 16 GPUs) at that rate. A batch size that does not fit is
 reported as OOM and the next one still runs.
 
-``--tiny`` runs the same script on CPU (fp32): a tiny student and heads, batch 2, and the same three full-size random experts, as a dry run of the script.
+``--budget-s`` (``gpu_check.sh`` passes the part's budget): a batch size that would not fit
+(1.25 x the last one's time, scaled by the batch) is listed as not run, and the timed steps stop
+early (at least 3) when the budget runs short; each size's figures are also printed as soon as
+measured.
+
+``--tiny`` runs the same script on CPU (fp32): a tiny student and heads, batch 2, and the same
+three full-size random experts (their builders are what the dry run checks), one step.
 Without CUDA (and without ``--tiny``) it exits with status 2.
 """
 
@@ -229,8 +235,9 @@ def _take(state: Any, *, batch: int, n: int, workers: int, start: int) -> list[d
 
 
 def _time_steps(
-    state: Any, pool: list[dict[str, Any]], *, warmup: int, steps: int
+    state: Any, pool: list[dict[str, Any]], *, warmup: int, steps: int, budget: Any
 ) -> dict[str, Any]:
+    """Median step time of ``steps`` steps after ``warmup``; fewer (at least 3) near the budget."""
     import torch
 
     from gpfm_core.train.loop import train_step
@@ -244,13 +251,16 @@ def _time_steps(
     sync()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    times: list[float] = []
     for _ in range(steps):
+        if len(times) >= 3 and not budget.allows(2 * max(times)):
+            break
         t0 = time.perf_counter()
         values = train_step(state, data)
         sync()
         times.append(time.perf_counter() - t0)
     out: dict[str, Any] = {
+        "steps": len(times),
         "step_s": statistics.median(times),
         "min_s": min(times),
         "max_s": max(times),
@@ -273,7 +283,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--distinct", type=int, default=None, help="prebuilt micro-batches (default: 4)")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="config key=value")
     p.add_argument("--md", type=Path, default=None, help="append the table to this file")
+    p.add_argument("--budget-s", type=float, default=None, help="stop cleanly within this time")
     args = p.parse_args(argv)
+    from gpu_check import Budget
+
+    budget = Budget(args.budget_s)
     import torch
 
     from gpfm_core.train import load_config
@@ -323,17 +337,25 @@ def main(argv: list[str] | None = None) -> int:
         _take(state, batch=sizes[0], n=1, workers=0, start=1)
         per_process = sizes[0] / (time.perf_counter() - t1)
         workers = min(distinct, 8)
+        last: tuple[int, float] | None = None  # (batch, seconds) of the last measured size
         for b in sizes:
+            # a size takes about (b / last batch) x the last one's time; the first always runs
+            if last is not None and not budget.allows(1.25 * last[1] * b / last[0]):
+                print(f"batch {b}: not run, {max(0.0, budget.left()):.0f} s of the budget left")
+                rows.append((b, {"skipped": True}))
+                continue
             pool: list[dict[str, Any]] = []
             try:
                 t1 = time.perf_counter()
                 pool = _take(state, batch=b, n=distinct, workers=workers, start=2)
                 prep = time.perf_counter() - t1
-                res = _time_steps(state, pool, warmup=warmup, steps=steps)
+                res = _time_steps(state, pool, warmup=warmup, steps=steps, budget=budget)
                 res["prep_s"] = prep
                 rows.append((b, res))
+                last = (b, time.perf_counter() - t1)
                 print(
                     f"batch {b}: {1 / res['step_s']:.3g} steps/s, {b / res['step_s']:.3g} tiles/s, "
+                    f"peak {res.get('peak_alloc_gib', float('nan')):.1f} GiB allocated, "
                     f"loss {res['loss']:.3f} ({distinct} batches built in {prep:.1f} s)",
                     flush=True,
                 )
@@ -347,17 +369,18 @@ def main(argv: list[str] | None = None) -> int:
                     torch.cuda.empty_cache()
         state.dataset.close()
 
-    prec = "bf16 autocast" if cuda else "fp32"
+    prec = f"{str(state.amp_dtype).removeprefix('torch.')} autocast" if state.amp_dtype else "fp32"
     lines = [
         f"\nGPFM distillation step ({dev}, {prec}, {n_student:.1f} M-param student, "
-        f"{len(model.experts)} random experts; median of {steps} steps after {warmup} warm-up)\n",
-        "| batch / GPU | steps/s | tiles/s | step ms (median, min-max) | peak alloc GiB | "
+        f"{len(model.experts)} random experts; median of up to {steps} steps after {warmup} "
+        "warm-up)\n",
+        "| batch / GPU | steps/s | tiles/s | step ms (median, min-max; steps) | peak alloc GiB | "
         "peak reserved GiB | GPFM run: GPU-h (h on 16 GPUs) |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for b, r in rows:
-        if r is None:
-            lines.append(f"| {b} | OOM | | | | | |")
+        if r is None or "skipped" in r:
+            lines.append(f"| {b} | {'OOM' if r is None else 'not run: budget'} | | | | | |")
             continue
         gpu_h = GPFM_STEPS * GPFM_GPUS * r["step_s"] / 3600 * (96 / b)  # same tiles as 96/GPU
         mem = (
@@ -367,10 +390,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         lines.append(
             f"| {b} | {1 / r['step_s']:.3g} | {b / r['step_s']:.4g} | {1000 * r['step_s']:.0f} "
-            f"({1000 * r['min_s']:.0f}-{1000 * r['max_s']:.0f}) | {mem} | "
+            f"({1000 * r['min_s']:.0f}-{1000 * r['max_s']:.0f}; {r['steps']}) | {mem} | "
             f"{gpu_h:,.0f} ({gpu_h / GPFM_GPUS:,.1f}) |"
         )
-    best = max((b / r["step_s"] for b, r in rows if r is not None), default=0.0)
+    best = max((b / r["step_s"] for b, r in rows if r is not None and "step_s" in r), default=0.0)
     lines.append(
         f"\nloader: one process augments {per_process:.1f} samples/s (2 global + "
         f"{cfg['crops']['local_crops_number']} local crops each), so {best:.4g} tiles/s needs "
@@ -386,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         from gpu_check import append_md
 
         append_md(args.md, text)
-    return 0 if all(r is not None for _, r in rows) else 1
+    return 0 if all(r is not None and "step_s" in r for _, r in rows) else 1
 
 
 if __name__ == "__main__":
