@@ -119,7 +119,7 @@ def _build_conch_shaped(
     """The ``conch-shaped`` builder (random weights only)."""
     import torch
 
-    from gpfm_core.encoders._conch import ConchEncoder
+    from gpfm_core.encoders._conch import ConchEncoder, conch_shaped_model
     from gpfm_core.encoders._registry import get_encoder_meta
     from gpfm_core.errors import EncoderError
 
@@ -127,70 +127,9 @@ def _build_conch_shaped(
         raise EncoderError(f"{CONCH_SHAPED} has random weights only: set pretrained: false")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = _conch_shaped_model()
+        model = conch_shaped_model()  # CONCH's sizes
     meta = get_encoder_meta(CONCH_SHAPED)
     return ConchEncoder(model, meta, weights_hash=f"random-init-seed{seed}", arch=meta.arch)
-
-
-def _conch_shaped_model() -> Any:
-    """A CoCa-style model whose ``encode_image`` runs CONCH's image tower (random init)."""
-    import timm
-    import torch
-    import torch.nn.functional as F
-    from torch import nn
-
-    class Pooler(nn.Module):
-        """CoCa's attentional pooler: learnt queries cross-attend to the trunk's tokens."""
-
-        def __init__(self, d_model: int, context_dim: int, n_queries: int) -> None:
-            super().__init__()
-            self.query = nn.Parameter(torch.randn(n_queries, d_model))
-            self.attn = nn.MultiheadAttention(
-                d_model, 8, kdim=context_dim, vdim=context_dim, batch_first=True
-            )
-            self.ln_q, self.ln_k = nn.LayerNorm(d_model), nn.LayerNorm(context_dim)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            x = self.ln_k(x)
-            q = self.ln_q(self.query).unsqueeze(0).expand(x.shape[0], -1, -1)
-            return self.attn(q, x, x, need_weights=False)[0]
-
-    class Visual(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            # CONCH's trunk: timm ViT-B/16 (768 wide, 12 blocks) at 448 px, dynamic size
-            self.trunk = timm.create_model(
-                "vit_base_patch16_224", img_size=448, num_classes=0, dynamic_img_size=True
-            )
-            self.attn_pool_contrast = Pooler(512, 768, 1)
-            self.ln_contrast = nn.LayerNorm(512)
-            self.proj_contrast = nn.Parameter(768**-0.5 * torch.randn(512, 512))
-            self.attn_pool_caption = Pooler(768, 768, 256)
-            self.ln_caption = nn.LayerNorm(768)
-
-        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            tokens = self.trunk.forward_features(x)
-            pooled = self.ln_contrast(self.attn_pool_contrast(tokens)[:, 0]) @ self.proj_contrast
-            return pooled, self.ln_caption(self.attn_pool_caption(tokens))
-
-        def forward_no_head(self, x: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-            pooled = self.ln_contrast(self.attn_pool_contrast(self.trunk.forward_features(x))[:, 0])
-            return F.normalize(pooled, dim=-1) if normalize else pooled
-
-    class CocaShaped(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.visual = Visual()
-
-        def encode_image(
-            self, images: torch.Tensor, normalize: bool = True, proj_contrast: bool = True
-        ) -> torch.Tensor:
-            if not proj_contrast:
-                return self.visual.forward_no_head(images, normalize=normalize)
-            z, _ = self.visual(images)
-            return F.normalize(z, dim=-1) if normalize else z
-
-    return CocaShaped()
 
 
 def expert_specs() -> list[dict[str, Any]]:
