@@ -37,7 +37,7 @@ early (at least 3) when the budget runs short; each size's figures are also prin
 measured.
 
 ``--tiny`` runs the same script on CPU (fp32): a tiny student and heads, batch 2, and the same
-three full-size random experts (their builders are what the dry run checks), one step.
+three full-size random experts (their builders are what the dry run checks), one step and no warm-up.
 Without CUDA (and without ``--tiny``) it exits with status 2.
 """
 
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     sizes = [int(b) for b in (args.batches or ("2" if args.tiny else "32,96")).split(",")]
     steps = args.steps or (1 if args.tiny else 10)
-    warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 3)
+    warmup = args.warmup if args.warmup is not None else (0 if args.tiny else 3)
     distinct = args.distinct or (2 if args.tiny else 4)
     specs = expert_specs()
     overrides = [
