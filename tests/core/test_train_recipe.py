@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
@@ -27,7 +26,7 @@ from test_train_loop import tiny
 from torch import nn
 
 from gpfm_core.cli import main
-from gpfm_core.encoders._conch import ConchEncoder
+from gpfm_core.encoders._conch import ConchEncoder, conch_shaped_model
 from gpfm_core.encoders._meta import IMAGENET_MEAN, IMAGENET_STD
 from gpfm_core.encoders.experts import CONCH_META
 from gpfm_core.errors import ConfigError, EncoderError
@@ -206,70 +205,11 @@ def test_gradients_are_clipped_per_module_and_expert_heads_never(mode: str) -> N
 # --- 5. CONCH's target -------------------------------------------------------------------
 
 
-class _AttentionalPooler(nn.Module):
-    """CONCH's pooler shape: learnt queries attend to the (normalised) trunk tokens."""
-
-    def __init__(self, d_model: int, context_dim: int, n_queries: int = 1) -> None:
-        super().__init__()
-        self.query = nn.Parameter(torch.randn(n_queries, d_model))
-        self.attn = nn.MultiheadAttention(
-            d_model, 2, kdim=context_dim, vdim=context_dim, batch_first=True
-        )
-        self.ln_q, self.ln_k = nn.LayerNorm(d_model), nn.LayerNorm(context_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.ln_k(x)
-        q = self.ln_q(self.query).unsqueeze(0).expand(x.shape[0], -1, -1)
-        return self.attn(q, x, x, need_weights=False)[0]
-
-
-class _ConchVisual(nn.Module):
-    """CONCH's ``VisualModel`` shape (random, tiny): a 448 px ViT/16 trunk with dynamic size,
-    a contrastive attentional pool, ``ln_contrast`` and the ``proj_contrast`` matrix."""
-
-    def __init__(self, width: int = 32, dim: int = 24) -> None:
-        super().__init__()
-        self.trunk = timm.create_model(
-            "vit_base_patch16_224",
-            img_size=448,
-            embed_dim=width,
-            depth=1,
-            num_heads=2,
-            num_classes=0,
-            dynamic_img_size=True,
-        )
-        self.attn_pool_contrast = _AttentionalPooler(dim, width)
-        self.ln_contrast = nn.LayerNorm(dim)
-        self.proj_contrast = nn.Parameter(width**-0.5 * torch.randn(dim, dim))
-
-    def forward_no_head(self, x: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        tokens = self.trunk.forward_features(x)
-        pooled = self.ln_contrast(self.attn_pool_contrast(tokens)[:, 0])
-        return F.normalize(pooled, dim=-1) if normalize else pooled
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_no_head(x) @ self.proj_contrast
-
-
-class _ConchShaped(nn.Module):
-    """CoCa's ``encode_image`` contract: projected (and normalised) or the bare pooled feature."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.visual = _ConchVisual()
-
-    def encode_image(
-        self, images: torch.Tensor, normalize: bool = True, proj_contrast: bool = True
-    ) -> torch.Tensor:
-        if not proj_contrast:
-            return self.visual.forward_no_head(images, normalize=normalize)
-        z = self.visual(images)
-        return F.normalize(z, dim=-1) if normalize else z
-
-
 def test_conch_target_is_the_projected_normalised_embedding_of_the_224px_crop() -> None:
     torch.manual_seed(0)
-    net = _ConchShaped().eval()
+    net = conch_shaped_model(
+        width=32, depth=1, heads=2, dim=24, pool_heads=2, caption_queries=0
+    ).eval()
     enc = ConchEncoder(net, replace(CONCH_META, embed_dim=24), weights_hash="random-init-seed0")
     seen: list[tuple[int, ...]] = []
     net.visual.trunk.patch_embed.register_forward_pre_hook(
