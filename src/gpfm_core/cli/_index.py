@@ -204,7 +204,7 @@ def _info(idx: Any, *, every: bool) -> int:
             print("          the cohort is 10x its training sample: `gpfm index build` retrains")
     else:
         print("stage 1:  exact (fewer tiles than the training size)")
-    slides = idx.slides
+    slides = sorted(idx.slides, key=lambda r: (r.label, str(r.file)))
     shown = slides if every else slides[:_LISTED]
     rows = [
         (
