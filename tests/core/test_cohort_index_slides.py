@@ -66,10 +66,7 @@ def _cohort(root: Path, sids: list[str] | None = None, *, table: bool = True) ->
     if table:
         update_table(
             cohort,
-            [
-                TableRow.from_csv({"slide_id": s, "file": f"{TILING}/{SLIDES[s][0]}"})
-                for s in sids
-            ],
+            [TableRow.from_csv({"slide_id": s, "file": f"{TILING}/{SLIDES[s][0]}"}) for s in sids],
         )
     return files
 

@@ -34,6 +34,15 @@ quantisers are trained once, on the first ``train_min`` tiles (a one-off of seco
 ``gpfm index build``; when the cohort has grown 10x past its training sample,
 :attr:`CohortIndex.retrain_advised` says so (``gpfm index build`` retrains).
 
+**Slides.** One entry per feature file, named to users by the slide_id the cohort table
+beside the features gives it (``cohort.csv``, :mod:`gpfm_core.cohort.table`), its name or
+file stem, or its content id; a name of several slides is refused with the candidates
+(:meth:`CohortIndex.slide`). Byte-identical slides under several slide_ids (same tiles and
+features) share one set of tiles (one ``num``): indexed once, their hits name every slide_id.
+
+**Failure.** The manifest is the only commit point: a build or add that raises deletes what
+it wrote, so the previous index stays as it was, or no index folder is left at all.
+
 On-disk layout of an index folder::
 
     index.json                       manifest (slides, group, running sum, training)
