@@ -246,7 +246,7 @@ def test_removing_or_reembedding_one_twin_keeps_the_other(tmp_path: Path) -> Non
         remove_from_index(index_dir, ["aaaa000000000001"])
     assert "names 2 slides" in _one_line(e)
     res = remove_from_index(index_dir, ["case-001"])
-    assert res.n_tiles == 150 and res.n_slides == 3
+    assert res.removed == ["case-001"] and res.n_tiles == 150 and res.n_slides == 3
     idx = CohortIndex.open(index_dir)
     hit = idx.search(_feats("case-001")[4], 1)[0]
     assert (hit.cohort_slide_ids, hit.row, hit.file) == (("case-005",), 4, files[3])

@@ -1329,7 +1329,7 @@ def remove_from_index(index_dir: PathLike, slides: Iterable[str | PathLike]) -> 
         _commit(out, st)
     return IndexUpdate(
         out,
-        removed=sorted({r.name for r in recs}),
+        removed=sorted({r.label for r in recs}),
         n_slides=len(st.slides),
         n_tiles=st.n_tiles,
         trained=st.ann is not None,
