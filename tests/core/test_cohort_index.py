@@ -435,7 +435,7 @@ def test_cli_on_files_from_gpfm_embed(
     c = center_features(emb.features, mean=emb.features.mean(axis=0), unit=True)[0]
     exact = np.sort(np.delete(c @ c[3], 3))[::-1][:4]
     np.testing.assert_allclose([float(r.split(",")[1]) for r in lines[1:]], exact, atol=2e-3)
-    assert 3 not in [int(r.split(",")[4]) for r in lines[1:]]
+    assert 3 not in [int(r.split(",")[5]) for r in lines[1:]]
     # a file from another encoder: refused with one line, exit status 1
     write_feature_file(second, feats, slide_id="x")
     assert main(["index", "add", str(cohort), str(second)]) == 1

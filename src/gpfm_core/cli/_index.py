@@ -57,14 +57,19 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     a.add_argument("files", nargs="*", type=Path, metavar="FILE", help="feature files or folders")
     a.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    r = sub.add_parser("remove", help="remove slides (by slide id, name or feature file)")
+    r = sub.add_parser("remove", help="remove slides (by slide_id, name or feature file)")
     common(r)
-    r.add_argument("slides", nargs="+", metavar="SLIDE", help="slide id, name or .h5 file")
+    r.add_argument(
+        "slides", nargs="+", metavar="SLIDE", help="slide_id, name, content id or .h5 file"
+    )
 
     q = sub.add_parser("query", help="the tiles most similar to one tile")
     common(q)
     q.add_argument(
-        "--slide", required=True, help="indexed slide (id, name or .h5), or any feature file"
+        "--slide",
+        required=True,
+        help="indexed slide: its slide_id in the cohort table (cohort.csv), file name or stem, "
+        "content id or .h5; or any feature file (a name of several slides is refused)",
     )
     where = q.add_mutually_exclusive_group(required=True)
     where.add_argument("--tile", type=int, help="tile row in the slide's feature file")
@@ -77,9 +82,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     q.add_argument("--nprobe", type=int, default=None, help="IVF lists visited")
     q.add_argument("--csv", type=Path, default=None, help="also write the hits to this CSV")
 
-    i = sub.add_parser("info", help="what the index holds")
+    i = sub.add_parser("info", help="what the index holds, and its slides")
     common(i)
+    i.add_argument(
+        "--all", action="store_true", help=f"list every slide (default: the first {_LISTED})"
+    )
     return p
+
+
+#: Slides ``gpfm index info`` lists without --all.
+_LISTED = 50
 
 
 def _targets(args: argparse.Namespace) -> list[tuple[Any, Path]]:
@@ -144,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
         for sources, out in _targets(args):
             res = cohort.build_index(sources, out, progress=_bar(args, "indexing"), **kwargs)
             print(_summary(res))
+            _notes(res)
             print(
                 "stage 1: IVF-PQ (trained)" if res.trained else "stage 1: exact (below --train-min)"
             )
@@ -152,6 +165,7 @@ def run(args: argparse.Namespace) -> int:
         for sources, out in _targets(args):
             res = cohort.add_to_index(out, sources, progress=_bar(args, "adding"))
             print(_summary(res))
+            _notes(res)
             if res.trained:
                 print("the cohort reached its training size: quantisers trained on it")
         return 0
@@ -161,11 +175,21 @@ def run(args: argparse.Namespace) -> int:
         return 0
     idx = cohort.CohortIndex.open(out)
     if args.action == "info":
-        return _info(idx)
+        return _info(idx, every=args.all)
     return _query(idx, args)
 
 
-def _info(idx: Any) -> int:
+def _notes(res: Any) -> None:
+    for line in res.notes:
+        print(f"note: {line}")
+
+
+def _label(hit: Any) -> str:
+    """A hit's slide as a user named it: its cohort slide_id(s), else its name."""
+    return ",".join(hit.cohort_slide_ids) or hit.slide_name
+
+
+def _info(idx: Any, *, every: bool) -> int:
     g = idx.group
     print(f"index:    {idx.index_dir}")
     print(f"features: {g.describe()}, {idx.dim}-d")
@@ -180,6 +204,25 @@ def _info(idx: Any) -> int:
             print("          the cohort is 10x its training sample: `gpfm index build` retrains")
     else:
         print("stage 1:  exact (fewer tiles than the training size)")
+    slides = sorted(idx.slides, key=lambda r: (r.label, str(r.file)))
+    shown = slides if every else slides[:_LISTED]
+    rows = [
+        (
+            r.cohort_slide_id or "-",
+            r.name,
+            r.slide_id,
+            str(r.n_tiles),
+            r.file.name,
+            r.slide_path or "-",
+        )
+        for r in shown
+    ]
+    head = ("slide_id", "name", "content id", "tiles", "feature file", "slide")
+    widths = [max(len(c) for c in col) for col in zip(head, *rows, strict=True)]
+    for row in (head, *rows):
+        print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    if len(shown) < len(slides):
+        print(f"  ... {len(slides) - len(shown)} more (--all lists every slide)")
     return 0
 
 
@@ -195,13 +238,13 @@ def _query(idx: Any, args: argparse.Namespace) -> int:
         if not Path(args.slide).is_file():
             raise
         rec = None
-    if rec is not None:
-        row = args.tile if args.tile is not None else idx.tile_at(rec.slide_id, *args.xy)
+    if rec is not None:  # named by its file from here on: the one unambiguous key
+        row = args.tile if args.tile is not None else idx.tile_at(rec.file, *args.xy)
         if row is None:
-            raise CohortIndexError(f"no tile of {rec.name} contains the point {tuple(args.xy)}")
+            raise CohortIndexError(f"no tile of {rec.label} contains the point {tuple(args.xy)}")
         kw = {"k": args.k, "candidates": args.candidates, "nprobe": args.nprobe}
-        hits = idx.search_tile(rec.slide_id, row, other_slides_only=args.other_slides, **kw)
-        name = rec.name
+        hits = idx.search_tile(rec.file, row, other_slides_only=args.other_slides, **kw)
+        name = rec.label if rec.label == rec.name else f"{rec.label} ({rec.name})"
     else:  # a feature file outside the index: its group must match
         from gpfm_core.analysis.similarity import query_from_point
         from gpfm_core.cohort import feature_group
@@ -229,7 +272,8 @@ def _query(idx: Any, args: argparse.Namespace) -> int:
     print(f"query: {name} tile {row}")
     print(f"{'rank':>4}  {'score':>7}  {'tile':>7}  {'x':>8}  {'y':>8}  slide")
     for i, h in enumerate(hits, 1):
-        print(f"{i:>4}  {h.score:7.4f}  {h.row:>7}  {h.x:>8}  {h.y:>8}  {h.slide_name}")
+        name = _label(h) if _label(h) == h.slide_name else f"{_label(h)} ({h.slide_name})"
+        print(f"{i:>4}  {h.score:7.4f}  {h.row:>7}  {h.x:>8}  {h.y:>8}  {name}")
     if args.csv is not None:
         import csv
         import io
@@ -238,14 +282,28 @@ def _query(idx: Any, args: argparse.Namespace) -> int:
 
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
+        # slide_id: the cohort table's (";"-joined for byte-identical slides indexed once),
+        # else the content id; content_id always
         w.writerow(
-            ["rank", "score", "slide_id", "slide_name", "row", "x", "y", "file", "slide_path"]
+            [
+                "rank",
+                "score",
+                "slide_id",
+                "content_id",
+                "slide_name",
+                "row",
+                "x",
+                "y",
+                "file",
+                "slide_path",
+            ]
         )
         for i, h in enumerate(hits, 1):
             w.writerow(
                 [
                     i,
                     f"{h.score:.6f}",
+                    ";".join(h.cohort_slide_ids) or h.slide_id,
                     h.slide_id,
                     h.slide_name,
                     h.row,

@@ -34,6 +34,15 @@ quantisers are trained once, on the first ``train_min`` tiles (a one-off of seco
 ``gpfm index build``; when the cohort has grown 10x past its training sample,
 :attr:`CohortIndex.retrain_advised` says so (``gpfm index build`` retrains).
 
+**Slides.** One entry per feature file, named to users by the slide_id the cohort table
+beside the features gives it (``cohort.csv``, :mod:`gpfm_core.cohort.table`), its name or
+file stem, or its content id; a name of several slides is refused with the candidates
+(:meth:`CohortIndex.slide`). Byte-identical slides under several slide_ids (same tiles and
+features) share one set of tiles (one ``num``): indexed once, their hits name every slide_id.
+
+**Failure.** The manifest is the only commit point: a build or add that raises deletes what
+it wrote, so the previous index stays as it was, or no index folder is left at all.
+
 On-disk layout of an index folder::
 
     index.json                       manifest (slides, group, running sum, training)
@@ -92,7 +101,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FORMAT = "gpfm-cohort-index"
-VERSION = 1
+VERSION = 2  # 2: entries keyed by feature file; byte-identical slides share one num
 MANIFEST = "index.json"
 LOCK = "index.lock"
 SLIDES = "slides"
@@ -142,9 +151,10 @@ class IndexedSlide:
     num : int
         Its number in the index (never reused); FAISS ids are ``num << 32 | row``.
     slide_id, name : str
-        The slide's content id (``slide_id`` attribute, else the file stem) and file stem.
+        The slide's content id (``slide_id`` attribute, else the file stem) and its name
+        (``slide_name`` attribute, else the file stem).
     file : Path
-        The feature file it was read from.
+        The feature file it was read from: the key of the entry (one entry per file).
     n_tiles : int
         Tiles (rows) it holds.
     content_hash : str
@@ -155,6 +165,14 @@ class IndexedSlide:
         The slide file recorded in the feature file ("" when unknown), for thumbnails.
     size, mtime_ns : int
         Of the feature file when read: an unchanged file is skipped without reading it.
+    cohort_slide_id : str
+        The slide's ``slide_id`` in the cohort table beside its feature file (the manifest's
+        name, e.g. ``case-001``; :mod:`gpfm_core.cohort.table`), read when the index is
+        loaded; "" when no table names the file. Not stored in the manifest: the table is
+        the source.
+
+    Byte-identical slides (same tiles, same features) under several slide_ids are one set
+    of tiles in the index: their entries share ``num``, and a hit names every one of them.
     """
 
     num: int
@@ -167,10 +185,17 @@ class IndexedSlide:
     slide_path: str = ""
     size: int = 0
     mtime_ns: int = 0
+    cohort_slide_id: str = ""
+
+    @property
+    def label(self) -> str:
+        """How the slide is named to a user: its cohort slide_id, else its name."""
+        return self.cohort_slide_id or self.name
 
     def to_json(self) -> dict[str, Any]:
         d = self.__dict__.copy()
         d["file"] = str(self.file)
+        d.pop("cohort_slide_id")
         return d
 
     @classmethod
@@ -198,6 +223,10 @@ class CohortHit:
         Cosine similarity of the centred features, in [-1, 1].
     tile_size_level0 : int
         The tile's side in level-0 px (0 when unknown), e.g. to read its thumbnail.
+    cohort_slide_ids : tuple of str
+        The slide_ids of the cohort table the tile belongs to: one, or several when
+        byte-identical slides were embedded under several slide_ids (indexed once); () when
+        no cohort table names the feature file.
     """
 
     slide_id: str
@@ -209,17 +238,23 @@ class CohortHit:
     y: int
     score: float
     tile_size_level0: int = 0
+    cohort_slide_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class IndexUpdate:
-    """What :func:`build_index`, :func:`add_to_index` or :func:`remove_from_index` did."""
+    """What :func:`build_index`, :func:`add_to_index` or :func:`remove_from_index` did.
+
+    ``notes`` holds one line per feature file indexed as a duplicate of another (the same
+    tiles and features: byte-identical slides under two slide_ids), to show the user.
+    """
 
     index_dir: Path
     added: list[str] = field(default_factory=list)
     replaced: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     n_slides: int = 0
     n_tiles: int = 0
     trained: bool = False
@@ -251,9 +286,9 @@ class _State:
     train_min: int
     ref_mean: np.ndarray | None  # (D,) float32, subtracted before the float16 copy
     total: np.ndarray  # (D,) float64 sum of the stored (ref-centred) float16 rows
-    n_tiles: int = 0
+    n_tiles: int = 0  # distinct tiles: byte-identical slides count once
     next_num: int = 1
-    slides: dict[str, IndexedSlide] = field(default_factory=dict)
+    slides: dict[str, IndexedSlide] = field(default_factory=dict)  # str(feature file) -> entry
     ann: _Ann | None = None
 
     def mean(self) -> np.ndarray:
@@ -322,7 +357,7 @@ def _state_from_json(text: str, index_dir: Path) -> _State:
             rec = IndexedSlide.from_json(s)
             if not rec.file.is_absolute():
                 rec = replace(rec, file=Path(os.path.normpath(index_dir / rec.file)))
-            slides[rec.slide_id] = rec
+            slides[str(rec.file)] = rec
         return _State(
             group=FeatureGroup(**doc["group"]),
             dim=int(doc["dim"]),
@@ -586,10 +621,13 @@ def _read_state(index_dir: Path) -> _State | None:
 _OWN_FILE = re.compile(r"^(\d{7})\.(?:f16|coords|([0-9a-f]+)\.codes)\.npy$")
 
 
-def _cleanup(index_dir: Path, st: _State) -> None:
-    """Delete the files no committed slide or training refers to (held under the lock)."""
-    live = {s.num for s in st.slides.values()}
-    train_id = st.ann.train_id if st.ann is not None else None
+def _cleanup(index_dir: Path, st: _State | None) -> None:
+    """Delete the files no committed slide or training refers to (held under the lock).
+
+    ``st`` None: no manifest, so every slide and training file goes.
+    """
+    live = {s.num for s in st.slides.values()} if st is not None else set()
+    train_id = st.ann.train_id if st is not None and st.ann is not None else None
     for p in (index_dir / SLIDES).glob("*") if (index_dir / SLIDES).is_dir() else ():
         m = _OWN_FILE.match(p.name)
         stale_tmp = p.name.startswith(".") and p.name.endswith(".tmp")  # a killed writer's
@@ -602,7 +640,7 @@ def _cleanup(index_dir: Path, st: _State) -> None:
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
     for p in index_dir.glob("ivfpq.*.faiss"):
-        if st.ann is None or p.name != st.ann.file:
+        if st is None or st.ann is None or p.name != st.ann.file:
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
     for p in index_dir.glob(".*.tmp"):
@@ -613,6 +651,32 @@ def _cleanup(index_dir: Path, st: _State) -> None:
 def _commit(index_dir: Path, st: _State) -> None:
     write_atomic(index_dir / MANIFEST, _state_to_json(st, index_dir))
     _cleanup(index_dir, st)
+
+
+@contextlib.contextmanager
+def _writing(index_dir: Path) -> Iterator[_State | None]:
+    """Hold the lock to change the index; yield its committed state (None: no index yet).
+
+    The manifest is the only commit point: when the block raises, every file it wrote
+    (slide files, a training) is deleted, and a folder this call created is removed, so a
+    failed build or add leaves the index exactly as it was (or no folder at all).
+    """
+    created = not index_dir.exists()
+    failed = False
+    try:
+        with _locked(index_dir, create=True):
+            old = _read_state(index_dir)
+            try:
+                yield old
+            except BaseException:
+                failed = True
+                _cleanup(index_dir, _read_state(index_dir))  # the committed one: unchanged
+                raise
+    finally:
+        if failed and created and not (index_dir / MANIFEST).exists():
+            for p in (index_dir / SLIDES, index_dir / LOCK, index_dir):
+                with contextlib.suppress(OSError):  # only what is empty / ours
+                    p.rmdir() if p.is_dir() else p.unlink()
 
 
 # --------------------------------------------------------------------------- writing slides
@@ -657,6 +721,11 @@ def _ingest(index_dir: Path, st: _State, path: Path, emb: Any) -> IndexedSlide:
     _save_npy(_coords_path(index_dir, num), np.ascontiguousarray(emb.coords, dtype=np.int64))
     st.total = st.total + _stored_sum(f16)
     st.n_tiles += len(feats)
+    return _record(path, emb, num, _content_hash(feats))
+
+
+def _record(path: Path, emb: Any, num: int, content_hash: str) -> IndexedSlide:
+    """The manifest entry of feature file ``path`` whose tiles are stored under ``num``."""
     stat = path.stat()
     attrs = emb.attrs
     return IndexedSlide(
@@ -664,8 +733,8 @@ def _ingest(index_dir: Path, st: _State, path: Path, emb: Any) -> IndexedSlide:
         slide_id=str(attrs.get("slide_id") or path.stem),
         name=str(attrs.get("slide_name") or path.stem),
         file=path,
-        n_tiles=len(feats),
-        content_hash=_content_hash(feats),
+        n_tiles=len(emb.features),
+        content_hash=content_hash,
         tile_size_level0=int(attrs.get("tile_size_level0") or attrs.get("patch_size_level0") or 0),
         slide_path=str(attrs.get("slide_path") or ""),
         size=int(stat.st_size),
@@ -673,13 +742,31 @@ def _ingest(index_dir: Path, st: _State, path: Path, emb: Any) -> IndexedSlide:
     )
 
 
+def _twin_of(index_dir: Path, st: _State, content_hash: str, emb: Any) -> IndexedSlide | None:
+    """The indexed slide with the same tiles and features as ``emb`` (a byte-identical
+    slide embedded under another slide_id), or None. Empty slides are never twins."""
+    n = len(emb.features)
+    ts = int(emb.attrs.get("tile_size_level0") or emb.attrs.get("patch_size_level0") or 0)
+    for rec in st.slides.values():
+        if rec.content_hash != content_hash or rec.n_tiles != n or not n:
+            continue
+        if rec.tile_size_level0 == ts and np.array_equal(
+            _load_npy(_coords_path(index_dir, rec.num), mmap=True), emb.coords
+        ):
+            return rec
+    return None
+
+
 def _drop(index_dir: Path, st: _State, rec: IndexedSlide) -> None:
-    """Take one slide out of the running sum and the manifest (its files go at commit)."""
+    """Take one entry out of the manifest, and its tiles out of the running sum unless a
+    byte-identical slide still holds them (its files go at commit)."""
+    del st.slides[str(rec.file)]
+    if any(r.num == rec.num for r in st.slides.values()):
+        return
     if rec.n_tiles:
         f16 = _load_npy(_f16_path(index_dir, rec.num), mmap=True)
         st.total = st.total - _stored_sum(f16)
     st.n_tiles -= rec.n_tiles
-    del st.slides[rec.slide_id]
     if st.n_tiles == 0:  # start afresh: no float rounding carried into the next slides
         st.total = np.zeros(st.dim, np.float64)
 
@@ -828,22 +915,28 @@ def _apply_adds(
     paths: Sequence[Path],
     *,
     progress: Callable[[int, int], None] | None,
-) -> tuple[list[str], list[str], list[str], list[IndexedSlide], bool]:
-    """Add each file to ``st`` (writing its slide files).
+) -> tuple[list[str], list[str], list[str], list[IndexedSlide], bool, list[str]]:
+    """Add each file to ``st`` (writing its slide files); one entry per feature file.
 
-    Returns added, replaced and skipped names, the new records, and whether the manifest
-    changed at all (a skipped file that was moved or touched updates its entry).
+    A file whose tiles and features equal an indexed slide's (byte-identical slides under
+    two slide_ids, both accepted by ``gpfm embed``) gets its own entry sharing that slide's
+    tiles: indexed once, and its hits name both. A file that moved (same features, its old
+    file gone) keeps its entry.
+
+    Returns added, replaced and skipped names, the records whose tiles were written, whether
+    the manifest changed at all (a skipped file that was moved or touched updates its
+    entry), and one note per duplicate.
     """
     from gpfm_core.embed.loading import EmbeddingsFileError, load_embeddings
 
-    by_file = {r.file: r for r in st.slides.values()}
     added: list[str] = []
     replaced: list[str] = []
     skipped: list[str] = []
     new: list[IndexedSlide] = []
+    twins: list[tuple[IndexedSlide, IndexedSlide]] = []
     touched = False
     for i, path in enumerate(paths):
-        old = by_file.get(path)
+        old = st.slides.get(str(path))
         if old is not None and _unchanged(old, path):
             skipped.append(old.name)
         else:
@@ -851,29 +944,107 @@ def _apply_adds(
                 emb = load_embeddings(path)
             except EmbeddingsFileError as exc:
                 raise FeatureFilesError(str(exc)) from None
-            sid = str(emb.attrs.get("slide_id") or path.stem)
-            twin = next((r for r in new if r.slide_id == sid), None)
-            if twin is not None:
-                raise FeatureFilesError(
-                    f"slide {sid} appears twice ({twin.file.name}, {path.name}); "
-                    "keep one feature file per slide"
+            h = _content_hash(emb.features)
+            moved = next(
+                (
+                    r
+                    for r in st.slides.values()
+                    if old is None and r.content_hash == h and not r.file.exists()
+                ),
+                None,
+            )
+            if (old is not None and old.content_hash == h) or moved is not None:
+                # same features (file touched, or moved): remember its new place and stat
+                prev = old if old is not None else moved
+                assert prev is not None
+                s = path.stat()
+                del st.slides[str(prev.file)]
+                st.slides[str(path)] = replace(
+                    prev, file=path, size=s.st_size, mtime_ns=s.st_mtime_ns
                 )
-            old = st.slides.get(sid)
-            if old is not None and old.content_hash == _content_hash(emb.features):
-                s = path.stat()  # same features (file touched or moved): remember its new stat
-                st.slides[sid] = replace(old, file=path, size=s.st_size, mtime_ns=s.st_mtime_ns)
-                skipped.append(old.name)
+                skipped.append(prev.name)
                 touched = True
             else:
                 if old is not None:  # re-embedded: the new features replace the old entry
                     _drop(index_dir, st, old)
-                rec = _ingest(index_dir, st, path, emb)
-                st.slides[rec.slide_id] = rec
-                new.append(rec)
+                twin = _twin_of(index_dir, st, h, emb)
+                if twin is not None:
+                    rec = _record(path, emb, twin.num, h)
+                    twins.append((rec, twin))
+                else:
+                    rec = _ingest(index_dir, st, path, emb)
+                    new.append(rec)
+                st.slides[str(path)] = rec
                 (replaced if old is not None else added).append(rec.name)
         if progress is not None:
             progress(i + 1, len(paths))
-    return added, replaced, skipped, new, touched
+    return added, replaced, skipped, new, touched, _twin_notes(twins)
+
+
+def _twin_notes(twins: Sequence[tuple[IndexedSlide, IndexedSlide]]) -> list[str]:
+    """One line per duplicate, naming both by their cohort slide_ids where a table has them."""
+    if not twins:
+        return []
+    ids = _table_slide_ids([r.file for pair in twins for r in pair])
+
+    def name(r: IndexedSlide) -> str:
+        sid = ids.get(r.file, "")
+        return f"{sid} ({r.file.name})" if sid else r.file.name
+
+    return [
+        f"{name(a)} has the same tiles and features as {name(b)} (byte-identical slides?): "
+        "indexed once, its hits name both"
+        for a, b in twins
+    ]
+
+
+def _table_slide_ids(files: Iterable[Path]) -> dict[Path, str]:
+    """Feature file -> its ``slide_id`` in the cohort table beside it (the manifest's name).
+
+    ``gpfm embed --out COHORT`` writes ``COHORT/cohort.csv`` and the feature files into
+    ``COHORT/<tiling>/features_<encoder>/``: the table is looked for in a file's folder and
+    the two above it (the nearest wins). Files no table names are left out; a table that
+    cannot be read is logged and ignored (the index works without names).
+    """
+    from gpfm_core.cohort.table import CohortTableError, read_table, table_path
+
+    out: dict[Path, str] = {}
+    seen: set[Path] = set()
+    for folder in sorted({Path(f).parent for f in files}):
+        for cand in (folder, *list(folder.parents)[:2]):
+            if cand in seen:
+                continue
+            seen.add(cand)
+            if not table_path(cand).is_file():
+                continue
+            try:
+                rows = read_table(cand)
+            except CohortTableError as exc:
+                log.warning("slide_ids not read: %s", exc)
+                continue
+            for row in rows:
+                out.setdefault(Path(os.path.normpath(cand / row.file)), row.slide_id)
+    return out
+
+
+def _table_stamps(files: Iterable[Path]) -> tuple[tuple[str, int, int], ...]:
+    """(path, mtime, size) of every cohort table :func:`_table_slide_ids` would read."""
+    from gpfm_core.cohort.table import table_path
+
+    out = []
+    for cand in sorted({c for f in files for c in (Path(f).parent, *Path(f).parents[1:3])}):
+        with contextlib.suppress(OSError):
+            s = table_path(cand).stat()
+            out.append((str(cand), s.st_mtime_ns, s.st_size))
+    return tuple(out)
+
+
+def _with_table_ids(st: _State, ids: dict[Path, str] | None = None) -> _State:
+    """``st`` with each entry's ``cohort_slide_id`` from the cohort tables (in place)."""
+    if ids is None:
+        ids = _table_slide_ids(r.file for r in st.slides.values())
+    st.slides = {k: replace(r, cohort_slide_id=ids.get(r.file, "")) for k, r in st.slides.items()}
+    return st
 
 
 def build_index(
@@ -905,22 +1076,24 @@ def build_index(
     Returns
     -------
     IndexUpdate
-        ``added`` slide names, ``n_slides``, ``n_tiles``, ``trained``.
+        ``added`` slide names, ``n_slides`` (feature files), ``n_tiles`` (distinct tiles),
+        ``trained``, ``notes`` (byte-identical slides indexed once).
 
     Raises
     ------
     FeatureFilesError
-        A path is missing, no file found, files from several encoders / tilings, a slide twice.
+        A path is missing, no file found, files from several encoders / tilings.
     CohortIndexError
-        Features of the wrong width, NaN / inf, or unwritable index folder.
+        Features of the wrong width, NaN / inf, or unwritable index folder. A failed build
+        changes nothing: the previous index (if any) stays as it was, and a folder the build
+        created is removed.
     """
     t0 = time.perf_counter()
     out = (Path(index_dir) if index_dir is not None else _default_for(sources)).resolve()
     files = [p for p in find_feature_files(sources) if not p.is_relative_to(out)]
     group, files = group_files(files)
     dim = _width(files[0])
-    with _locked(out, create=True):
-        old = _read_state(out)
+    with _writing(out) as old:
         st = _State(
             group=group,
             dim=dim,
@@ -929,7 +1102,7 @@ def build_index(
             total=np.zeros(dim, np.float64),
             next_num=old.next_num if old is not None else 1,  # new files never overwrite old
         )
-        added, *_ = _apply_adds(out, st, files, progress=progress)
+        added, *_, notes = _apply_adds(out, st, files, progress=progress)
         trained = st.n_tiles >= st.train_min
         if trained:
             _train_and_encode(out, st, nlist=nlist, pq_m=pq_m)
@@ -937,6 +1110,7 @@ def build_index(
     return IndexUpdate(
         out,
         added=added,
+        notes=notes,
         n_slides=len(st.slides),
         n_tiles=st.n_tiles,
         trained=trained,
@@ -984,8 +1158,7 @@ def add_to_index(
     out = Path(index_dir).resolve()
     files = [p for p in find_feature_files(sources) if not p.is_relative_to(out)]
     trained = False
-    with _locked(out, create=True):
-        st = _read_state(out)
+    with _writing(out) as st:
         # files indexed as they are now are skipped before anything is opened, and an add
         # that changes nothing writes nothing (a rerun leaves the index as it was)
         known = _unchanged_files(st, files)
@@ -996,9 +1169,11 @@ def add_to_index(
                 dim = _width(fresh[0])
                 st = _State(group, dim, int(train_min), None, np.zeros(dim, np.float64))
             _check_group(group, st, fresh[0])
-            added, replaced, skipped, new, touched = _apply_adds(out, st, fresh, progress=progress)
+            added, replaced, skipped, new, touched, notes = _apply_adds(
+                out, st, fresh, progress=progress
+            )
         else:
-            added, replaced, skipped, new, touched = [], [], [], [], False
+            added, replaced, skipped, new, touched, notes = [], [], [], [], False, []
         skipped = [known[p] for p in files if p in known] + skipped
         assert st is not None  # files is never empty: find_feature_files raises
         if st.ann is None and st.n_tiles >= st.train_min:
@@ -1015,6 +1190,7 @@ def add_to_index(
         added=added,
         replaced=replaced,
         skipped=skipped,
+        notes=notes,
         n_slides=len(st.slides),
         n_tiles=st.n_tiles,
         trained=trained,
@@ -1091,6 +1267,8 @@ class IndexFeeder:
             except OSError as exc:  # a full disk, a read-only folder: the run goes on
                 self._failed(index_dir, f"{type(exc).__name__}: {exc}")
             else:
+                for line in res.notes:  # nobody else shows them during a run
+                    log.warning("%s", line)
                 self._merge(res)
 
     def _failed(self, index_dir: Path, error: str) -> None:
@@ -1106,6 +1284,7 @@ class IndexFeeder:
                 added=old.added + res.added,
                 replaced=old.replaced + res.replaced,
                 skipped=old.skipped + res.skipped,
+                notes=old.notes + res.notes,
                 trained=old.trained or res.trained,
                 seconds=old.seconds + res.seconds,
             )
@@ -1127,25 +1306,30 @@ def _summary_of(index_dir: Path, files: Sequence[Path]) -> IndexUpdate:
 
 
 def remove_from_index(index_dir: PathLike, slides: Iterable[str | PathLike]) -> IndexUpdate:
-    """Remove slides (by slide id, name or feature file) without touching the others.
+    """Remove slides without touching the others.
+
+    Each is named as :meth:`CohortIndex.slide` accepts (cohort slide_id, name or file stem,
+    content id, feature file); a byte-identical twin of a removed slide keeps its tiles.
 
     Raises
     ------
     CohortIndexError
-        No index there, or a slide it does not hold (nothing is removed then).
+        No index there, a slide it does not hold, or a name of several slides (nothing is
+        removed then).
     """
     t0 = time.perf_counter()
     out = Path(index_dir).resolve()
     with _locked(out):
         st = _read_state(out)
         assert st is not None
+        _with_table_ids(st)
         recs = [_resolve(st, s) for s in slides]
-        for rec in {r.slide_id: r for r in recs}.values():
+        for rec in {r.file: r for r in recs}.values():
             _drop(out, st, rec)
         _commit(out, st)
     return IndexUpdate(
         out,
-        removed=sorted({r.name for r in recs}),
+        removed=sorted({r.label for r in recs}),
         n_slides=len(st.slides),
         n_tiles=st.n_tiles,
         trained=st.ann is not None,
@@ -1170,19 +1354,58 @@ def _width(path: Path) -> int:
     return int(shape[-1])
 
 
-def _resolve(st: _State, ref: str | PathLike) -> IndexedSlide:
-    """The slide named by ``ref``: a slide id, a name (file stem) or a feature file path."""
+def _resolve(st: _State, ref: str | PathLike, *, same_tiles: bool = False) -> IndexedSlide:
+    """The slide named by ``ref``: its feature file, its cohort slide_id (the cohort table's),
+    its name or file stem or file name, or its content id.
+
+    Parameters
+    ----------
+    st
+        The manifest, with ``cohort_slide_id`` filled (:func:`_with_table_ids`).
+    ref
+        The name.
+    same_tiles
+        Accept a name of several entries that share one set of tiles (byte-identical
+        slides): the first is returned. For reading tiles, not for removing.
+
+    Raises
+    ------
+    CohortIndexError
+        No slide so named, or several (the message lists them with their slide_ids and
+        files, and says how to pick one).
+    """
     key = str(ref)
+    p = Path(key)
     if key in st.slides:
         return st.slides[key]
-    p = Path(key)
-    for rec in st.slides.values():
-        if rec.name == key or rec.file == p or (p.exists() and rec.file == p.resolve()):
-            return rec
-    known = ", ".join(sorted(r.name for r in st.slides.values())[:5])
-    more = "..." if len(st.slides) > 5 else ""
+    if p.suffix == FEATURE_SUFFIX and p.exists():
+        hit = st.slides.get(str(p.resolve()))
+        if hit is not None:
+            return hit
+    found = [
+        r
+        for r in st.slides.values()
+        if key in (r.cohort_slide_id, r.slide_id, r.name, r.file.stem, r.file.name)
+    ]
+    if len(found) == 1 or (found and same_tiles and len({r.num for r in found}) == 1):
+        return found[0]
+    if found:
+        listed = "; ".join(
+            f"{r.cohort_slide_id or r.slide_id} ({r.file.name}"
+            + (f", slide {r.slide_path})" if r.slide_path else ")")
+            for r in found[:6]
+        )
+        more = f"; {len(found) - 6} more" if len(found) > 6 else ""
+        raise CohortIndexError(
+            f"{key!r} names {len(found)} slides of the index: {listed}{more}; give one by its "
+            f"slide_id or its feature file's name or path instead (e.g. {found[0].file.name!r})"
+        )
+    labels = sorted({r.label for r in st.slides.values()})
+    known = ", ".join(labels[:5])
+    more = "..." if len(labels) > 5 else ""
     raise CohortIndexError(
-        f"the index holds no slide {key!r}; it holds {len(st.slides)} slides ({known}{more})"
+        f"the index holds no slide {key!r}; it holds {len(st.slides)} slides ({known}{more}): "
+        "name one by its slide_id, file name or content id (gpfm index info lists them)"
     )
 
 
@@ -1210,7 +1433,9 @@ class CohortIndex:
         self._ann_index: faiss.Index | None = None
         self._f16: dict[int, _RowFile] = {}
         self._coords: dict[int, np.ndarray] = {}
-        self._by_num: dict[int, IndexedSlide] = {}
+        self._by_num: dict[int, list[IndexedSlide]] = {}
+        self._ids: dict[Path, str] = {}  # feature file -> cohort table slide_id
+        self._stamps: tuple[tuple[str, int, int], ...] | None = None  # of those tables
 
     # -- opening and keeping current -------------------------------------------------------
 
@@ -1231,29 +1456,44 @@ class CohortIndex:
         """Catch up with slides added or removed since loading (by any process).
 
         Only the difference is applied: new slides' codes are added, removed slides' ids
-        dropped. Returns True when something changed.
+        dropped. The slides' cohort slide_ids are re-read when a cohort table beside the
+        feature files changed. Returns True when something changed.
         """
         with _locked(self.index_dir):
             st = _read_state(self.index_dir)
             assert st is not None
             old = self._st
+            files = [r.file for r in st.slides.values()]
+            stamps = _table_stamps(files)
+            if stamps != self._stamps or old is None or set(old.slides) != set(st.slides):
+                self._ids = _table_slide_ids(files)
+            renamed = stamps != self._stamps
+            self._stamps = stamps
+            _with_table_ids(st, self._ids)
+            by_num: dict[int, list[IndexedSlide]] = {}
+            for r in st.slides.values():
+                by_num.setdefault(r.num, []).append(r)
             if old is not None and _same_ann(old.ann, st.ann) and self._ann_index is not None:
-                gone = [n for n in self._by_num if n not in {r.num for r in st.slides.values()}]
-                came = [r for r in st.slides.values() if r.num not in self._by_num]
+                gone = [n for n in self._by_num if n not in by_num]
+                came = [recs[0] for n, recs in by_num.items() if n not in self._by_num]
                 for num in gone:
                     self._forget(num)
                 for rec in came:
                     self._load_slide(st, rec)
                 self._st = st
-                self._by_num = {r.num: r for r in st.slides.values()}
-                return bool(gone or came) or st.n_tiles != old.n_tiles
+                self._by_num = by_num
+                return (
+                    bool(gone or came or renamed)
+                    or st.n_tiles != old.n_tiles
+                    or set(st.slides) != set(old.slides)
+                )
             self._st = st
-            self._by_num = {r.num: r for r in st.slides.values()}
+            self._by_num = by_num
             self._f16.clear()
             self._coords.clear()
             self._ann_index = self._empty_ann(st)
-            for rec in st.slides.values():
-                self._load_slide(st, rec)
+            for recs in by_num.values():
+                self._load_slide(st, recs[0])
             return True
 
     def _empty_ann(self, st: _State) -> faiss.Index:
@@ -1341,8 +1581,13 @@ class CohortIndex:
 
     @property
     def slides(self) -> list[IndexedSlide]:
-        """The slides, in the order they were added."""
+        """The slides (one per feature file), in the order they were added."""
         return list(self._state.slides.values())
+
+    def twins(self, slide: str | PathLike) -> list[IndexedSlide]:
+        """The slides sharing ``slide``'s tiles (byte-identical slides), itself first."""
+        rec = self.slide(slide)
+        return [rec, *(r for r in self._by_num[rec.num] if r is not rec)]
 
     @property
     def mean(self) -> np.ndarray:
@@ -1371,8 +1616,21 @@ class CohortIndex:
         return a is not None and self.n_tiles > RETRAIN_FACTOR * max(a.n_train, 1)
 
     def slide(self, ref: str | PathLike) -> IndexedSlide:
-        """The slide named by its id, name (file stem) or feature file path."""
-        return _resolve(self._state, ref)
+        """The slide named by ``ref``.
+
+        Parameters
+        ----------
+        ref
+            Its slide_id in the cohort table beside the feature files (e.g. ``case-001``),
+            its name, file stem or file name, its content id, or its feature file's path.
+
+        Raises
+        ------
+        CohortIndexError
+            No slide so named, or a name of several slides with different tiles (two files
+            ``S01`` from two sites): the message lists them with their slide_ids and files.
+        """
+        return _resolve(self._state, ref, same_tiles=True)
 
     def tile_features(self, slide: str | PathLike, row: int) -> np.ndarray:
         """(D,) float32 features of one indexed tile (from the float16 copy)."""
@@ -1619,7 +1877,8 @@ class CohortIndex:
         out = []
         for i, s in zip(ids.tolist(), scores.tolist(), strict=True):
             num, row = i >> ROW_BITS, i & ((1 << ROW_BITS) - 1)
-            rec = self._by_num[num]
+            recs = self._by_num[num]
+            rec = recs[0]
             x, y = (int(v) for v in self._coords[num][row])
             out.append(
                 CohortHit(
@@ -1632,6 +1891,7 @@ class CohortIndex:
                     y,
                     float(s),
                     rec.tile_size_level0,
+                    tuple(r.cohort_slide_id for r in recs if r.cohort_slide_id),
                 )
             )
         return out
