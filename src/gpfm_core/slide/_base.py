@@ -303,12 +303,7 @@ class Slide(ABC):
         except SlideError:
             raise
         except self._decode_errors() as exc:
-            raise damaged_file_error(
-                self.path,
-                f"reading level {level} at ({x}, {y}) size {w}x{h}",
-                exc,
-                name=self._name_in_errors(),
-            ) from None
+            raise self._damaged(f"reading level {level} at ({x}, {y}) size {w}x{h}", exc) from None
 
     def read_scaled(self, size: tuple[int, int]) -> np.ndarray:
         """The whole slide resampled to exactly ``size``.
@@ -384,6 +379,9 @@ class Slide(ABC):
         """How a damaged-file error names the slide: its file name."""
         return self.path.name
 
+    def _damaged(self, doing: str, exc: BaseException) -> SlideError:
+        return damaged_file_error(self.path, doing, exc, name=self._name_in_errors())
+
     def read_associated(self, name: str) -> np.ndarray:
         """An associated image as ``(h, w, 3)`` uint8 RGB.
 
@@ -405,12 +403,7 @@ class Slide(ABC):
         except SlideError:
             raise
         except self._decode_errors() as exc:
-            raise damaged_file_error(
-                self.path,
-                f"reading the associated image {name!r}",
-                exc,
-                name=self._name_in_errors(),
-            ) from None
+            raise self._damaged(f"reading the associated image {name!r}", exc) from None
 
     def _read_associated(self, name: str) -> np.ndarray:
         raise NotImplementedError
@@ -458,6 +451,9 @@ class Slide(ABC):
     def _name_in_errors(self) -> str:
         """How a damaged-file error names the slide: its file name."""
         return self.path.name
+
+    def _damaged(self, doing: str, exc: BaseException) -> SlideError:
+        return damaged_file_error(self.path, doing, exc, name=self._name_in_errors())
 
     def _close(self) -> None:  # noqa: B027 - optional hook
         """Release backend resources."""
