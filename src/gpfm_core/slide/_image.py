@@ -187,8 +187,8 @@ def _load_tiff(path: Path) -> tuple[np.ndarray, tuple[float, float] | None, dict
 def _check_tiff_extent(tf: object, size: int, problems: list[str]) -> None:
     """Raise when the IFD chain is cut short or a page's data lies past the file's end.
 
-    tifffile stops at a cut-off IFD chain and only logs it (``problems`` holds what it
-    logged); a page whose tiles end past ``size`` bytes decodes to an empty-input error.
+    tifffile stops at a cut-off IFD chain and only logs it (``problems`` collects what it
+    logs); a page whose tiles end past ``size`` bytes decodes to an empty-input error.
 
     Raises
     ------
@@ -196,10 +196,11 @@ def _check_tiff_extent(tf: object, size: int, problems: list[str]) -> None:
         One line naming the page and the byte it needs.
     """
     pages = tf.pages  # type: ignore[attr-defined]
+    before = len(problems)  # a bad tag of a readable page is not a cut-off chain
     n = len(pages)  # walks the whole IFD chain
     path = Path(tf.filehandle.path)  # type: ignore[attr-defined]
-    if problems:  # e.g. "<tifffile.TiffPages @8> invalid page offset 258404"
-        detail = re.sub(r"^<[^>]*>\s*", "", problems[0])
+    if len(problems) > before:  # e.g. "<tifffile.TiffPages @8> invalid page offset 258404"
+        detail = re.sub(r"^<[^>]*>\s*", "", problems[before])
         raise damaged_file_error(
             path, f"reading TIFF page {n} ({size:,} bytes in the file)", detail
         )
