@@ -62,6 +62,17 @@ def test_slides_differ_by_their_carcinoma_share(eval_demo) -> None:
     assert np.corrcoef(rank(share[ev]), rank(months[ev]))[0, 1] < -0.5
 
 
+def test_the_written_spec_states_the_datas_censored_share(eval_demo) -> None:
+    """demo.yaml said "~1/3 censored" while the data (and README) have 20 %: it is counted now."""
+    censored = [int(r["censorship"]) for r in read_csv(eval_demo.slides_csv)]
+    assert (sum(censored), len(censored)) == (8, 40)  # seed 0: 20 %, as README.md says
+    text = eval_demo.spec.read_text(encoding="utf-8")
+    (line,) = [ln for ln in text.splitlines() if "censored" in ln and ln.lstrip().startswith("#")]
+    assert line.endswith("falls with the carcinoma share; 8 of 40 slides censored (20 %)"), line
+    assert "1/3" not in text
+    assert "carcinoma-share-survival" in _tasks(eval_demo)  # only a comment changed
+
+
 def test_tile_task_splits_share_no_pixel(eval_demo) -> None:
     items = read_csv(eval_demo.tile_items)
     counts: dict[tuple[str, str], int] = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -15,12 +16,60 @@ import numpy as np
 from gpfm_core.errors import SlideError
 from gpfm_core.slide._geometry import LevelGeometry, measure_levels
 
-__all__ = ["Slide", "SlideInfo", "rgba_to_rgb"]
+__all__ = ["Slide", "SlideInfo", "damaged_file_error", "rgba_to_rgb"]
 
 log = logging.getLogger(__name__)
 
 #: Source pixels per strip when a whole level is read for a thumbnail (bounds memory).
 _STRIP_PIXELS = 1 << 23
+#: A decoder's message is cut to this many characters in the one-line error.
+_DETAIL_CHARS = 200
+
+
+def damaged_file_error(
+    path: str | os.PathLike[str],
+    doing: str,
+    detail: BaseException | str,
+    *,
+    name: str | None = None,
+) -> SlideError:
+    """The one-line :class:`SlideError` for a file whose bytes cannot be read or decoded.
+
+    Every backend raises this (never its decoder's own exception) when opening or reading
+    a truncated or corrupt file, so callers (the CLI, napari, the cohort runner, which
+    does not retry a :class:`~gpfm_core.errors.GpfmError`) see one kind of error.
+
+    Parameters
+    ----------
+    path
+        The slide file.
+    doing
+        What failed, e.g. ``"reading level 0 at (0, 0)"``.
+    detail
+        The decoder's exception (its type name is kept) or a sentence.
+    name
+        How the message names the slide (default: the file name of ``path``).
+
+    Returns
+    -------
+    SlideError
+        ``"<name> looks truncated or corrupt: <doing> failed (<detail>); copy it
+        again"``, one line.
+    """
+    if isinstance(detail, BaseException):
+        kind = type(detail).__name__
+        if kind == "error":  # struct.error, zlib.error ...: name the module too
+            kind = f"{type(detail).__module__}.error"
+        msg = " ".join(str(detail).split())
+        text = f"{kind}: {msg}" if msg else kind
+    else:
+        text = " ".join(detail.split())
+    if len(text) > _DETAIL_CHARS:
+        text = text[: _DETAIL_CHARS - 1] + "…"
+    return SlideError(
+        f"{name or Path(path).name} looks truncated or corrupt: {doing} failed ({text}); "
+        "copy it again"
+    )
 
 
 @dataclass(frozen=True)
@@ -229,7 +278,9 @@ class Slide(ABC):
         ------
         SlideError
             The slide is closed, the level does not exist or its geometry is untrusted
-            (:attr:`levels` says why; :meth:`best_level_for_downsample` never picks it).
+            (:attr:`levels` says why; :meth:`best_level_for_downsample` never picks it),
+            or the file's bytes there cannot be read or decoded (truncated or corrupt:
+            see :func:`damaged_file_error`).
         """
         if self._closed:
             raise SlideError(f"{self.path.name} is closed; open it again with open_slide()")
@@ -246,7 +297,13 @@ class Slide(ABC):
         w, h = int(size[0]), int(size[1])
         if w <= 0 or h <= 0:
             raise SlideError(f"region size must be positive, got {tuple(size)}")
-        return self._read(int(location[0]), int(location[1]), int(level), w, h)
+        x, y = int(location[0]), int(location[1])
+        try:
+            return self._read(x, y, int(level), w, h)
+        except SlideError:
+            raise
+        except self._decode_errors() as exc:
+            raise self._damaged(f"reading level {level} at ({x}, {y}) size {w}x{h}", exc) from None
 
     def read_scaled(self, size: tuple[int, int]) -> np.ndarray:
         """The whole slide resampled to exactly ``size``.
@@ -318,6 +375,13 @@ class Slide(ABC):
         """Names of the associated images (``"label"``, ``"macro"``, ``"thumbnail"`` ...)."""
         return ()
 
+    def _name_in_errors(self) -> str:
+        """How a damaged-file error names the slide: its file name."""
+        return self.path.name
+
+    def _damaged(self, doing: str, exc: BaseException) -> SlideError:
+        return damaged_file_error(self.path, doing, exc, name=self._name_in_errors())
+
     def read_associated(self, name: str) -> np.ndarray:
         """An associated image as ``(h, w, 3)`` uint8 RGB.
 
@@ -326,12 +390,20 @@ class Slide(ABC):
         Raises
         ------
         SlideError
-            When the slide has no associated image called ``name``.
+            When the slide has no associated image called ``name``, or it cannot be
+            decoded (the file is truncated or corrupt).
         """
+        if self._closed:
+            raise SlideError(f"{self.path.name} is closed; open it again with open_slide()")
         if name not in self.associated_names:
             have = ", ".join(self.associated_names) or "none"
             raise SlideError(f"{self.path.name} has no associated image {name!r} (has: {have})")
-        return self._read_associated(name)
+        try:
+            return self._read_associated(name)
+        except SlideError:
+            raise
+        except self._decode_errors() as exc:
+            raise self._damaged(f"reading the associated image {name!r}", exc) from None
 
     def _read_associated(self, name: str) -> np.ndarray:
         raise NotImplementedError
@@ -367,6 +439,21 @@ class Slide(ABC):
     @abstractmethod
     def _read(self, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
         """Return ``(h, w, 3)`` uint8 RGB for a checked request."""
+
+    def _decode_errors(self) -> tuple[type[BaseException], ...]:
+        """Exceptions of the backend's decoder that mean the file's bytes are damaged.
+
+        :meth:`read_region` and :meth:`read_associated` turn them into one-line
+        :class:`SlideError` (:func:`damaged_file_error`); none by default.
+        """
+        return ()
+
+    def _name_in_errors(self) -> str:
+        """How a damaged-file error names the slide: its file name."""
+        return self.path.name
+
+    def _damaged(self, doing: str, exc: BaseException) -> SlideError:
+        return damaged_file_error(self.path, doing, exc, name=self._name_in_errors())
 
     def _close(self) -> None:  # noqa: B027 - optional hook
         """Release backend resources."""

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import re
+import struct
+import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from gpfm_core.errors import SlideError
-from gpfm_core.slide._base import Slide, SlideInfo, rgba_to_rgb
+from gpfm_core.slide._base import Slide, SlideInfo, damaged_file_error, rgba_to_rgb
 from gpfm_core.slide._formats import IMAGE_SUFFIXES, TIFF_SUFFIXES
 from gpfm_core.slide._ids import compute_slide_id, mpp_from_resolution
 
@@ -18,6 +23,21 @@ __all__ = ["IMAGE_SUFFIXES", "TIFF_SUFFIXES", "ImageSlide"]
 log = logging.getLogger(__name__)
 
 DEFAULT_TILE = 256
+#: What Pillow raises for bytes it cannot decode (a truncated PNG / JPEG is an OSError).
+_PILLOW_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
+#: What tifffile raises for a damaged file: its own error, short reads (``struct.error``,
+#: EOFError), inconsistent tags (ValueError, IndexError, KeyError), and imagecodecs'
+#: decoder errors (``Jpeg8Error``, ``ZlibError`` ..., all RuntimeError).
+_TIFF_ERRORS = (
+    OSError,
+    EOFError,
+    ValueError,
+    IndexError,
+    KeyError,
+    RuntimeError,
+    NotImplementedError,
+    struct.error,
+)
 
 
 class ImageSlide(Slide):
@@ -120,8 +140,8 @@ def _load_pillow(path: Path) -> tuple[np.ndarray, tuple[float, float] | None, di
             f"{path.name} is too large for a plain image; convert it to a tiled pyramidal "
             "TIFF (e.g. vips tiffsave in.png out.tif --tile --pyramid --compression jpeg)"
         ) from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise SlideError(f"{path.name} is not a readable image ({exc}); check the file") from None
+    except _PILLOW_ERRORS as exc:
+        raise damaged_file_error(path, "decoding the image", exc) from None
     arr = _to_rgb(np.asarray(rgb), path.name)
     mpp = None
     if dpi and len(dpi) == 2:
@@ -135,28 +155,98 @@ def _load_pillow(path: Path) -> tuple[np.ndarray, tuple[float, float] | None, di
 def _load_tiff(path: Path) -> tuple[np.ndarray, tuple[float, float] | None, dict[str, str]]:
     import tifffile
 
-    try:
-        with tifffile.TiffFile(path) as tf:
-            page = tf.pages.first
-            arr = page.asarray()
-            tags = page.tags
-            xres = tags.get("XResolution")
-            yres = tags.get("YResolution")
-            unit = tags.get("ResolutionUnit")
-            props = {"image.format": "TIFF", "tiff.compression": str(page.compression.name)}
-            desc = tags.get("ImageDescription")
-            if desc is not None:
-                props["tiff.ImageDescription"] = str(desc.value)[:2000]
-    except (tifffile.TiffFileError, OSError, ValueError, IndexError, KeyError) as exc:
-        raise SlideError(
-            f"{path.name} is not a readable TIFF ({exc}); the file may be truncated or corrupt"
-        ) from None
+    size = path.stat().st_size
+    with _tifffile_problems() as problems:
+        try:
+            with tifffile.TiffFile(path) as tf:
+                # check the structure before decoding: a cut-off file must not open as
+                # fewer pages, nor decode a level 0 whose tiles lie past its end
+                _check_tiff_extent(tf, size, problems)
+                page = tf.pages.first
+                arr = page.asarray()
+                tags = page.tags
+                xres = tags.get("XResolution")
+                yres = tags.get("YResolution")
+                unit = tags.get("ResolutionUnit")
+                props = {"image.format": "TIFF", "tiff.compression": str(page.compression.name)}
+                desc = tags.get("ImageDescription")
+                if desc is not None:
+                    props["tiff.ImageDescription"] = str(desc.value)[:2000]
+        except SlideError:
+            raise
+        except (tifffile.TiffFileError, *_TIFF_ERRORS) as exc:
+            raise damaged_file_error(path, "decoding the TIFF", exc) from None
     mpp = None
     if xres is not None and yres is not None and unit is not None:
         mpp = mpp_from_resolution(
             _rational(xres.value), _rational(yres.value), _unit_name(unit.value)
         )
     return _to_rgb(arr, path.name), mpp, props
+
+
+def _check_tiff_extent(tf: object, size: int, problems: list[str]) -> None:
+    """Raise when the IFD chain is cut short or a page's data lies past the file's end.
+
+    tifffile stops at a cut-off IFD chain and only logs it (``problems`` collects what it
+    logs); a page whose tiles end past ``size`` bytes decodes to an empty-input error.
+
+    Raises
+    ------
+    SlideError
+        One line naming the page and the byte it needs.
+    """
+    pages = tf.pages  # type: ignore[attr-defined]
+    before = len(problems)  # a bad tag of a readable page is not a cut-off chain
+    n = len(pages)  # walks the whole IFD chain
+    path = Path(tf.filehandle.path)  # type: ignore[attr-defined]
+    if len(problems) > before:  # e.g. "<tifffile.TiffPages @8> invalid page offset 258404"
+        detail = re.sub(r"^<[^>]*>\s*", "", problems[before])
+        raise damaged_file_error(
+            path, f"reading TIFF page {n} ({size:,} bytes in the file)", detail
+        )
+    for i in range(n):
+        page = pages[i]
+        ends = [o + c for o, c in zip(page.dataoffsets, page.databytecounts, strict=False)]
+        if ends and max(ends) > size:
+            raise damaged_file_error(
+                path,
+                f"reading page {i}",
+                f"its data runs to byte {max(ends):,} but the file has {size:,} bytes",
+            )
+
+
+class _ProblemFilter(logging.Filter):
+    """Keeps tifffile's messages of one thread out of the log; collects its errors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thread = threading.get_ident()
+        self.errors: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.thread != self.thread:
+            return True
+        msg = record.getMessage()
+        if record.levelno >= logging.ERROR:
+            self.errors.append(msg)
+        log.debug("tifffile: %s", msg)
+        return False
+
+
+@contextlib.contextmanager
+def _tifffile_problems() -> Iterator[list[str]]:
+    """The errors tifffile logs (not raises) in this thread while the block runs.
+
+    They go to this module's debug log instead, so a damaged file gives the one-line
+    :class:`SlideError`, not extra log lines.
+    """
+    logger = logging.getLogger("tifffile")
+    flt = _ProblemFilter()
+    logger.addFilter(flt)
+    try:
+        yield flt.errors
+    finally:
+        logger.removeFilter(flt)
 
 
 def _rational(v: object) -> float | None:

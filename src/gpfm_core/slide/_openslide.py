@@ -10,8 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from gpfm_core.errors import SlideError
-from gpfm_core.slide._base import Slide, SlideInfo, rgba_to_rgb
+from gpfm_core.slide._base import Slide, SlideInfo, damaged_file_error, rgba_to_rgb
 from gpfm_core.slide._geometry import measure_levels
 from gpfm_core.slide._ids import (
     PLAUSIBLE_MPP,
@@ -58,10 +57,11 @@ class OpenSlideSlide(Slide):
 
         try:
             osr = openslide.OpenSlide(str(path))
+            # listed once: a handle in OpenSlide's (sticky) error state refuses even this
+            self._associated = tuple(sorted(osr.associated_images.keys()))
         except openslide.OpenSlideError as exc:
-            raise SlideError(
-                f"{path.name} looks like a {vendor} slide but OpenSlide cannot open it "
-                f"({exc}); the file may be truncated or corrupt, copy it again"
+            raise damaged_file_error(
+                path, f"opening it with OpenSlide ({vendor})", exc, name=_name(path, vendor)
             ) from None
         self._osr: Any = osr
         props = {str(k): str(v) for k, v in osr.properties.items()}
@@ -104,8 +104,6 @@ class OpenSlideSlide(Slide):
         super().__init__(replace(info, levels=levels))
 
     def _read(self, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
-        import openslide
-
         geom = self.levels[level]
         bx = by = 0
         if geom.downsample != geom.reported_downsample:
@@ -115,27 +113,36 @@ class OpenSlideSlide(Slide):
             search = _REMAP_SEARCH if geom.padded else 0
             x, bx = _remap(x / geom.downsample, geom.reported_downsample, search)
             y, by = _remap(y / geom.downsample, geom.reported_downsample, search)
-        try:
-            img = self._osr.read_region((x, y), level, (w + bx, h + by))
-        except openslide.OpenSlideError as exc:
-            raise SlideError(
-                f"reading {self.path.name} failed at ({x}, {y}) level {level}: {exc}; "
-                "the file may be truncated or corrupt"
-            ) from None
+        img = self._osr.read_region((x, y), level, (w + bx, h + by))
         return rgba_to_rgb(np.asarray(img)[by:, bx:])
+
+    def _decode_errors(self) -> tuple[type[BaseException], ...]:
+        # OpenSlide reports every decoder failure (short read, corrupt JPEG, bad DICOM
+        # frame) as OpenSlideError, and its handle stays in that error state afterwards
+        import openslide
+
+        return (openslide.OpenSlideError,)
 
     @property
     def associated_names(self) -> tuple[str, ...]:
         """Names of the associated images OpenSlide reports."""
-        return tuple(sorted(self._osr.associated_images.keys()))
+        return self._associated
 
     def _read_associated(self, name: str) -> np.ndarray:
-        if self.closed:
-            raise SlideError(f"{self.path.name} is closed; open it again with open_slide()")
         return rgba_to_rgb(np.asarray(self._osr.associated_images[name].convert("RGBA")))
+
+    def _name_in_errors(self) -> str:
+        return _name(self.path, self.info.vendor)
 
     def _close(self) -> None:
         self._osr.close()
+
+
+def _name(path: Path, vendor: str) -> str:
+    """The slide as an error names it: a DICOM series by its folder (any file may be cut)."""
+    if vendor == "dicom":
+        return f"DICOM series {path.parent.name or path.parent}"
+    return path.name
 
 
 def _remap(pos: float, reported_ds: float, search: int) -> tuple[int, int]:
