@@ -129,3 +129,21 @@ def test_console_script(cmu_svs: Path) -> None:
         [str(exe), "info", str(cmu_svs) + ".nope"], capture_output=True, text=True, env=env
     )
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+
+
+def test_output_into_a_closed_pipe_is_quiet(cmu_svs: Path) -> None:
+    """`gpfm info slide | head -0`: exit 1, no traceback from the broken pipe."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before gpfm writes a byte
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "gpfm_core", "info", str(cmu_svs)],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr, proc.stderr
