@@ -11,7 +11,8 @@ import argparse
 import importlib
 import logging
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 
 from gpfm_core import __version__
 from gpfm_core.errors import GpfmError
@@ -69,6 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    # a warning is one line naming the command, as errors are; not Python's source lines
+    formatwarning = warnings.formatwarning
+    warnings.formatwarning = _one_line_warning(args.command)
     try:
         return int(args._run(args) or 0)
     except GpfmError as exc:
@@ -80,6 +84,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"gpfm {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = formatwarning
+
+
+def _one_line_warning(command: str) -> Callable[..., str]:
+    def format_warning(message: Warning | str, *_: object, **__: object) -> str:
+        text = str(message).strip().splitlines()
+        return f"gpfm {command}: warning: {text[0] if text else ''}\n"
+
+    return format_warning
 
 
 if __name__ == "__main__":  # pragma: no cover

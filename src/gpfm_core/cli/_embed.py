@@ -204,6 +204,7 @@ def run(args: argparse.Namespace) -> int:
         compile=args.compile,
         reuse=not args.no_reuse,
         force=args.force,
+        quiet_empty=True,  # an empty slide is one line below: "0 tiles (no tissue)"
     )
     executor = args.scheduler or args.cluster or "inline"
     if args.cluster:
@@ -222,6 +223,13 @@ def run(args: argparse.Namespace) -> int:
             how = "reused existing file"
         else:
             how = f"{r.n_tiles / max(r.seconds, 1e-9):.1f} tiles/s"
+        if r.n_tiles == 0:  # skipped rows carry no note; 0 tiles means the same there
+            line = (
+                f"{r.slide_path} -> {r.file}: 0 tiles ({r.note or 'no tissue'}); "
+                "lower --min-tissue or check the slide"
+            )
+            bar.write(line, file=sys.stdout)
+            return
         prec = f" [{r.precision}]" if r.precision else ""
         bar.write(f"{r.slide_path} -> {r.file} ({r.n_tiles} tiles, {how}){prec}", file=sys.stdout)
 
@@ -249,6 +257,8 @@ def run(args: argparse.Namespace) -> int:
         for status in ("embedded", "reused", "skipped", "failed", "cancelled")
         if (n := result.count(status))
     )
+    if empty := sum(r.ok and r.n_tiles == 0 for r in result.reports):
+        counts += f" ({empty} with 0 tiles: no tissue)"
     print(
         f"encoder: {result.encoder} (weights {result.weights_hash[:16]}) via {result.executor}; "
         f"slides: {counts or 'none'}"
