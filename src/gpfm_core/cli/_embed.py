@@ -28,8 +28,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description=(
             "Embed every tissue tile of each slide with an encoder and write "
             "<out>/<mpp>mpp_<tile>px_<overlap>px_overlap/features_<encoder>-<hash8>/"
-            "<slide_stem>.h5 (datasets features (N, D), coords (N, 2) level-0 x,y); a second "
-            "slide with the same stem gets <slide_stem>-<slide id>.h5. A slide embedded by "
+            "<slide_stem>.h5 (datasets features (N, D), coords (N, 2) level-0 x,y); a slide "
+            "listed after another of the same stem gets <slide_stem>-<content id[:8]>.h5 "
+            "(and that slide_id, unless a manifest names it). A slide embedded by "
             "another process at the same time is waited for and reused. A slide that fails "
             "is reported and the others continue; the exit status is 1 if any failed. "
             "A cohort is given as slide files, globs ('slides/**/*.svs') or manifests "
