@@ -184,6 +184,7 @@ class _CohortBar:
 def run(args: argparse.Namespace) -> int:
     """Embed the slides; returns 0 when all worked, 1 when any failed."""
     from gpfm_core.cohort import EmbedSettings, read_cohort_inputs, run_cohort
+    from gpfm_core.cohort.run import quiet_no_tissue
 
     if args.retries < 0:
         raise GpfmError(f"--retries must be >= 0, not {args.retries}")
@@ -239,18 +240,19 @@ def run(args: argparse.Namespace) -> int:
             bar.write(f"dask dashboard: {link}", file=sys.stderr)
 
     try:
-        result = run_cohort(
-            entries,
-            out_dir=args.out,
-            settings=settings,
-            executor=executor,
-            retries=args.retries,
-            report_path=args.report,
-            progress=bar.tiles,
-            on_result=on_result,
-            on_dashboard=on_dashboard,
-            on_plan=bar.start,
-        )
+        with quiet_no_tissue():  # an empty slide is its own one line (on_result)
+            result = run_cohort(
+                entries,
+                out_dir=args.out,
+                settings=settings,
+                executor=executor,
+                retries=args.retries,
+                report_path=args.report,
+                progress=bar.tiles,
+                on_result=on_result,
+                on_dashboard=on_dashboard,
+                on_plan=bar.start,
+            )
     finally:
         bar.close()
     counts = ", ".join(

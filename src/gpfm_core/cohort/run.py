@@ -35,7 +35,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -84,8 +84,9 @@ class EmbedSettings:
     Fields are :func:`gpfm_core.embed.iter_embed_slide`'s options of the same names;
     ``encoder`` is a registry name or a checkpoint path (workers build their own encoder
     from it, with ``weights`` when given), ``torch_threads`` sets ``torch.set_num_threads``
-    on a worker (None leaves it), ``quiet_empty`` leaves out the "no tissue" warnings where
-    the slide runs (the report says ``0 tiles``, note ``no tissue``; ``gpfm embed`` sets it).
+    on a worker (None leaves it), ``quiet_empty`` leaves out the "no tissue" warnings on dask
+    workers (the report says ``0 tiles``, note ``no tissue``; ``gpfm embed`` sets it, and
+    runs inline slides inside :func:`quiet_no_tissue`).
     """
 
     encoder: str = "default"
@@ -484,24 +485,43 @@ class _NoTissueRecords(logging.Filter):
         return not getattr(record, NO_TISSUE_RECORD, False)
 
 
-def quiet_no_tissue() -> None:
-    """Leave out this process's "no tissue" warnings and log lines (once per process).
+@contextlib.contextmanager
+def quiet_no_tissue() -> Iterator[None]:
+    """Leave out the "no tissue" warnings and log lines inside the block.
 
-    For runs whose report states it per slide (``0 tiles``, note ``no tissue``): ``gpfm
-    embed`` then prints one line for an empty slide, not three. A process-wide filter,
-    installed once (warning filters are not per thread).
+    For a caller that states it per slide from the report (``0 tiles``, note ``no tissue``):
+    ``gpfm embed`` then prints one line for an empty slide, not three. Enter it in the main
+    thread around a whole run (warning filters are per process, not per thread); the filters
+    are restored on exit. On dask worker processes ``EmbedSettings.quiet_empty`` does the
+    same for the worker's life.
     """
+    import warnings
+
+    from gpfm_core.tiling import NoTissueWarning
+
+    records = _NoTissueRecords()
+    tissue_log = logging.getLogger("gpfm_core.tissue")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=NoTissueWarning)
+        tissue_log.addFilter(records)
+        try:
+            yield
+        finally:
+            tissue_log.removeFilter(records)
+
+
+def _quiet_worker() -> None:
+    """:func:`quiet_no_tissue` for the rest of this (dask worker) process; once."""
     global _QUIET
     import warnings
 
     from gpfm_core.tiling import NoTissueWarning
 
     with _QUIET_LOCK:
-        if _QUIET:
-            return
-        warnings.filterwarnings("ignore", category=NoTissueWarning)
-        logging.getLogger("gpfm_core.tissue").addFilter(_NoTissueRecords())
-        _QUIET = True
+        if not _QUIET:
+            warnings.filterwarnings("ignore", category=NoTissueWarning)
+            logging.getLogger("gpfm_core.tissue").addFilter(_NoTissueRecords())
+            _QUIET = True
 
 
 def _one_line(exc: BaseException) -> str:
@@ -586,8 +606,8 @@ def _embed_one(
         started=started,
     )
     publish = ProgressPublisher(topic, entry.slide_id) if topic else None
-    if settings.quiet_empty:
-        quiet_no_tissue()
+    if settings.quiet_empty and topic is not None:  # a dask worker: its own process's output
+        _quiet_worker()
     try:
         if settings.torch_threads:
             import torch
