@@ -1,6 +1,7 @@
 """Slide names and feature-file names of a cohort: one row per slide_id, names from the inputs.
 
-Real generated pyramids (OpenSlide), real tiny-vit, a real LocalCluster; no mocks.
+Real generated pyramids (OpenSlide), real tiny-vit; no mocks. The same names on a real
+LocalCluster: ``test_cohort_run.py::test_same_stem_file_names_follow_the_input_order``.
 
 - A slide file replaced in place supersedes its old row (and file): never two rows of one
   slide_id, and ``open_cohort`` / ``export-anndata`` refuse a table that has them.
@@ -12,7 +13,6 @@ Real generated pyramids (OpenSlide), real tiny-vit, a real LocalCluster; no mock
 
 from __future__ import annotations
 
-import logging
 import shutil
 import warnings
 from pathlib import Path
@@ -168,41 +168,3 @@ def test_default_slide_ids_are_file_stems_the_other_tools_accept(
     assert _ids_and_files(out) == sorted(
         [("S01", "S01.h5"), (id_b, f"{id_b}.h5"), (id_c, f"{id_c}.h5")]
     )
-
-
-@pytest.fixture
-def thread_client():
-    """A real LocalCluster of two worker threads in this process."""
-    from distributed import Client, LocalCluster
-
-    with (
-        LocalCluster(
-            n_workers=2,
-            threads_per_worker=1,
-            processes=False,
-            dashboard_address=":0",
-            silence_logs=logging.ERROR,
-        ) as cluster,
-        Client(cluster) as client,
-    ):
-        yield client
-
-
-@pytest.mark.parametrize("order", ["big_first", "small_first"])
-def test_same_stem_file_names_follow_the_input_order_on_a_cluster(
-    three_slides: list[Path], tmp_path: Path, thread_client, order: str
-) -> None:
-    """The first listed slide takes ``S01.h5`` even when the second finishes first."""
-    big, small = three_slides[0], three_slides[1]  # 48 and 6 tissue tiles at 1 µm/px
-    first, second = (big, small) if order == "big_first" else (small, big)
-    a, b = _sites(tmp_path, first, second)
-    entries = read_cohort_inputs([a, b])
-    assert [e.unique_name for e in entries] == [False, True]
-    out = tmp_path / "out"
-    run = run_cohort(entries, out_dir=out, settings=SETTINGS, executor=thread_client)
-    assert [r.status for r in run.reports] == ["embedded", "embedded"]
-    id_b = f"S01-{_content_id(b)[:8]}"
-    assert [Path(r.file).name for r in run.reports] == ["S01.h5", f"{id_b}.h5"]
-    assert _ids_and_files(out) == [("S01", "S01.h5"), (id_b, f"{id_b}.h5")]
-    with h5py.File(Path(run.reports[0].file), "r") as f:
-        assert f.attrs["slide_id"] == _content_id(a)
