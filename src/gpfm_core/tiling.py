@@ -46,6 +46,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
+class NoTissueWarning(UserWarning):
+    """A slide gave no tile with enough tissue (an empty tile grid, or an empty feature file)."""
+
+
 @dataclass(frozen=True)
 class TileGrid:
     """Tiles of one slide at one resolution (see the module docstring for the geometry).
@@ -271,6 +275,7 @@ def make_tile_grid(
         warnings.warn(
             f"{slide.path.name}: 0 tiles at {req:g} µm/px, {tile_px} px ({why}); "
             "lower min_tissue, edit the tissue mask or pass tissue=False",
+            NoTissueWarning,
             stacklevel=2,
         )
     log.info("%s: %d of %d tiles kept", slide.path.name, len(coords), rows * cols)

@@ -34,6 +34,10 @@ __all__ = ["DETECTOR_VERSION", "Polygon", "TissueMask", "detect_tissue", "mask_t
 
 log = logging.getLogger(__name__)
 
+#: Attribute set on the log record of "no tissue found" (a filter can drop it where the
+#: caller reports the empty slide itself, as ``gpfm embed`` does).
+NO_TISSUE_RECORD = "gpfm_no_tissue"
+
 #: Version of :func:`detect_tissue`'s algorithm. It is part of every embedding file's cache
 #: key, so a changed detector never silently reuses tiles chosen by an older one: bump it
 #: whenever the masks it produces change.
@@ -324,6 +328,7 @@ def detect_tissue(
             "no tissue found on %s: draw or edit the tissue mask (TissueMask.from_polygons "
             "or from_array), or pass tissue=False to use every tile",
             slide.path.name,
+            extra={NO_TISSUE_RECORD: True},  # gpfm embed reports it in its own line
         )
     return TissueMask(tissue, (dx, dy), (w0, h0), None, params, ink)
 

@@ -137,3 +137,81 @@ def test_gpfm_embed_user_errors_are_one_line(
         err = capsys.readouterr().err.strip()
         assert "CUDA is not available" in err and len(err.splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("option", "phrase"),
+    [
+        (["--mpp", "-1"], "mpp=-1.0 must be a positive number"),
+        (["--tile-px", "0"], "tile_px=0 must be a positive integer"),
+        (["--overlap", "300", "--tile-px", "224"], "overlap_px=300 must be an integer in [0, tile"),
+        (["--overlap", "200"], "overlap_px=200 must be an integer in [0, tile_px=112)"),  # tiny-vit
+        (["--min-tissue", "2"], "min_tissue=2.0 must lie in [0, 1]"),
+        (["--batch-size", "0"], "batch_size must be >= 1, not 0"),
+    ],
+)
+def test_gpfm_embed_settings_of_every_slide_are_checked_once_up_front(
+    cmu_svs: Path,
+    he_png: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    option: list[str],
+    phrase: str,
+) -> None:
+    out = tmp_path / "emb"
+    args = ["embed", str(cmu_svs), str(he_png), "--encoder", "tiny-vit", "--out", str(out)]
+    assert main([*args, "--quiet", *option]) == 1
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err == f"gpfm embed: error: {err.split('error: ', 1)[1]}" and phrase in err
+    assert len(err.splitlines()) == 1 and "FAILED" not in err and captured.out == ""
+    assert not out.exists()  # nothing written, not even a report
+
+
+def test_gpfm_embed_missing_manifest_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "emb"
+    missing = tmp_path / "nosuch.csv"
+    assert main(["embed", str(missing), "--encoder", "tiny-vit", "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"gpfm embed: error: manifest {missing} not found; check the path"
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("where", [[], ["--cluster", "local:1"]], ids=["inline", "cluster"])
+def test_gpfm_embed_a_slide_without_tissue_is_one_line(
+    tmp_path: Path, cmu_svs: Path, where: list[str]
+) -> None:
+    """A real process: warnings and log lines print as a user sees them (no pytest capture)."""
+    import os
+    import subprocess
+    import sys
+
+    from gpfm_core.synth import write_pyramid_tiff
+
+    blank = write_pyramid_tiff(
+        tmp_path / "blank.tif", np.full((1024, 1024, 3), 240, np.uint8), mpp=0.5
+    )
+    out = tmp_path / "emb"
+    args = [str(blank), str(cmu_svs), "--encoder", "tiny-vit", "--mpp", "2", "--out", str(out)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "gpfm_core", "embed", *args, "--quiet", "--device", "cpu", *where],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    # no warnings, no source lines, no log line (a cluster prints its dashboard link)
+    assert [e for e in proc.stderr.splitlines() if not e.startswith("dask dashboard:")] == []
+    lines = proc.stdout.splitlines()
+    (empty,) = [line for line in lines if line.startswith(str(blank))]
+    assert empty.endswith(": 0 tiles (no tissue); lower --min-tissue or check the slide")
+    assert "slides: 2 embedded (1 with 0 tiles: no tissue)" in proc.stdout
+    from gpfm_core.cohort.run import read_report
+
+    (report,) = (out / "reports").glob("*.csv")
+    rows = {r["slide_id"]: r for r in read_report(report)}
+    assert (rows["blank"]["n_tiles"], rows["blank"]["note"]) == ("0", "no tissue")
+    assert int(rows["cmu_small_region"]["n_tiles"]) > 0 and rows["cmu_small_region"]["note"] == ""

@@ -38,16 +38,56 @@ def test_manifest_columns_relative_paths_and_default_names(tmp_path: Path) -> No
     m = tmp_path / "m.csv"
     m.write_text(text, encoding="utf-8")
     entries = read_manifest(m)
+    # b/S01.svs is a later slide of stem S01: <stem>-<id8> (a slide that cannot be opened
+    # for its content id, as here, fails to embed anyway: <stem>-<folder>)
     assert entries == [
         CohortEntry(tmp_path / "a" / "S01.svs", "case-1", None),
-        CohortEntry(tmp_path / "b" / "S01.svs", "S01", 0.25),
-        CohortEntry(Path("/abs/S02.svs"), "S02", None),
-        CohortEntry(tmp_path / "a" / "S03.svs", "S03", None),
+        CohortEntry(tmp_path / "b" / "S01.svs", "S01-b", 0.25, unique_name=True, default_id=True),
+        CohortEntry(Path("/abs/S02.svs"), "S02", None, default_id=True),
+        CohortEntry(tmp_path / "a" / "S03.svs", "S03", None, default_id=True),
     ]
-    # two default names from one stem: the folder tells them apart
-    m2 = tmp_path / "trident.csv"
-    m2.write_text("wsi,mpp\na/S01.svs,\nb/S01.svs,0.5\n")
-    assert [e.slide_id for e in read_manifest(m2)] == ["a/S01", "b/S01"]
+
+
+def test_same_stem_default_names_are_the_feature_file_stems(
+    tmp_path: Path, small_pyramid: Path, cmu_svs: Path
+) -> None:
+    import shutil
+
+    from gpfm_core.slide import open_slide
+
+    for site, src in (("a", small_pyramid), ("b", cmu_svs), ("c", small_pyramid)):
+        (tmp_path / site).mkdir()
+        shutil.copyfile(src, tmp_path / site / "S01.svs")
+    with open_slide(cmu_svs) as slide:
+        id8 = slide.info.slide_id[:8]
+    m = tmp_path / "trident.csv"
+    m.write_text("wsi,mpp\nb/S01.svs,0.5\na/S01.svs,\n")
+    # the first listed keeps the stem; the later one is named as its file will be
+    assert [(e.slide_id, e.unique_name) for e in read_manifest(m)] == [
+        ("S01", False),
+        (f"S01-{_id8(tmp_path / 'a' / 'S01.svs')}", True),
+    ]
+    entries = read_cohort_inputs([tmp_path / "b" / "S01.svs", tmp_path / "a" / "S01.svs"])
+    assert entries[0].slide_id == "S01" and entries[1].slide_id.startswith("S01-")
+    later = read_cohort_inputs([tmp_path / "a" / "S01.svs", tmp_path / "b" / "S01.svs"])[1]
+    assert later.slide_id == f"S01-{id8}"
+    # identical copies have one content id: two names would clash, said in one line
+    with pytest.raises(ManifestError, match="names two slides"):
+        read_cohort_inputs([tmp_path / "b" / "S01.svs", tmp_path / "a" / "S01.svs",
+                            tmp_path / "c" / "S01.svs"])  # fmt: skip
+
+
+def _id8(path: Path) -> str:
+    from gpfm_core.slide import open_slide
+
+    with open_slide(path) as slide:
+        return slide.info.slide_id[:8]
+
+
+def test_a_missing_manifest_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError) as info:
+        read_cohort_inputs([tmp_path / "nosuch.csv", tmp_path / "x.svs"])
+    assert str(info.value) == f"manifest {tmp_path / 'nosuch.csv'} not found; check the path"
 
 
 @pytest.mark.parametrize(

@@ -322,3 +322,38 @@ def test_cluster_spec_errors_are_one_line(
         err = capsys.readouterr().err.strip()
         assert rc == 1 and err.startswith("gpfm embed: error:") and len(err.splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("order", ["big_first", "small_first"])
+def test_same_stem_file_names_follow_the_input_order(
+    cohort_slides: list[Path], tmp_path: Path, thread_client, order: str
+) -> None:
+    """The first listed of two ``S01`` slides takes ``S01.h5`` even when the other finishes
+    first: names are decided from the inputs, not by which worker is done first."""
+    from gpfm_core.slide import open_slide
+
+    big, small = cohort_slides[3], cohort_slides[2]  # 2048x1024 and 768x768 px
+    sites = []
+    pair = (big, small) if order == "big_first" else (small, big)
+    for site, src in zip("AB", pair, strict=True):
+        dst = tmp_path / f"site{site}" / "S01.svs"
+        dst.parent.mkdir()
+        shutil.copyfile(src, dst)
+        sites.append(dst)
+    entries = read_cohort_inputs(sites)
+    with open_slide(sites[0]) as a, open_slide(sites[1]) as b:
+        id_a, id_b = a.info.slide_id, b.info.slide_id
+    assert [(e.slide_id, e.unique_name) for e in entries] == [
+        ("S01", False),
+        (f"S01-{id_b[:8]}", True),
+    ]
+    out = tmp_path / "out"
+    run = run_cohort(entries, out_dir=out, settings=SETTINGS, executor=thread_client)
+    assert [r.status for r in run.reports] == ["embedded", "embedded"]
+    assert [Path(r.file).name for r in run.reports] == ["S01.h5", f"S01-{id_b[:8]}.h5"]
+    assert sorted((r.slide_id, Path(r.file).name) for r in read_table(out)) == [
+        ("S01", "S01.h5"),
+        (f"S01-{id_b[:8]}", f"S01-{id_b[:8]}.h5"),
+    ]
+    with h5py.File(out.joinpath(run.reports[0].file), "r") as f:
+        assert f.attrs["slide_id"] == id_a

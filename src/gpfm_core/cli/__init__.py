@@ -12,7 +12,8 @@ import importlib
 import logging
 import os
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 
 from gpfm_core import __version__
 from gpfm_core.errors import GpfmError
@@ -70,6 +71,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    # a warning is one line naming the command, as errors are; not Python's source lines
+    formatwarning = warnings.formatwarning
+    warnings.formatwarning = _one_line_warning(args.command)
     try:
         status = int(args._run(args) or 0)
         sys.stdout.flush()  # a closed pipe shows here, inside the handler below
@@ -88,6 +92,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Python must not print a second traceback when it flushes stdout at exit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    finally:
+        warnings.formatwarning = formatwarning
+
+
+def _one_line_warning(command: str) -> Callable[..., str]:
+    def format_warning(message: Warning | str, *_: object, **__: object) -> str:
+        text = str(message).strip().splitlines()
+        return f"gpfm {command}: warning: {text[0] if text else ''}\n"
+
+    return format_warning
 
 
 if __name__ == "__main__":  # pragma: no cover

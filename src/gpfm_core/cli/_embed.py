@@ -31,8 +31,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description=(
             "Embed every tissue tile of each slide with an encoder and write "
             "<out>/<mpp>mpp_<tile>px_<overlap>px_overlap/features_<encoder>-<hash8>/"
-            "<slide_stem>.h5 (datasets features (N, D), coords (N, 2) level-0 x,y); a second "
-            "slide with the same stem gets <slide_stem>-<slide id>.h5. A slide embedded by "
+            "<slide_stem>.h5 (datasets features (N, D), coords (N, 2) level-0 x,y); a slide "
+            "listed after another of the same stem gets <slide_stem>-<content id[:8]>.h5 "
+            "(and that slide_id, unless a manifest names it). A slide embedded by "
             "another process at the same time is waited for and reused. A slide that fails "
             "is reported and the others continue; the exit status is 1 if any failed. "
             "A cohort is given as slide files, globs ('slides/**/*.svs') or manifests "
@@ -194,6 +195,7 @@ class _CohortBar:
 def run(args: argparse.Namespace) -> int:
     """Embed the slides; returns 0 when all worked, 1 when any failed."""
     from gpfm_core.cohort import EmbedSettings, read_cohort_inputs, run_cohort
+    from gpfm_core.cohort.run import quiet_no_tissue
 
     if args.retries < 0:
         raise GpfmError(f"--retries must be >= 0, not {args.retries}")
@@ -215,6 +217,7 @@ def run(args: argparse.Namespace) -> int:
         compile=args.compile,
         reuse=not args.no_reuse,
         force=args.force,
+        quiet_empty=True,  # an empty slide is one line below: "0 tiles (no tissue)"
     )
     executor = args.scheduler or args.cluster or "inline"
     if args.cluster:
@@ -233,6 +236,13 @@ def run(args: argparse.Namespace) -> int:
             how = "reused existing file"
         else:
             how = f"{r.n_tiles / max(r.seconds, 1e-9):.1f} tiles/s"
+        if r.n_tiles == 0:  # skipped rows carry no note; 0 tiles means the same there
+            line = (
+                f"{r.slide_path} -> {r.file}: 0 tiles ({r.note or 'no tissue'}); "
+                "lower --min-tissue or check the slide"
+            )
+            bar.write(line, file=sys.stdout)
+            return
         prec = f" [{r.precision}]" if r.precision else ""
         bar.write(f"{r.slide_path} -> {r.file} ({r.n_tiles} tiles, {how}){prec}", file=sys.stdout)
 
@@ -241,19 +251,20 @@ def run(args: argparse.Namespace) -> int:
             bar.write(f"dask dashboard: {link}", file=sys.stderr)
 
     try:
-        result = run_cohort(
-            entries,
-            out_dir=args.out,
-            settings=settings,
-            executor=executor,
-            retries=args.retries,
-            report_path=args.report,
-            progress=bar.tiles,
-            on_result=on_result,
-            on_dashboard=on_dashboard,
-            on_plan=bar.start,
-            index=_wants_index(args, entries),
-        )
+        with quiet_no_tissue():  # an empty slide is its own one line (on_result)
+            result = run_cohort(
+                entries,
+                out_dir=args.out,
+                settings=settings,
+                executor=executor,
+                retries=args.retries,
+                report_path=args.report,
+                progress=bar.tiles,
+                on_result=on_result,
+                on_dashboard=on_dashboard,
+                on_plan=bar.start,
+                index=_wants_index(args, entries),
+            )
     finally:
         bar.close()
     counts = ", ".join(
@@ -261,6 +272,8 @@ def run(args: argparse.Namespace) -> int:
         for status in ("embedded", "reused", "skipped", "failed", "cancelled")
         if (n := result.count(status))
     )
+    if empty := sum(r.ok and r.n_tiles == 0 for r in result.reports):
+        counts += f" ({empty} with 0 tiles: no tissue)"
     print(
         f"encoder: {result.encoder} (weights {result.weights_hash[:16]}) via {result.executor}; "
         f"slides: {counts or 'none'}"

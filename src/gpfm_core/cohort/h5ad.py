@@ -26,7 +26,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gpfm_core._atomic import atomic_path
-from gpfm_core.cohort.store import Cohort, CohortError, open_cohort, read_features
+from gpfm_core.cohort.store import (
+    Cohort,
+    CohortError,
+    check_unique_slides,
+    open_cohort,
+    read_features,
+)
 from gpfm_core.errors import GpfmError
 
 if TYPE_CHECKING:
@@ -95,7 +101,8 @@ def export_anndata(
     Raises
     ------
     CohortError
-        Unknown slide names, or an empty selection.
+        Unknown slide names, a slide named twice (in ``slides`` or in the table), or an
+        empty selection.
     GpfmError
         anndata is not installed; the probe was trained on features of another width.
     """
@@ -106,7 +113,11 @@ def export_anndata(
 
     if not isinstance(cohort, Cohort):
         cohort = open_cohort(cohort, encoder=encoder, tiling=tiling)
+    if slides is not None and len(set(slides)) != len(slides):
+        twice = next(s for s in slides if slides.count(s) > 1)
+        raise CohortError(f"slide {twice!r} is asked for twice; list each slide once")
     rows = list(cohort.rows) if slides is None else [cohort.row(s) for s in slides]
+    check_unique_slides(rows, cohort.folder)
     rows = [r for r in rows if r.n_tiles > 0]
     if not rows:
         raise CohortError(f"no tiles to export from {cohort.folder}")

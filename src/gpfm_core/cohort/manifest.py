@@ -8,8 +8,13 @@ A manifest is a CSV file with a header::
 
 ``path`` (TRIDENT's ``wsi`` is accepted too) is required; a relative path is taken from the
 manifest's folder. ``slide_id`` is the slide's name in the cohort (the report, the cohort
-table, AnnData's ``obs["slide"]``), e.g. a case id; it defaults to the file stem (and to
-``<folder>/<stem>`` when two slides share a stem). It is *not* gpfm's content id (the
+table, AnnData's ``obs["slide"]``), e.g. a case id; it defaults to the file stem, which is also
+the stem of the slide's feature file, so ``gpfm train-mil`` / ``gpfm eval`` find the file by it.
+When several slides of a cohort share a stem (``site-a/S01.svs``, ``site-b/S01.svs``), the one
+listed first keeps ``<stem>`` and each later one is ``<stem>-<id8>`` (the first 8 hex digits of
+its content id; those slides alone are opened to read it), the name its feature file takes
+too (:attr:`CohortEntry.unique_name`); this depends on the inputs' order and contents only,
+never on which slide finishes first. It is *not* gpfm's content id (the
 16-hex ``Slide.info.slide_id``, stored as ``content_id`` in the cohort table). ``mpp`` is the
 slide's level-0 µm/px, for slides whose metadata lacks it or is wrong (as ``--slide-mpp``, per
 slide). Reading a manifest opens no slide, so a list of 10,000 slides is read in well under a
@@ -52,11 +57,19 @@ class CohortEntry:
         The slide's name in the cohort (manifest ``slide_id``, else the file stem).
     mpp : float or None
         Level-0 µm/px override for this slide (manifest ``mpp``), or None for the metadata's.
+    unique_name : bool
+        The feature file takes ``<stem>-<id8>.h5`` (an earlier slide of the cohort has this
+        stem and takes ``<stem>.h5``), so which slide gets which name never depends on
+        which one finishes first.
+    default_id : bool
+        ``slide_id`` was derived from the file name (not given by a manifest).
     """
 
     path: Path
     slide_id: str
     mpp: float | None = None
+    unique_name: bool = False
+    default_id: bool = False
 
 
 def _looks_like_glob(text: str) -> bool:
@@ -82,6 +95,11 @@ def read_manifest(path: PathLike) -> list[CohortEntry]:
         No ``path`` column, an ``mpp`` that is not a positive number, or a ``slide_id``
         or path given twice.
     """
+    return _entries(_manifest_rows(path), where=f"manifest {path}")
+
+
+def _manifest_rows(path: PathLike) -> list[tuple[int, Path, str | None, float | None]]:
+    """``(line, absolute path, slide_id or None, mpp or None)`` per row of a manifest."""
     p = Path(path)
     base = p.parent.absolute()
     try:
@@ -113,7 +131,7 @@ def read_manifest(path: PathLike) -> list[CohortEntry]:
             if not slide.is_absolute():
                 slide = base / slide
             rows.append((lineno, Path(os.path.normpath(slide)), sid or None, mpp))
-    return _entries(rows, where=f"manifest {p}")
+    return rows
 
 
 def _parse_mpp(text: str, manifest: Path, lineno: int) -> float | None:
@@ -134,7 +152,7 @@ def _parse_mpp(text: str, manifest: Path, lineno: int) -> float | None:
 def _entries(
     rows: Iterable[tuple[int, Path, str | None, float | None]], *, where: str, unit: str = "lines"
 ) -> list[CohortEntry]:
-    """Entries with unique paths and names; default names are stems, made unique by folder."""
+    """Entries with unique paths and names; default names are stems (see the module doc)."""
     rows = list(rows)
     seen: dict[Path, int] = {}
     for lineno, path, _, _ in rows:
@@ -144,29 +162,48 @@ def _entries(
                 "list each slide once"
             )
         seen[path] = lineno
-    stems: dict[str, int] = {}
-    for _, path, sid, _ in rows:
-        if sid is None:
-            stems[_stem(path)] = stems.get(_stem(path), 0) + 1
+    first_of_stem: dict[str, Path] = {}
+    for _, path, _, _ in rows:
+        first_of_stem.setdefault(slide_stem(path), path)
     out: list[CohortEntry] = []
     names: dict[str, int] = {}
     for lineno, path, sid, mpp in rows:
-        name = sid
-        if name is None:
-            stem = _stem(path)
-            name = stem if stems[stem] == 1 else f"{path.parent.name}/{stem}"
+        stem = slide_stem(path)
+        later = first_of_stem[stem] != path
+        name = sid if sid is not None else unique_slide_id(path) if later else stem
         if name in names:
             raise ManifestError(
                 f"{where}: slide_id {name!r} names two slides ({unit} {names[name]} and "
                 f"{lineno}); give each slide its own slide_id"
             )
         names[name] = lineno
-        out.append(CohortEntry(path, name, mpp))
+        out.append(CohortEntry(path, name, mpp, unique_name=later, default_id=sid is None))
     return out
 
 
-def _stem(path: Path) -> str:
-    return path.stem or path.name
+def slide_stem(path: PathLike) -> str:
+    """The stem a slide's feature file takes (:func:`gpfm_core.slide.slide_stem`)."""
+    from gpfm_core.slide._formats import slide_stem as stem
+
+    return stem(path)
+
+
+def unique_slide_id(path: PathLike) -> str:
+    """``<stem>-<id8>``: the default name of a slide whose stem an earlier slide has.
+
+    ``<id8>`` is the first 8 hex digits of the slide's content id (it is opened to read it),
+    as its feature file is named (:func:`gpfm_core.embed.layout.slide_file_names`). A slide
+    that cannot be opened (it will fail to embed anyway) gets ``<stem>-<folder>``.
+    """
+    from gpfm_core.embed.layout import slide_file_names
+    from gpfm_core.slide import open_slide
+
+    try:
+        with open_slide(path) as slide:
+            content_id = slide.info.slide_id
+    except (GpfmError, OSError):
+        return f"{slide_stem(path)}-{Path(path).parent.name}"
+    return Path(slide_file_names(path, content_id)[1]).stem
 
 
 def read_cohort_inputs(items: Iterable[PathLike], *, mpp: float | None = None) -> list[CohortEntry]:
@@ -194,10 +231,12 @@ def read_cohort_inputs(items: Iterable[PathLike], *, mpp: float | None = None) -
     n = 0
     for item in items:
         text = os.fspath(item)
-        if text.lower().endswith(".csv") and Path(text).is_file():
-            for e in read_manifest(text):
+        if text.lower().endswith(".csv") and not _looks_like_glob(text):
+            if not Path(text).is_file():
+                raise ManifestError(f"manifest {text} not found; check the path")
+            for _, slide, sid, slide_mpp in _manifest_rows(text):
                 n += 1
-                rows.append((n, e.path, e.slide_id, e.mpp if e.mpp is not None else mpp))
+                rows.append((n, slide, sid, slide_mpp if slide_mpp is not None else mpp))
             continue
         if _looks_like_glob(text) and not os.path.exists(text):
             matches = sorted(glob.glob(os.path.expanduser(text), recursive=True))

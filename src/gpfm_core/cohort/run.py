@@ -35,7 +35,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,6 +67,7 @@ __all__ = [
     "SlideReport",
     "embed_cohort_slide",
     "plan_cohort",
+    "quiet_no_tissue",
     "run_cohort",
     "write_report",
 ]
@@ -83,7 +84,9 @@ class EmbedSettings:
     Fields are :func:`gpfm_core.embed.iter_embed_slide`'s options of the same names;
     ``encoder`` is a registry name or a checkpoint path (workers build their own encoder
     from it, with ``weights`` when given), ``torch_threads`` sets ``torch.set_num_threads``
-    on a worker (None leaves it).
+    on a worker (None leaves it), ``quiet_empty`` leaves out the "no tissue" warnings on dask
+    workers (the report says ``0 tiles``, note ``no tissue``; ``gpfm embed`` sets it, and
+    runs inline slides inside :func:`quiet_no_tissue`).
     """
 
     encoder: str = "default"
@@ -102,6 +105,29 @@ class EmbedSettings:
     reuse: bool = True
     force: bool = False
     torch_threads: int | None = None
+    quiet_empty: bool = False
+
+    def check(self, meta: EncoderMeta | None = None) -> None:
+        """Raise :class:`GpfmError` for settings no slide can be embedded with (once, up front).
+
+        ``meta`` gives the encoder's default tile size, against which ``overlap_px`` is
+        checked when ``tile_px`` is None.
+        """
+        from gpfm_core.tiling import check_grid_args
+
+        tile_px = self.tile_px if self.tile_px is not None else getattr(meta, "tile_px", None)
+        check_grid_args(
+            mpp=self.mpp,
+            tile_px=tile_px if tile_px is not None else max(self.overlap_px, 0) + 1,
+            overlap_px=self.overlap_px,
+            min_tissue=self.min_tissue,
+        )
+        if self.dtype not in ("float32", "float16"):
+            raise GpfmError(f"dtype must be 'float32' or 'float16', not {self.dtype!r}")
+        if self.batch_size < 1:
+            raise GpfmError(f"batch_size must be >= 1, not {self.batch_size}")
+        if self.workers < 0:
+            raise GpfmError(f"workers must be >= 0, not {self.workers}")
 
     def embed_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :func:`~gpfm_core.embed.iter_embed_slide` (not the encoder)."""
@@ -152,6 +178,8 @@ class SlideReport:
         not known, e.g. skipped).
     error
         One line, for ``failed``.
+    note
+        ``"no tissue"`` for a slide embedded with 0 tiles (an empty feature file), else "".
     retryable
         Whether a failure may pass on another try (not written to the report).
     row
@@ -171,6 +199,7 @@ class SlideReport:
     file: str = ""
     precision: str = ""
     error: str = ""
+    note: str = ""
     retryable: bool = False
     row: TableRow | None = None
     started: float = 0.0
@@ -200,6 +229,7 @@ class SlideReport:
             precision=self.precision,
             slide_path=self.slide_path,
             error=self.error,
+            note=self.note,
         )
         return out
 
@@ -209,11 +239,16 @@ REPORT_COLUMNS: tuple[str, ...] = tuple(SlideReport("", "", "").csv_row())
 
 @dataclass(frozen=True)
 class CohortPlan:
-    """What :func:`plan_cohort` decided: ``todo`` entries, and reports of the rest."""
+    """What :func:`plan_cohort` decided: ``todo`` entries, and reports of the rest.
+
+    ``entries`` is the whole cohort as planned: a default-named slide whose name the cohort
+    table already gives another slide file is renamed ``<stem>-<id8>``.
+    """
 
     todo: list[CohortEntry]
     settled: list[SlideReport]
     settings: dict[Path, str]
+    entries: list[CohortEntry] = field(default_factory=list)
 
 
 @dataclass
@@ -324,9 +359,11 @@ def plan_cohort(
     folder = Path(out_dir)
     folder_text = str(folder)
     known: dict[tuple[str, str], TableRow] = {}
+    rows = read_table(folder)
     if settings.reuse and not settings.force:
-        for row in read_table(folder):
+        for row in rows:
             known[(row.slide_path, row.settings)] = row
+    entries = _rename_defaults(entries, rows, meta=meta, weights_hash=weights_hash)
     todo: list[CohortEntry] = []
     settled: list[SlideReport] = []
     hashes: dict[Path, str] = {}
@@ -361,7 +398,40 @@ def plan_cohort(
             )
         else:
             todo.append(entry)
-    return CohortPlan(todo, settled, hashes)
+    return CohortPlan(todo, settled, hashes, entries)
+
+
+def _rename_defaults(
+    entries: Sequence[CohortEntry],
+    rows: Sequence[TableRow],
+    *,
+    meta: EncoderMeta,
+    weights_hash: str,
+) -> list[CohortEntry]:
+    """Default-named slides whose name the table gives another slide file: ``<stem>-<id8>``.
+
+    ``gpfm embed site-a/S01.svs`` then ``gpfm embed site-b/S01.svs`` into one folder: the
+    second is another slide, not a new version of the first, so it must not take over (and
+    supersede) the first's row; like a later same-stem slide of one run it is named
+    ``<stem>-<id8>`` and its file too. A manifest's ``slide_id`` is the user's: the same name
+    on another file supersedes the old row (:func:`~gpfm_core.cohort.table.update_table`).
+    """
+    import dataclasses
+
+    from gpfm_core.cohort.manifest import unique_slide_id
+
+    taken = {
+        r.slide_id: r.slide_path
+        for r in rows
+        if r.encoder == str(meta.name) and r.weights_hash == weights_hash
+    }
+    out = []
+    for e in entries:
+        other = taken.get(e.slide_id)
+        if e.default_id and other is not None and other != os.path.abspath(e.path):
+            e = dataclasses.replace(e, slide_id=unique_slide_id(e.path), unique_name=True)
+        out.append(e)
+    return out
 
 
 def _row_current(row: TableRow, file: str, slide_stat: os.stat_result) -> bool:
@@ -408,6 +478,56 @@ def _task_encoder(settings: EmbedSettings, device: str) -> Any:
 # slide of each process runs alone; after one slide is embedded, slides run freely.
 _WARM = threading.Event()
 _WARM_LOCK = threading.Lock()
+
+
+_QUIET_LOCK = threading.Lock()
+_QUIET = False
+
+
+class _NoTissueRecords(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        from gpfm_core.tissue import NO_TISSUE_RECORD
+
+        return not getattr(record, NO_TISSUE_RECORD, False)
+
+
+@contextlib.contextmanager
+def quiet_no_tissue() -> Iterator[None]:
+    """Leave out the "no tissue" warnings and log lines inside the block.
+
+    For a caller that states it per slide from the report (``0 tiles``, note ``no tissue``):
+    ``gpfm embed`` then prints one line for an empty slide, not three. Enter it in the main
+    thread around a whole run (warning filters are per process, not per thread); the filters
+    are restored on exit. On dask worker processes ``EmbedSettings.quiet_empty`` does the
+    same for the worker's life.
+    """
+    import warnings
+
+    from gpfm_core.tiling import NoTissueWarning
+
+    records = _NoTissueRecords()
+    tissue_log = logging.getLogger("gpfm_core.tissue")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=NoTissueWarning)
+        tissue_log.addFilter(records)
+        try:
+            yield
+        finally:
+            tissue_log.removeFilter(records)
+
+
+def _quiet_worker() -> None:
+    """:func:`quiet_no_tissue` for the rest of this (dask worker) process; once."""
+    global _QUIET
+    import warnings
+
+    from gpfm_core.tiling import NoTissueWarning
+
+    with _QUIET_LOCK:
+        if not _QUIET:
+            warnings.filterwarnings("ignore", category=NoTissueWarning)
+            logging.getLogger("gpfm_core.tissue").addFilter(_NoTissueRecords())
+            _QUIET = True
 
 
 def _one_line(exc: BaseException) -> str:
@@ -492,6 +612,8 @@ def _embed_one(
         started=started,
     )
     publish = ProgressPublisher(topic, entry.slide_id) if topic else None
+    if settings.quiet_empty and topic is not None:  # a dask worker: its own process's output
+        _quiet_worker()
     try:
         if settings.torch_threads:
             import torch
@@ -506,6 +628,7 @@ def _embed_one(
             out_dir=out_dir,
             slide_mpp=entry.mpp,
             device=device,
+            unique_name=entry.unique_name,
             **settings.embed_kwargs(),
         )
         while True:
@@ -529,6 +652,7 @@ def _embed_one(
         report.stages = {**result.stages, "hash": time.perf_counter() - t_hash}
         report.status = "reused" if result.reused else "embedded"
         report.n_tiles = int(result.n_tiles)
+        report.note = "no tissue" if report.n_tiles == 0 else ""
         report.file = str(result.path)
         report.precision = str(result.precision)
         report.row = row
@@ -677,17 +801,22 @@ def run_cohort(
     Raises
     ------
     EncoderError, GpfmError
-        Unknown encoder or unusable device (before any slide is read; nothing written).
+        Unknown encoder or unusable device, or settings no slide can use (``mpp`` <= 0,
+        ``tile_px`` < 1, ``overlap_px`` not in [0, tile_px), ``min_tissue`` outside [0, 1],
+        ``batch_size`` < 1): before any slide is read; nothing written.
     """
     t0 = time.perf_counter()
     settings = settings or EmbedSettings()
     entries = list(entries)
     if retries < 0:
         raise GpfmError(f"retries must be >= 0, not {retries}")
+    settings.check()  # settings of every slide: one error before the encoder loads
     enc, meta, weights_hash = _encoder_for_plan(settings, encoder, inline=executor == "inline")
+    settings.check(meta)  # overlap against the encoder's tile size
     # absolute: workers elsewhere (another node, another cwd) write to the same place
     folder = Path(os.path.abspath(out_dir))
     plan = plan_cohort(entries, folder, meta=meta, weights_hash=weights_hash, settings=settings)
+    entries = plan.entries
     if on_plan is not None:
         on_plan(plan)
     feeder = None

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Cohort", "CohortError", "open_cohort", "read_features"]
+__all__ = ["Cohort", "CohortError", "check_unique_slides", "open_cohort", "read_features"]
 
 PathLike = str | os.PathLike[str]
 
@@ -189,6 +189,25 @@ class Cohort:
         return pd.DataFrame([r.__dict__ for r in self.rows])
 
 
+def check_unique_slides(rows: Iterable[TableRow], where: PathLike) -> None:
+    """Raise :class:`CohortError` when two rows of one feature set share a ``slide_id``.
+
+    ``gpfm embed`` keeps one row per slide (a new row supersedes the old one); two rows
+    of a name mean a hand-edited table or one from an older gpfm, and a slide that would be
+    counted twice (AnnData refuses it, a MIL model would train on it twice).
+    """
+    files: dict[str, list[str]] = {}
+    for r in rows:
+        files.setdefault(r.slide_id, []).append(r.file)
+    dup = next(((sid, f) for sid, f in files.items() if len(f) > 1), None)
+    if dup is not None:
+        sid, f = dup
+        raise CohortError(
+            f"{where}: slide_id {sid!r} has {len(f)} rows ({', '.join(f)}); delete the stale "
+            "row(s) (the file whose content_id is not the slide's now) so each slide has one"
+        )
+
+
 def open_cohort(
     folder: PathLike,
     *,
@@ -214,8 +233,8 @@ def open_cohort(
     Raises
     ------
     CohortError
-        No cohort table, nothing matches, or several feature sets match (the message
-        lists them and the option that picks one).
+        No cohort table, nothing matches, several feature sets match (the message
+        lists them and the option that picks one), or two rows name one slide_id.
     """
     root = Path(folder)
     if not table_path(root).is_file():
@@ -242,6 +261,7 @@ def open_cohort(
             f"{root} holds {len(sets)} feature sets ({listed}); pick one with encoder=, "
             "tiling= or weights_hash= (CLI: --encoder / --tiling)"
         )
+    check_unique_slides(rows, table_path(root))
     missing = [r.file for r in rows if not r.path_in(root).is_file()]
     if missing:
         log.warning(

@@ -30,6 +30,14 @@ so Parquet's column compression and appends would buy nothing here.
 
 Runs update the table under its lock (:func:`gpfm_core.embed.layout.slide_lock` on the
 table), merging by ``file``: two runs writing one cohort at once both keep their rows.
+
+A ``slide_id`` has one row per feature set (encoder, weights, tiling): a new row of a
+``slide_id`` supersedes its older row with another ``file`` (the slide's file was replaced by
+another slide, so its content id and feature file changed, or a manifest gave the name to
+another file). The old feature file is removed (unless another row still names it): it holds
+features of a slide the cohort no longer has, which tools reading the folder
+(``gpfm train-mil --features``, ``gpfm index``) would otherwise pick up. Each superseded row
+is a one-line :class:`SupersededWarning` naming the old file.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -54,6 +63,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "TABLE_NAME",
     "CohortTableError",
+    "SupersededWarning",
     "TableRow",
     "file_sha256",
     "read_table",
@@ -71,6 +81,10 @@ TABLE_NAME = "cohort.csv"
 
 class CohortTableError(GpfmError):
     """The cohort table cannot be read (one line naming the file and the fix)."""
+
+
+class SupersededWarning(UserWarning):
+    """A slide_id's new feature file superseded its old one (which was removed)."""
 
 
 @dataclass(frozen=True)
@@ -193,7 +207,10 @@ def update_table(folder: PathLike, rows: Iterable[TableRow], *, drop_missing: bo
     folder
         The cohort folder (created).
     rows
-        New or replaced rows; a row replaces the one with the same ``file``.
+        New or replaced rows; a row replaces the one with the same ``file``, and supersedes
+        the row of its ``slide_id`` in its feature set (encoder, weights, tiling) with another
+        ``file``, whose file is removed when no row names it any more (a one-line
+        :class:`SupersededWarning` each).
     drop_missing
         Drop rows whose feature file no longer exists.
 
@@ -207,9 +224,26 @@ def update_table(folder: PathLike, rows: Iterable[TableRow], *, drop_missing: bo
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     new = {r.file: r for r in rows}
+    owner = {_identity(r): r for r in new.values()}
     with slide_lock(table_path(folder)):
         merged = {r.file: r for r in read_table(folder)}
+        gone = [r for f, r in merged.items() if f not in new and _identity(r) in owner]
+        for r in gone:
+            del merged[r.file]
         merged.update(new)
+        named = {r.file for r in merged.values()}
+        for old in gone:
+            by = owner[_identity(old)]
+            removed = old.file not in named
+            if removed:
+                old.path_in(folder).unlink(missing_ok=True)
+            warnings.warn(
+                f"slide {old.slide_id!r} is now {by.slide_path} (content id {by.content_id}, "
+                f"{by.file}); its old row {old.file} (content id {old.content_id}) is superseded"
+                + (" and that file removed" if removed else ""),
+                SupersededWarning,
+                stacklevel=2,
+            )
         kept = [
             r
             for r in merged.values()
@@ -217,6 +251,11 @@ def update_table(folder: PathLike, rows: Iterable[TableRow], *, drop_missing: bo
         ]
         kept.sort(key=lambda r: (r.tiling, r.encoder, r.weights_hash, r.slide_id, r.file))
         return _write(folder, kept)
+
+
+def _identity(row: TableRow) -> tuple[str, str, str, str]:
+    """What names one slide's features: its ``slide_id`` in one feature set."""
+    return (row.slide_id, row.encoder, row.weights_hash, row.tiling)
 
 
 def row_for_file(

@@ -278,13 +278,17 @@ def file_slide_id(path: PathLike) -> str | None:
     return None if value is None else str(value)
 
 
-def _choose(folder: Path, slide_path: PathLike, slide_id: str, suffix: str) -> Path:
+def _choose(
+    folder: Path, slide_path: PathLike, slide_id: str, suffix: str, unique_name: bool = False
+) -> Path:
     """Which of the two names is (or becomes) this slide's file; see :func:`slide_file_names`."""
     base_name, alt_name = slide_file_names(slide_path, slide_id, suffix=suffix)
     base, alt = folder / base_name, folder / alt_name
     if alt.exists() and file_slide_id(alt) == slide_id:
         return alt
-    if not base.exists() or file_slide_id(base) == slide_id:
+    if unique_name and not alt.exists():
+        return alt
+    if not unique_name and (not base.exists() or file_slide_id(base) == slide_id):
         return base
     if not alt.exists():
         return alt
@@ -315,8 +319,14 @@ def claim_slide_file(
     suffix: str = FEATURES_SUFFIX,
     timeout: float | None = None,
     cancel: threading.Event | None = None,
+    unique_name: bool = False,
 ) -> Iterator[Path]:
     """Lock and return the file of ``slide_path`` in ``folder`` (created) for the block.
+
+    ``unique_name`` sends the slide to ``<stem>-<id8><suffix>`` whatever ``<stem><suffix>``
+    holds: a cohort decides from its inputs' order which of its same-stem slides this is
+    (:attr:`gpfm_core.cohort.CohortEntry.unique_name`), so the names do not depend on which
+    slide is written first.
 
     The name is decided under the lock of ``<stem><suffix>`` (so two slides with one stem
     never both take it); a slide sent to ``<stem>-<id8><suffix>`` takes that name's lock
@@ -338,7 +348,7 @@ def claim_slide_file(
         base_lock = contextlib.ExitStack()
         stack.callback(base_lock.close)
         base_lock.enter_context(slide_lock(base, timeout=timeout, cancel=cancel))
-        target = _choose(folder, slide_path, slide_id, suffix)
+        target = _choose(folder, slide_path, slide_id, suffix, unique_name)
         if target != base:
             stack.enter_context(slide_lock(target, timeout=timeout, cancel=cancel))
             base_lock.close()  # the name is decided: other slides of this stem may go on

@@ -42,6 +42,7 @@ from gpfm_core.embed.layout import claim_slide_file, features_dir, settings_diff
 from gpfm_core.embed.loading import EmbeddingsFileError, read_attrs
 from gpfm_core.embed.storage import EmbeddingWriter
 from gpfm_core.errors import GpfmError
+from gpfm_core.tiling import NoTissueWarning
 
 if TYPE_CHECKING:
     import torch
@@ -62,10 +63,6 @@ __all__ = [
     "iter_embed_slide",
     "resolve_encoder",
 ]
-
-
-class NoTissueWarning(UserWarning):
-    """A slide had no tile with enough tissue; an empty embeddings file was written."""
 
 
 @dataclass(frozen=True)
@@ -164,6 +161,7 @@ def iter_embed_slide(
     reuse: bool = True,
     force: bool = False,
     lock_timeout: float | None = None,
+    unique_name: bool = False,
 ) -> Generator[EmbedProgress, None, EmbedResult]:
     """Embed every tissue tile of a slide into its feature file under ``out_dir``.
 
@@ -220,6 +218,10 @@ def iter_embed_slide(
         an :class:`EmbeddingsClashError`.
     lock_timeout
         Seconds to wait for another process writing this file; None waits until it is done.
+    unique_name
+        Write ``<slide_stem>-<slide_id[:8]>.h5`` even when ``<slide_stem>.h5`` is free (a
+        cohort's later slide of a shared stem; see
+        :func:`~gpfm_core.embed.layout.claim_slide_file`).
 
     Yields
     ------
@@ -298,7 +300,12 @@ def iter_embed_slide(
             # held from the look for an existing file to the rename of the new one
             out = locked.enter_context(
                 claim_slide_file(
-                    folder, slide_path, info.slide_id, timeout=lock_timeout, cancel=cancel
+                    folder,
+                    slide_path,
+                    info.slide_id,
+                    timeout=lock_timeout,
+                    cancel=cancel,
+                    unique_name=unique_name,
                 )
             )
             diff = _existing_diff(out, key)

@@ -1,0 +1,170 @@
+"""Slide names and feature-file names of a cohort: one row per slide_id, names from the inputs.
+
+Real generated pyramids (OpenSlide), real tiny-vit; no mocks. The same names on a real
+LocalCluster: ``test_cohort_run.py::test_same_stem_file_names_follow_the_input_order``.
+
+- A slide file replaced in place supersedes its old row (and file): never two rows of one
+  slide_id, and ``open_cohort`` / ``export-anndata`` refuse a table that has them.
+- Default slide_ids are the feature files' stems (``S01``, then ``S01-<id8>``), which
+  ``gpfm train-mil`` / ``gpfm eval`` look files up by.
+- Which same-stem slide gets the bare ``S01.h5`` is decided by the inputs' order, not by
+  which slide a cluster finishes first.
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from pathlib import Path
+
+import h5py
+import pytest
+
+from gpfm_core.cli import main
+from gpfm_core.cohort import (
+    EmbedSettings,
+    export_anndata,
+    open_cohort,
+    read_cohort_inputs,
+    read_table,
+    run_cohort,
+)
+from gpfm_core.cohort.store import CohortError
+from gpfm_core.cohort.table import SupersededWarning, table_path
+from gpfm_core.slide import open_slide
+
+SETTINGS = EmbedSettings(encoder="tiny-vit", mpp=1.0, batch_size=8, device="cpu", workers=1)
+
+
+def _content_id(path: Path) -> str:
+    with open_slide(path) as slide:
+        return slide.info.slide_id
+
+
+@pytest.fixture(scope="module")
+def three_slides(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> list[Path]:
+    """Three different small pyramids (0.5 µm/px, 6 to 48 tissue tiles at 1 µm/px)."""
+    from gpfm_core.synth import make_synthetic_slide
+
+    d = tmp_path_factory.mktemp("name_slides")
+    sources = [data_dir / "cmu_small_region.svs", data_dir / "he_patch_1000.png"]
+    sizes = [(2048, 1536), (1024, 768), (1280, 1024)]
+    return [
+        make_synthetic_slide(
+            d / f"src{i}.svs", width=w, height=h, mpp=0.5, tile=256, seed=i, sources=sources
+        )
+        for i, (w, h) in enumerate(sizes)
+    ]
+
+
+def _sites(tmp_path: Path, first: Path, second: Path) -> tuple[Path, Path]:
+    """``siteA/S01.svs`` and ``siteB/S01.svs``: two slides with one stem."""
+    a, b = tmp_path / "siteA" / "S01.svs", tmp_path / "siteB" / "S01.svs"
+    for src, dst in ((first, a), (second, b)):
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+    return a, b
+
+
+def _ids_and_files(out: Path) -> list[tuple[str, str]]:
+    return sorted((r.slide_id, Path(r.file).name) for r in read_table(out))
+
+
+def test_a_slide_replaced_in_place_supersedes_its_row_and_file(
+    three_slides: list[Path], tmp_path: Path
+) -> None:
+    a, b = _sites(tmp_path, three_slides[0], three_slides[1])
+    manifest = tmp_path / "cohort.csv"
+    manifest.write_text(f"path,slide_id,mpp\n{a},case-001,\n{b},case-002,0.5\n")
+    out = tmp_path / "out"
+    run_cohort(read_cohort_inputs([manifest]), out_dir=out, settings=SETTINGS)
+    old_id, new_id = _content_id(b), _content_id(three_slides[2])
+    old_file = f"S01-{old_id[:8]}.h5"
+    assert _ids_and_files(out) == [("case-001", "S01.h5"), ("case-002", old_file)]
+
+    shutil.copyfile(three_slides[2], b)  # the user overwrites siteB/S01.svs with another slide
+    with pytest.warns(SupersededWarning) as caught:
+        run = run_cohort(read_cohort_inputs([manifest]), out_dir=out, settings=SETTINGS)
+    assert [r.status for r in run.reports] == ["skipped", "embedded"]
+    (msg,) = [str(w.message) for w in caught if w.category is SupersededWarning]
+    assert old_file in msg and "case-002" in msg and "\n" not in msg
+    rows = {r.slide_id: r for r in read_table(out)}
+    assert _ids_and_files(out) == [("case-001", "S01.h5"), ("case-002", f"S01-{new_id[:8]}.h5")]
+    assert rows["case-002"].content_id == new_id
+    assert not any(p.name == old_file for p in out.rglob("*.h5"))  # the stale file is removed
+    cohort = open_cohort(out)
+    assert cohort.slides == ["case-001", "case-002"]
+    with h5py.File(cohort.path("case-002"), "r") as f:
+        assert f.attrs["slide_id"] == new_id
+    adata = export_anndata(cohort, tmp_path / "t.h5ad")
+    import anndata
+
+    obs = anndata.read_h5ad(adata).obs
+    assert list(obs["slide"].cat.categories) == ["case-001", "case-002"]
+    assert (obs["slide"] == "case-002").sum() == rows["case-002"].n_tiles
+
+
+def test_a_table_with_two_rows_of_one_slide_is_refused_in_one_line(
+    three_slides: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    run_cohort(read_cohort_inputs(three_slides[1:]), out_dir=out, settings=SETTINGS)
+    # a hand edit (or an older gpfm) gives slide src2's name to src1's row too
+    lines = table_path(out).read_text().splitlines()
+    dup = next(line for line in lines if line.startswith("src1,")).replace("src1,", "src2,", 1)
+    table_path(out).write_text("\n".join([*lines, dup]) + "\n")
+    with pytest.raises(CohortError) as info:
+        open_cohort(out)
+    msg = str(info.value)
+    assert "slide_id 'src2' has 2 rows" in msg and "\n" not in msg
+    capsys.readouterr()
+    assert main(["export-anndata", str(out), "--out", str(tmp_path / "t.h5ad")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("gpfm export-anndata: error:") and len(err.splitlines()) == 1
+    assert not (tmp_path / "t.h5ad").exists()
+
+
+def test_export_anndata_refuses_a_slide_asked_for_twice(
+    three_slides: list[Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    run_cohort(read_cohort_inputs(three_slides[1:2]), out_dir=out, settings=SETTINGS)
+    with pytest.raises(CohortError, match="'src1' is asked for twice"):
+        export_anndata(out, tmp_path / "t.h5ad", slides=["src1", "src1"])
+
+
+def test_default_slide_ids_are_file_stems_the_other_tools_accept(
+    three_slides: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gpfm_core.evaluation.features import find_slide_features
+
+    a, b = _sites(tmp_path, three_slides[1], three_slides[2])
+    out = tmp_path / "out"
+    args = ["embed", str(a), str(b), "--encoder", "tiny-vit", "--mpp", "1", "--out", str(out)]
+    assert main([*args, "--device", "cpu", "--quiet"]) == 0
+    id_b = f"S01-{_content_id(b)[:8]}"
+    # a stem when unique; the later same-stem slide is <stem>-<id8>, as its file is named
+    assert _ids_and_files(out) == [("S01", "S01.h5"), (id_b, f"{id_b}.h5")]
+    rows = {r.slide_id: r for r in read_table(out)}
+    assert rows["S01"].slide_path == str(a) and rows[id_b].slide_path == str(b)
+    # train-mil / eval find a slide's file by its slide_id: the right slide's file
+    files = find_slide_features(out, ["S01", id_b])
+    for sid, path in files.items():
+        with h5py.File(path, "r") as f:
+            assert f.attrs["slide_id"] == rows[sid].content_id
+    import anndata
+
+    obs = anndata.read_h5ad(export_anndata(out, tmp_path / "t.h5ad")).obs
+    assert sorted(obs["slide"].cat.categories) == ["S01", id_b]
+    # a later run with another S01 alone: another slide, not a new version of siteA's
+    c = tmp_path / "siteC" / "S01.svs"
+    c.parent.mkdir()
+    shutil.copyfile(three_slides[0], c)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SupersededWarning)  # nothing is superseded
+        assert main(["embed", str(c), "--encoder", "tiny-vit", "--mpp", "1", "--out", str(out),
+                     "--device", "cpu", "--quiet"]) == 0  # fmt: skip
+    id_c = f"S01-{_content_id(c)[:8]}"
+    assert _ids_and_files(out) == sorted(
+        [("S01", "S01.h5"), (id_b, f"{id_b}.h5"), (id_c, f"{id_c}.h5")]
+    )
