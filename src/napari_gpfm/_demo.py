@@ -126,7 +126,7 @@ def build_demo(
 
 
 def add_analysis_dock(viewer: Any, state: DemoState, *, encoder: str | None = None) -> Any:
-    """Add the GPFM dock and run its demo steps: embed, cluster, query, probe ready.
+    """Add the GPFM dock and run its demo steps: embed, cluster, query, probe ready, slide model.
 
     The slide is embedded with ``encoder`` (default: :func:`default_encoder_name`, the
     shipped student when no GPFM weights are present) into ``state.out_dir/embeddings``,
@@ -151,6 +151,10 @@ def add_analysis_dock(viewer: Any, state: DemoState, *, encoder: str | None = No
         f"napari-gpfm demo: {session.n_tiles} tiles embedded by {session.encoder!s}",
         flush=True,
     )
+    from napari_gpfm._demo_slide_model import add_slide_model
+
+    # the Slide model tab: a demo ABMIL model applied, its gpfm: attention layer made
+    add_slide_model(dock, session, out_dir=state.out_dir, slide_path=state.slide.path)
     return dock
 
 

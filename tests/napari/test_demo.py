@@ -65,6 +65,8 @@ def test_cli_demo_writes_a_real_screenshot(tmp_path: Path) -> None:
     warm = ((r > 190) & (g > 70) & (b < 140) & (r - b > 80)).mean()
     assert white > 0.03 and pink > 0.01 and warm > 0.003, (white, pink, warm)
     assert "tiles embedded by " in proc.stdout
+    # the Slide model tab answered (the demo slide has no carcinoma: "low")
+    assert "slide model carcinoma-share: Prediction: low" in proc.stdout
 
 
 def test_cli_demo_offline_fails_with_one_line(tmp_path: Path) -> None:
