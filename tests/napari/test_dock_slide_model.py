@@ -192,10 +192,15 @@ def test_a_survival_model_shows_its_risk_and_what_it_means(
             "its tile size differ",
         ),
         ({"tiling": {"requested_mpp": 1.0, "tile_px": 112, "overlap_px": 0}}, "its µm/px differ"),
+        (
+            {"tiling": {"requested_mpp": 0.5, "tile_px": 112, "overlap_px": 56}},
+            "its overlap differ",
+        ),
+        ("wider", "its width differ"),  # same encoder name and tiling, 2 x D features
     ],
 )
 def test_a_model_of_other_features_is_refused_in_one_line(
-    embedded: Any, trained: SlideModel, tmp_path: Path, notes: Any, change: dict, differ: str
+    embedded: Any, trained: SlideModel, tmp_path: Path, notes: Any, change: Any, differ: str
 ) -> None:
     viewer, dock, session = embedded
     tab = dock.slide_model_tab
@@ -203,6 +208,10 @@ def test_a_model_of_other_features_is_refused_in_one_line(
     assert tab.load_model(good, sync=True)
     shown = ov.find(viewer, ov.ATTENTION, session).data.copy()
     before = notes()
+    if change == "wider":
+        state = dict(trained.state)
+        state["fc.0.weight"] = np.concatenate([state["fc.0.weight"]] * 2, axis=1)
+        change = {"embed_dim": 2 * trained.embed_dim, "state": state}
     assert not tab.load_model(_save(trained, tmp_path, "other", **change), sync=True)
     new = notes()[len(before) :]
     assert len(new) == 1 and "\n" not in new[0], new
@@ -219,10 +228,12 @@ def test_a_model_of_other_features_is_refused_in_one_line(
         ("random-safetensors", "is not a gpfm slide model"),
         ("text", "is not a gpfm slide model"),
         ("missing", "not found"),
+        ("torch-pickle", "is not a gpfm slide model"),  # never unpickled
+        ("truncated", "is not a gpfm slide model"),
     ],
 )
 def test_a_file_that_is_not_a_slide_model_is_refused_in_one_line(
-    embedded: Any, tmp_path: Path, notes: Any, kind: str, message: str
+    embedded: Any, trained: SlideModel, tmp_path: Path, notes: Any, kind: str, message: str
 ) -> None:
     from gpfm_core.analysis import LinearProbe
 
@@ -240,6 +251,13 @@ def test_a_file_that_is_not_a_slide_model_is_refused_in_one_line(
         save_file({"w": rng.normal(size=(8, 4)).astype(np.float32)}, str(path))
     elif kind == "text":
         path.write_text("not a model\n")
+    elif kind == "torch-pickle":
+        import torch
+
+        torch.save({"fc.0.weight": torch.zeros(4, 4)}, path)
+    elif kind == "truncated":
+        data = _save(trained, tmp_path, "whole").read_bytes()
+        path.write_bytes(data[: len(data) // 2])
     assert not tab.load_model(path, sync=True)
     msgs = notes()
     assert len(msgs) == 1 and "\n" not in msgs[0] and message in msgs[0], msgs
