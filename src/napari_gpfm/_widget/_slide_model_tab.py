@@ -155,11 +155,12 @@ def attention_weight(attention: np.ndarray) -> np.ndarray:
 
 def apply_job(
     session: SlideSession, model: Any, sha: str, *, cancel: threading.Event,
-    device: str | None = None,
+    device: str | None = None, precision: str = "auto",
 ) -> Generator[Step, None, Any]:  # fmt: skip
     """Worker body: apply ``model`` (file hash ``sha``) to ``session``'s features chunk by chunk.
 
-    Returns ``(session, sha, SlideResult)``, or None when cancelled.
+    ``precision`` as :func:`~gpfm_core.evaluation.mil.iter_apply_slide_model`'s (the tab:
+    ``"auto"``). Returns ``(session, sha, SlideResult)``, or None when cancelled.
     """
     from gpfm_core.evaluation.mil import iter_apply_slide_model
 
@@ -168,7 +169,7 @@ def apply_job(
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     t0 = time.perf_counter()
-    gen = iter_apply_slide_model(model, session.features, precision="auto", device=device)
+    gen = iter_apply_slide_model(model, session.features, precision=precision, device=device)
     while True:
         try:
             done, total = next(gen)
