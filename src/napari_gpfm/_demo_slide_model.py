@@ -79,8 +79,9 @@ def add_slide_model(
     -------
     pathlib.Path or None
         The model file; None (one line printed) when the demo slides cannot be made here —
-        ``he_patch_1000.png`` is not in ``GPFM_DATA_DIR`` or the session's tiling is not one
-        of theirs — or the tab refused the model (its notification says why).
+        ``he_patch_1000.png`` is not in ``GPFM_DATA_DIR``, the session's tiling is not one
+        of theirs, or the data folder holds something else — or the tab refused the model
+        (its notification says why). The rest of the demo goes on either way.
     """
     from gpfm_core.evaluation import MILConfig, make_demo_data, train_slide_model
     from gpfm_core.evaluation.demo import CLASSES
@@ -99,20 +100,22 @@ def add_slide_model(
             print(f"napari-gpfm demo: no slide model ({why})", flush=True)
             return None
         t0 = time.perf_counter()
-        data = make_demo_data(
-            path.parent / f"data_{int(session.tiling['tile_px'])}px", encoders=(session.encoder,),
-            tile_px=int(session.tiling["tile_px"]), sources={"skin": slide_path, "carcinoma": carcinoma},
-        )  # fmt: skip
+        tile_px = int(session.tiling["tile_px"])
         # the paper's ABMIL and optimiser; 20 epochs (the default 50 take ~4x longer and the
         # demo task is separated by then: validation AUROC 1.0 either way)
         config = MILConfig(max_epochs=20, min_epochs=5, patience=5)
-        train_slide_model(
-            data.slides_csv,
-            features=data.features[session.encoder],
-            classes=CLASSES,
-            config=config,
-            out=path,
-        )
+        try:
+            data = make_demo_data(
+                path.parent / f"data_{tile_px}px", encoders=(session.encoder,), tile_px=tile_px,
+                sources={"skin": slide_path, "carcinoma": carcinoma},
+            )  # fmt: skip
+            train_slide_model(
+                data.slides_csv, features=data.features[session.encoder], classes=CLASSES,
+                config=config, out=path,
+            )  # fmt: skip
+        except GpfmError as exc:  # the demo goes on without its slide model
+            print(f"napari-gpfm demo: no slide model ({exc})", flush=True)
+            return None
         log.info("demo: slide model trained in %.1f s", time.perf_counter() - t0)
     if not tab.load_model(path, sync=True):
         return None

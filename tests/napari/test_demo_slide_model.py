@@ -66,16 +66,31 @@ def test_demo_applies_its_slide_model_with_attention(
     assert path.stat().st_mtime_ns == stamp
 
 
-def test_demo_without_the_carcinoma_image_says_so_in_one_line(
+@pytest.mark.parametrize(
+    ("case", "why"),
+    [
+        ("no carcinoma image", "he_patch_1000.png is not in GPFM_DATA_DIR"),
+        ("a foreign data folder", "is not empty and holds no demo data: choose a new or empty"),
+    ],
+)
+def test_a_demo_without_its_slide_model_says_why_in_one_line(
     embedded: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch, notes: Any,
+    monkeypatch: pytest.MonkeyPatch, notes: Any, case: str, why: str,
 ) -> None:  # fmt: skip
     viewer, dock, session = embedded
-    monkeypatch.setenv("GPFM_DATA_DIR", str(tmp_path))  # no he_patch_1000.png there
-    slide_path = session.slide_path
-    got = add_slide_model(dock, session, out_dir=tmp_path / "o", slide_path=slide_path)
+    out = tmp_path / "o"
+    if case == "no carcinoma image":
+        monkeypatch.setenv("GPFM_DATA_DIR", str(tmp_path))
+    else:  # a file of the user's where the demo would put its slides
+        data = demo_slide_model_path(out, session.encoder).parent / "data_112px"
+        data.mkdir(parents=True)
+        (data / "mine.txt").write_text("keep me\n")
+    got = add_slide_model(dock, session, out_dir=out, slide_path=session.slide_path)
     assert got is None and dock.slide_model_tab.loaded is None
-    out = capsys.readouterr().out.strip().splitlines()
-    assert out == ["napari-gpfm demo: no slide model (he_patch_1000.png is not in GPFM_DATA_DIR)"]
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("napari-gpfm demo: no slide model (")
+    assert why in lines[0]
     assert ov.find(viewer, ov.ATTENTION, session) is None and notes() == []
-    assert not (tmp_path / "o").exists()  # nothing half-made
+    assert not demo_slide_model_path(out, session.encoder).exists()  # nothing half-made
+    if case == "a foreign data folder":
+        assert (data / "mine.txt").read_text() == "keep me\n"
