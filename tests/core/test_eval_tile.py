@@ -116,12 +116,21 @@ def test_demo_tile_task_is_deterministic_with_intervals_around_the_estimates(
     np.testing.assert_equal(runs[0].rows, runs[1].rows)  # NaN (no sd) compares equal here
     assert runs[0].encoder.weights_hash == "handcrafted"
     by = {(r["protocol"], r["metric"]): r for r in runs[0].rows}
+    # the test split: 8 crops each of carcinoma, skin and glass (the cap) and the skin-edge
+    # crops its blocks hold (fewer: edges are rare; how many follows the tissue detector)
+    from collections import Counter
+
+    from _eval_support import read_csv
+
+    test_items = Counter(r["label"] for r in read_csv(eval_demo.tile_items) if r["split"] == "test")
+    assert [test_items[c] for c in ("carcinoma", "skin", "glass")] == [8, 8, 8]
+    assert 1 <= test_items["skin-edge"] <= 8
     checked = 0
     for (protocol, metric), r in by.items():
         if protocol.startswith(("linear", "knn", "retrieval")):
             assert r["ci_low"] <= r["value"] <= r["ci_high"], (protocol, metric)
             checked += 1
-        assert r["n_test"] == 30  # 8 carcinoma, 8 skin, 8 glass, 6 skin-edge crops
+        assert r["n_test"] == sum(test_items.values())
     assert checked == 3 * 3 + 2  # linear, knn-1, knn-20 x 3 metrics + retrieval top-1, top-3
     # four classes, chance is 0.25: the machinery learns the regions
     assert by[("linear", "balanced_accuracy")]["value"] >= 0.75
