@@ -31,7 +31,8 @@ CONFIG = MILConfig(hidden=32, attn_dim=16, max_epochs=12, min_epochs=4, patience
 
 
 def _features_file(folder: Path) -> Path:
-    (path,) = sorted(folder.rglob("*.h5"))
+    """The CMU slide's tiny-vit file (other dock tests embed other slides into the folder)."""
+    (path,) = sorted(folder.glob("0.5mpp_112px_0px_overlap/features_tiny-vit-*/cmu_small_region.h5"))
     return path
 
 
