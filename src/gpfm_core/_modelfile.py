@@ -17,7 +17,10 @@ import numpy as np
 
 from gpfm_core.errors import GpfmError
 
-__all__ = ["read_model_file"]
+__all__ = ["KINDS", "read_model_file"]
+
+#: Header key -> kind of the project's model files, named when one is given for the other.
+KINDS = {"gpfm_probe": "linear probe (load it in the Probe tab)", "gpfm_slide_model": "slide model"}
 
 
 def read_model_file(
@@ -60,11 +63,16 @@ def read_model_file(
     p = Path(path)
     if not p.is_file():
         raise GpfmError(f"{what} {p} not found: {missing_fix}")
+    other = None
     try:
         with safe_open(str(p), framework="numpy") as fh:
-            meta = json.loads((fh.metadata() or {})[meta_key])
+            header = fh.metadata() or {}
+            other = next((k for k in KINDS if k != meta_key and k in header), None)
+            meta = json.loads(header[meta_key])
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
     except Exception as exc:
+        if other is not None:  # the project's other kind of model file: say which it is
+            raise GpfmError(f"{p} is a gpfm {KINDS[other]}, not a {what}: {missing_fix}") from exc
         raise GpfmError(f"{p} is not a gpfm {what} ({type(exc).__name__}): save it again") from exc
     if not isinstance(meta, dict) or meta.get("format") != fmt:
         raise GpfmError(f"{p} is a damaged or foreign {what}: save it again")

@@ -111,7 +111,7 @@ def build_demo(
     own_tissue_layer(tissue_layer, slide_id=slide.slide_id, slide_name=slide_layer.name)
     own_grid_layer(grid_layer, grid, slide_id=slide.slide_id, slide_name=slide_layer.name)
     viewer.layers.selection.active = tissue_layer
-    viewer.scale_bar.visible = True
+    scale_bar(viewer).visible = True
     viewer.reset_view()
     log.info("demo: %s, %d tiles", path.name, len(grid))
     return DemoState(
@@ -125,8 +125,14 @@ def build_demo(
     )
 
 
+def scale_bar(viewer: Any) -> Any:
+    """The viewer's scale bar overlay (``viewer.scale_bar`` is deprecated from napari 0.9)."""
+    overlays = getattr(getattr(viewer, "canvas", None), "overlays", None)
+    return overlays["scale_bar"] if overlays is not None else viewer.scale_bar
+
+
 def add_analysis_dock(viewer: Any, state: DemoState, *, encoder: str | None = None) -> Any:
-    """Add the GPFM dock and run its demo steps: embed, cluster, query, probe ready.
+    """Add the GPFM dock and run its demo steps: embed, cluster, query, cohort, probe, slide model.
 
     The slide is embedded with ``encoder`` (default: :func:`default_encoder_name`, the
     shipped student when no GPFM weights are present) into ``state.out_dir/embeddings``,
@@ -156,6 +162,10 @@ def add_analysis_dock(viewer: Any, state: DemoState, *, encoder: str | None = No
         f"napari-gpfm demo: {session.n_tiles} tiles embedded by {session.encoder!s}",
         flush=True,
     )
+    from napari_gpfm._demo_slide_model import add_slide_model
+
+    # the Slide model tab: a demo ABMIL model applied, its gpfm: attention layer made
+    add_slide_model(dock, session, out_dir=state.out_dir, slide_path=state.slide.path)
     return dock
 
 

@@ -39,6 +39,37 @@ def test_demo_features_equal_embedding_the_slide(eval_demo, tmp_path: Path) -> N
         assert real.attrs[key] == ours.attrs[key], key
 
 
+def test_finer_feature_tiles_equal_embedding_the_slide_at_that_tiling(
+    eval_demo, tmp_path: Path, data_dir: Path
+) -> None:
+    """tile_px=112: each 224 px slide tile is 2 x 2 feature tiles, as embedding the slide
+    file at 112 px gives (the tiling a gpfm-student session has in the dock)."""
+    sources = {
+        "skin": data_dir / "cmu_small_region.svs",
+        "carcinoma": data_dir / "he_patch_1000.png",
+    }
+    fine = make_demo_data(
+        tmp_path / "fine", encoders=("hed-texture",), sources=sources, tile_px=112
+    )
+    slide = fine.slides[3]
+    assert _sha(slide) == _sha(eval_demo.slides[3])  # the same slides
+    path = embed_slide(
+        slide, encoder="hed-texture", out_dir=tmp_path / "real", mpp=0.5, tile_px=112,
+        device="cpu",
+    )  # fmt: skip
+    ours = load_embeddings(fine.features["hed-texture"] / f"{slide.stem}.h5")
+    real = load_embeddings(path)
+    assert ours.features.shape[0] == 16 * 16
+    assert np.array_equal(real.coords, ours.coords) and np.array_equal(real.grid_rc, ours.grid_rc)
+    assert np.allclose(real.features, ours.features, atol=1e-5)
+    for key in ("tile_px", "requested_mpp", "level0_width", "weights_hash"):
+        assert real.attrs[key] == ours.attrs[key], key
+    coarse, finer = tile_truth(eval_demo)[slide.stem], tile_truth(fine)[slide.stem]
+    assert np.array_equal(finer.reshape(16, 16), np.kron(coarse.reshape(8, 8), np.ones((2, 2))))
+    with pytest.raises(GpfmError, match="tile_px must divide 224"):
+        make_demo_data(tmp_path / "odd", encoders=(), sources=sources, tile_px=100)
+
+
 def test_slides_differ_by_their_carcinoma_share(eval_demo) -> None:
     rows = read_csv(eval_demo.slides_csv)
     truth = tile_truth(eval_demo)

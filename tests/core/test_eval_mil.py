@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 from safetensors.numpy import save_file
+from scipy.stats import spearmanr
 
+from gpfm_core.embed.device import PrecisionFallbackWarning
 from gpfm_core.errors import GpfmError
 from gpfm_core.evaluation.mil import (
     MILConfig,
@@ -19,6 +21,7 @@ from gpfm_core.evaluation.mil import (
     _fold_standardiser,
     apply_slide_model,
     build_abmil,
+    iter_apply_slide_model,
     train_abmil,
 )
 
@@ -175,6 +178,75 @@ def test_bf16_apply_is_close_to_fp32(trained) -> None:
     assert np.corrcoef(a.attention, b.attention)[0, 1] > 0.99
 
 
+def test_apply_yields_its_progress_and_returns_the_answer(trained) -> None:
+    res, bags, *_ = trained
+    x = np.concatenate(bags[:6])
+    gen = iter_apply_slide_model(res.model, x, chunk=50)
+    steps = []
+    while True:
+        try:
+            steps.append(next(gen))
+        except StopIteration as stop:
+            out = stop.value
+            break
+    n = x.shape[0]
+    assert steps == [(min(s + 50, n), n) for s in range(0, n, 50)]
+    ref = apply_slide_model(res.model, x, chunk=50)
+    assert np.array_equal(out.attention, ref.attention) and out.prediction == ref.prediction
+    assert not torch.is_inference_mode_enabled()  # never left on across a yield
+
+
+def test_int8_apply_is_faithful_and_says_why(trained) -> None:
+    res, bags, *_ = trained
+    for x in (np.concatenate(bags[:6]), bags[1], bags[2]):
+        ref = apply_slide_model(res.model, x)
+        q = apply_slide_model(res.model, x, precision="int8")
+        assert q.precision == "int8" and q.check.startswith("int8: attention rank correlation")
+        assert q.prediction == ref.prediction
+        assert np.abs(q.probabilities - ref.probabilities).max() <= 0.02
+        assert spearmanr(q.attention, ref.attention)[0] >= 0.99
+        assert np.abs(q.attention - ref.attention).max() > 1e-6  # really int8, not fp32 again
+
+
+def test_int8_that_is_not_faithful_falls_back_to_fp32(trained) -> None:
+    """One huge first-layer weight on a feature that is always 0: fp32 ignores it, but
+    per-tensor int8 rounds every other weight to 0 or one step (an outlier weight: the kind
+    of model where int8 is known to break)."""
+    res, bags, *_ = trained
+    state = {k: v.copy() for k, v in res.model.state.items()}
+    state["fc.0.weight"][0, 0] = 1e4 * np.abs(state["fc.0.weight"]).max()
+    model = replace(res.model, state=state, _module=None)
+    x = np.concatenate(bags[:6])
+    x[:, 0] = 0.0
+    with pytest.warns(PrecisionFallbackWarning, match="not faithful"):
+        q = apply_slide_model(model, x, precision="int8")
+    ref = apply_slide_model(model, x)
+    assert q.precision == "fp32" and q.check.startswith("fp32 fallback")
+    assert np.array_equal(q.attention, ref.attention)
+
+
+@pytest.mark.parametrize(("work", "want"), [(None, "fp32"), (1000, "int8")])
+def test_auto_precision_uses_int8_for_large_slides_only(
+    trained, monkeypatch: pytest.MonkeyPatch, work: int | None, want: str
+) -> None:
+    from gpfm_core.evaluation import mil
+
+    res, bags, *_ = trained
+    if work is not None:  # a "large" slide without allocating one
+        monkeypatch.setattr(mil, "INT8_AUTO_WORK", work)
+    x = np.concatenate(bags[:6])
+    assert x.size < mil.INT8_AUTO_WORK or work is not None
+    out = apply_slide_model(res.model, x, precision="auto")
+    assert out.precision == want
+    assert out.check.startswith("fp32: a small slide" if want == "fp32" else "int8: ")
+
+
+def test_int8_is_refused_on_a_gpu_before_touching_it(trained) -> None:
+    res, bags, *_ = trained
+    with pytest.raises(GpfmError, match="CPU only"):
+        apply_slide_model(res.model, bags[0], precision="int8", device="cuda")
+
+
 def _meta(path: Path) -> dict:
     from safetensors import safe_open
 
@@ -230,7 +302,7 @@ def test_apply_and_load_check_the_features(trained, tmp_path: Path) -> None:
     with pytest.raises(GpfmError, match="NaN"):
         apply_slide_model(res.model, x)
     with pytest.raises(GpfmError, match="precision"):
-        apply_slide_model(res.model, x, precision="int8")
+        apply_slide_model(res.model, x, precision="fp16")
     with pytest.raises(GpfmError, match="has 12-d"):
         SlideModel.load(res.model.save(tmp_path / "m.safetensors"), embed_dim=12)
 

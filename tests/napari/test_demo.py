@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_gpfm._demo import build_demo
+from napari_gpfm._demo import build_demo, scale_bar
 from napari_gpfm._layers import GRID_LAYER, TISSUE_LAYER, viewer_camera
 from napari_gpfm._widget import _overlays as ov
 
@@ -26,7 +26,7 @@ def test_build_demo_fills_viewer(make_napari_viewer, tmp_path: Path) -> None:
     assert len(state.grid) > 20 and len(state.grid_layer.data) == len(state.grid)
     assert len(state.tissue_layer.data) >= len(state.tissue.polygons) >= 1
     assert (tmp_path / "out").is_dir()
-    assert viewer.scale_bar.visible
+    assert scale_bar(viewer).visible
     viewer.layers.remove(state.slide_layer)
     assert state.slide.closed
 
@@ -65,6 +65,8 @@ def test_cli_demo_writes_a_real_screenshot(tmp_path: Path) -> None:
     warm = ((r > 190) & (g > 70) & (b < 140) & (r - b > 80)).mean()
     assert white > 0.03 and pink > 0.01 and warm > 0.003, (white, pink, warm)
     assert "tiles embedded by " in proc.stdout
+    # the Slide model tab answered (the demo slide has no carcinoma: "low")
+    assert "slide model carcinoma-share: Prediction: low" in proc.stdout
 
 
 def test_cli_demo_offline_fails_with_one_line(tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ def test_dock_opens_from_the_npe2_manifest(make_napari_viewer: Any) -> None:
         "Explore",
         "Retrieve",
         "Probe",
+        "Slide model",
     ]
     assert dock.embed_tab.encoder_combo.findText("tiny-vit") >= 0
 

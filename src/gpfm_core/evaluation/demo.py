@@ -316,25 +316,29 @@ def _survival(shares: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray,
 
 
 def _pool_features(
-    pool_slide: Path, encoder: str, out_dir: Path, n_pool: int, device: str
+    pool_slide: Path, encoder: str, out_dir: Path, n_pool: int, device: str, tile_px: int = TILE
 ) -> tuple[np.ndarray, dict, dict, dict, np.ndarray]:
-    """Embed the pool slide -> features (n_pool, D) by pool id, root/coords/features attrs."""
+    """Embed the pool slide -> features (n_pool, k * k, D) by pool id and sub-tile
+    (``k = TILE // tile_px`` sub-tiles per side, row-major), root/coords/features attrs."""
     import h5py
 
     from gpfm_core.embed import embed_slide, load_embeddings
 
     path = embed_slide(
-        pool_slide, encoder=encoder, out_dir=out_dir, mpp=MPP, tile_px=TILE, tissue=False,
+        pool_slide, encoder=encoder, out_dir=out_dir, mpp=MPP, tile_px=tile_px, tissue=False,
         min_tissue=0.0, device=device, workers=1,
     )  # fmt: skip
     emb = load_embeddings(path)
-    pid = (emb.coords[:, 1] // TILE) * _POOL_COLS + emb.coords[:, 0] // TILE
-    feats = np.empty((n_pool, emb.embed_dim), np.float32)
-    tissue = np.ones(n_pool, np.float32)
+    k = TILE // tile_px
+    x, y = emb.coords[:, 0], emb.coords[:, 1]
+    pid = (y // TILE) * _POOL_COLS + x // TILE
+    sub = ((y % TILE) // tile_px) * k + (x % TILE) // tile_px
+    feats = np.empty((n_pool, k * k, emb.embed_dim), np.float32)
+    tissue = np.ones((n_pool, k * k), np.float32)
     sel = pid < n_pool
-    feats[pid[sel]] = emb.features[sel]
+    feats[pid[sel], sub[sel]] = emb.features[sel]
     if emb.tissue_fraction is not None:
-        tissue[pid[sel]] = emb.tissue_fraction[sel]
+        tissue[pid[sel], sub[sel]] = emb.tissue_fraction[sel]
     with h5py.File(path, "r") as f:
         root = dict(f.attrs)
         coords_attrs = dict(f["coords"].attrs)
@@ -349,24 +353,27 @@ def _write_slide_features(
     from gpfm_core.slide import open_slide
 
     root, coords_attrs, feat_attrs = (dict(a) for a in attrs)
+    k = round(pool_feats.shape[1] ** 0.5)
+    step = TILE // k  # the features' tile side: each slide tile is k x k feature tiles
     ids = plan["ids"]
-    rows, cols = ids.shape
+    rows, cols = ids.shape[0] * k, ids.shape[1] * k
     rc = np.stack(np.mgrid[0:rows, 0:cols], axis=-1).reshape(-1, 2).astype(np.int64)
-    coords = rc[:, ::-1] * TILE
+    coords = rc[:, ::-1] * step
     with open_slide(slide) as s:
         slide_id = s.info.slide_id
     name = slide.stem
     root.update(
         slide_id=slide_id, slide_path=str(slide.resolve()), slide_name=name,
-        level0_width=cols * TILE, level0_height=rows * TILE, grid_rows=rows, grid_cols=cols,
+        level0_width=cols * step, level0_height=rows * step, grid_rows=rows, grid_cols=cols,
         n_tiles=rows * cols,
         demo_note="features of the identical JPEG tiles of the demo's pool slide",
     )  # fmt: skip
     coords_attrs.update(
-        name=name, savetodir=str(out), level0_width=cols * TILE, level0_height=rows * TILE
+        name=name, savetodir=str(out), level0_width=cols * step, level0_height=rows * step
     )
     feat_attrs.update(name=name, savetodir=str(out))
-    feats = pool_feats[ids.ravel()]
+    r, c = rc[:, 0], rc[:, 1]
+    feats = pool_feats[ids[r // k, c // k], (r % k) * k + c % k]
     with EmbeddingWriter(
         out / f"{name}.h5", coords=coords, grid_rc=rc, tissue_fraction=np.ones(rows * cols, np.float32),
         embed_dim=feats.shape[1], attrs=root, coords_attrs=coords_attrs, features_attrs=feat_attrs,
@@ -396,6 +403,7 @@ def make_demo_data(
     seed: int = 0,
     device: str = "cpu",
     sources: Mapping[str, str | os.PathLike[str]] | None = None,
+    tile_px: int = TILE,
 ) -> DemoData:
     """Generate the demo tasks' data into ``root`` (files that exist are kept).
 
@@ -414,6 +422,12 @@ def make_demo_data(
         Where the pool slide is embedded.
     sources
         ``{"skin": ..., "carcinoma": ...}`` images; default: the samples in ``GPFM_DATA_DIR``.
+    tile_px
+        Tile side of the slide features at 0.5 µm/px: 224 (the slides' own tiles), or a
+        divisor of it (e.g. 112, the tiling of ``gpfm-student``, so a slide model trained on
+        them applies to slides embedded with that encoder's default tiling). Each slide tile
+        then has ``(224 / tile_px)^2`` feature tiles, embedded from the pool slide's
+        identical pixels; ``tile_truth.csv`` lists the feature tiles.
 
     Returns
     -------
@@ -427,6 +441,10 @@ def make_demo_data(
         )
     if grid < 4:
         raise GpfmError(f"grid must be >= 4 tiles per side, got {grid}")
+    if tile_px < 16 or TILE % tile_px:
+        raise GpfmError(
+            f"tile_px must divide {TILE} and be >= 16 (224, 112, 56, 32), got {tile_px}"
+        )
     out = Path(root)
     out.mkdir(parents=True, exist_ok=True)
     params = {
@@ -436,6 +454,8 @@ def make_demo_data(
         "n_slides": n_slides,
         "grid": grid,
     }
+    if tile_px != TILE:  # folders of the default tiling keep their stamp
+        params["tile_px"] = tile_px
     stamp = out / "demo.json"
     if stamp.is_file():
         try:
@@ -489,13 +509,14 @@ def make_demo_data(
         ],
     )
     truth = []
-    for p in plans:
-        for (r, c), is_carc in np.ndenumerate(p["carcinoma"]):
+    k = TILE // tile_px
+    for p in plans:  # one row per feature tile, in the features files' (row-major) order
+        for (r, c), is_carc in np.ndenumerate(np.kron(p["carcinoma"], np.ones((k, k), bool))):
             truth.append(
                 {
                     "slide_id": p["slide_id"],
-                    "x": c * TILE,
-                    "y": r * TILE,
+                    "x": c * tile_px,
+                    "y": r * tile_px,
                     "tissue": "carcinoma" if is_carc else "skin",
                 }
             )
@@ -508,7 +529,7 @@ def make_demo_data(
             continue
         log.info("demo: embedding the %d pool tiles with %s", n_pool, enc)
         feats, *attrs, _tissue = _pool_features(
-            pool_slide, enc, out / "pool" / encoder_folder_name(enc), n_pool, device
+            pool_slide, enc, out / "pool" / encoder_folder_name(enc), n_pool, device, tile_px
         )
         for p, path in zip(plans, slides, strict=True):
             _write_slide_features(folder, p, path, feats, tuple(attrs))  # type: ignore[arg-type]

@@ -33,7 +33,7 @@ import logging
 import math
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -58,6 +58,7 @@ __all__ = [
     "TrainResult",
     "apply_slide_model",
     "build_abmil",
+    "iter_apply_slide_model",
     "train_abmil",
 ]
 
@@ -341,6 +342,11 @@ class SlideOutput:
         Survival: ``-sum(S)`` (higher = earlier event); else None.
     hazards, survival
         Survival: (n_bins,) discrete hazards and survival function; else None.
+    precision
+        What the two large matrix products ran in: ``"fp32"``, ``"bf16"`` or ``"int8"``.
+    check
+        One line: why that precision (for int8: its agreement with fp32 on the slide's
+        own tiles, see :func:`iter_apply_slide_model`); empty when it was simply asked for.
     """
 
     attention: np.ndarray
@@ -349,23 +355,243 @@ class SlideOutput:
     risk: float | None = None
     hazards: np.ndarray | None = None
     survival: np.ndarray | None = None
+    precision: str = "fp32"
+    check: str = ""
 
 
-def _outputs(model: SlideModel, logits: np.ndarray, attention: np.ndarray) -> SlideOutput:
+def _outputs(
+    model: SlideModel, logits: np.ndarray, attention: np.ndarray, precision: str = "fp32",
+    check: str = "",
+) -> SlideOutput:  # fmt: skip
     from gpfm_core.evaluation.survival import risk_from_logits
 
     if model.task == "classification":
         z = logits.astype(np.float64)
         p = np.exp(z - z.max())
         p /= p.sum()
-        return SlideOutput(attention, p.astype(np.float32), model.class_names[int(np.argmax(p))])
+        return SlideOutput(
+            attention, p.astype(np.float32), model.class_names[int(np.argmax(p))],
+            precision=precision, check=check,
+        )  # fmt: skip
     hazards, surv, risk = risk_from_logits(logits)
     return SlideOutput(
         attention,
         risk=float(risk),
         hazards=hazards.astype(np.float32),
         survival=surv.astype(np.float32),
+        precision=precision,
+        check=check,
     )
+
+
+#: Precisions of :func:`apply_slide_model`.
+APPLY_PRECISIONS = ("auto", "fp32", "bf16", "int8")
+#: ``precision="auto"`` on CPU tries int8 from this many tiles x feature width (16,384 tiles of
+#: 1024-d): below it fp32 takes well under a second and int8 would not repay its check.
+INT8_AUTO_WORK = 1 << 24
+#: Tiles of the slide (spread over it) that the int8 check applies in fp32 and in int8.
+INT8_CHECK_TILES = 2048
+#: Least Spearman rank correlation of the sample's attention scores, int8 vs fp32.
+INT8_MIN_RANK_CORR = 0.99
+#: Largest change of a class probability (or of a survival-curve value) on the sample.
+INT8_MAX_OUTPUT_CHANGE = 0.02
+
+
+def _layers(
+    x: torch.Tensor, precision: str, qnet: torch.nn.Module | None, w: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h (n, hidden) float32, attention scores (n,)) of a chunk of tiles."""
+    import torch
+
+    if precision == "int8":
+        assert qnet is not None
+        # dynamic int8: int8 weights, the chunk's activations quantised per call (x86/fbgemm)
+        h = torch.relu_(qnet.fc[0](x))
+        t = torch.tanh_(qnet.attention[0](h))
+    else:
+        mm = w["w0"].dtype
+        h = torch.relu_(torch.nn.functional.linear(x.to(mm), w["w0"]).float() + w["b0"])
+        t = torch.tanh_(torch.nn.functional.linear(h.to(mm), w["w1"]).float() + w["b1"])
+    return h, t @ w["w2"] + w["b2"]
+
+
+def _int8_check(
+    model: SlideModel, x: np.ndarray, qnet: torch.nn.Module, w32: dict[str, torch.Tensor]
+) -> tuple[bool, str]:
+    """Whether int8 is faithful to fp32 on a sample of this slide's tiles, and the evidence.
+
+    The sample (:data:`INT8_CHECK_TILES` tiles spread over the slide) is applied both ways:
+    the attention scores must keep their order (Spearman >= :data:`INT8_MIN_RANK_CORR`) and
+    the sample's pooled answer (class probabilities, or the survival curve) may move by at
+    most :data:`INT8_MAX_OUTPUT_CHANGE`.
+    """
+    import warnings
+
+    import torch
+    from scipy.stats import spearmanr
+
+    from gpfm_core.embed.device import fidelity_sample
+
+    rows = fidelity_sample(x.shape[0], size=INT8_CHECK_TILES)
+    xs = torch.from_numpy(np.ascontiguousarray(x[rows], dtype=np.float32))
+    net = model.module()
+    h32, a32 = _layers(xs, "fp32", None, w32)
+    h8, a8 = _layers(xs, "int8", qnet, w32)
+    r32, r8 = (
+        _outputs(model, net.classifier(torch.softmax(a, dim=0) @ h).numpy(), a.numpy())
+        for h, a in ((h32, a32), (h8, a8))
+    )
+    curve = "probabilities" if model.task == "classification" else "survival"
+    change = float(np.abs(getattr(r32, curve) - getattr(r8, curve)).max())
+    with warnings.catch_warnings():  # constant scores: rho is NaN, which fails the check
+        warnings.simplefilter("ignore")
+        rho = float(spearmanr(a32.numpy(), a8.numpy())[0]) if rows.size > 2 else 1.0
+    ok = math.isfinite(rho) and rho >= INT8_MIN_RANK_CORR and change <= INT8_MAX_OUTPUT_CHANGE
+    evidence = (
+        f"attention rank correlation {rho:.4f} {'>=' if rho >= INT8_MIN_RANK_CORR else '<'} "
+        f"{INT8_MIN_RANK_CORR}, {curve} change {change:.4f} "
+        f"{'<=' if change <= INT8_MAX_OUTPUT_CHANGE else '>'} {INT8_MAX_OUTPUT_CHANGE} "
+        f"on {rows.size} tiles"
+    )
+    return ok, evidence
+
+
+def iter_apply_slide_model(
+    model: SlideModel,
+    features: np.ndarray,
+    *,
+    chunk: int = 8192,
+    precision: str = "fp32",
+    device: str = "cpu",
+) -> Generator[tuple[int, int], None, SlideOutput]:
+    """Apply a slide model to the tile features of one slide, yielding progress.
+
+    A generator: yields ``(tiles done, N)`` after each chunk and returns the
+    :class:`SlideOutput` (``StopIteration.value``); :func:`apply_slide_model` runs it to
+    the end. For a worker that shows progress and can stop between chunks.
+
+    The tiles are processed in chunks with a running (log-sum-exp) softmax, so memory stays
+    at ``chunk x hidden`` floats whatever the slide size, and the answer equals the
+    network's full forward pass.
+
+    Cost: two matrix products per tile, ``2 x D x hidden + 2 x hidden x attn_dim`` FLOPs
+    (1.18 MFLOP for D = 1024, hidden 512, attn_dim 128): 118 GFLOP for a 100,000-tile slide,
+    89 % of it in the first layer. That is ~1.2 s at 100 GFLOP/s (float32 on two CPU cores),
+    a few ms on a GPU; ``benchmarks/bench_eval.py`` measures each precision.
+
+    Parameters
+    ----------
+    model
+        A trained :class:`SlideModel`.
+    features
+        (N, D) float features of the slide's tiles (the model's encoder and tiling).
+    chunk
+        Tiles per step.
+    precision
+        ``"fp32"`` (exact); ``"bf16"``: both matrix products in bfloat16 with float32
+        accumulation and softmax — 2-3x faster on CPUs with AVX512-BF16 or AMX and on GPUs;
+        probabilities move by ~1e-3 and attention ranks stay (a test checks both);
+        ``"int8"`` (CPU): both matrix products with dynamic int8 weights and activations
+        (``torch.ao`` dynamic quantisation, as the embedding's CPU int8 path), ~3x faster
+        than fp32 on CPUs with VNNI — kept only when faithful to fp32 on this slide
+        (attention rank correlation and answer change on :data:`INT8_CHECK_TILES` of its
+        tiles, see ``_int8_check``), else fp32 with a ``PrecisionFallbackWarning``;
+        ``"auto"``: int8 on CPU for slides of at least :data:`INT8_AUTO_WORK` tiles x D,
+        else fp32.
+    device
+        ``"cpu"`` or a torch device such as ``"cuda"``.
+
+    Returns
+    -------
+    SlideOutput
+        Attention (N,) and probabilities + prediction, or risk + hazards + survival; its
+        ``precision`` / ``check`` say what ran and why.
+
+    Raises
+    ------
+    GpfmError
+        Wrong shape or width, no tiles, NaN / inf features, unknown precision, int8 asked
+        for on a GPU.
+    """
+    import warnings
+
+    import torch
+
+    x = np.asarray(features)
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise GpfmError(f"features must be a non-empty (N, D) array, got shape {x.shape}")
+    if x.shape[1] != model.embed_dim:
+        raise GpfmError(
+            f"features are {x.shape[1]}-d but the slide model reads {model.embed_dim}-d: "
+            f"embed the slide with the model's encoder ({model.encoder or 'unknown'})"
+        )
+    if precision not in APPLY_PRECISIONS:
+        raise GpfmError(f"precision must be one of {APPLY_PRECISIONS}, not {precision!r}")
+    net = model.module()
+    dev = torch.device(device)
+    if precision == "int8" and dev.type != "cpu":
+        raise GpfmError("int8 applies on the CPU only: use precision fp32 or bf16 on a GPU")
+    n = x.shape[0]
+    check = ""
+    if precision == "auto":
+        big = dev.type == "cpu" and n * x.shape[1] >= INT8_AUTO_WORK
+        precision = "int8" if big else "fp32"
+        if not big:
+            check = "fp32: a small slide (int8 would not repay its check)"
+    mm = torch.bfloat16 if precision == "bf16" else torch.float32
+    w = {
+        "w0": net.fc[0].weight.to(dev, mm), "b0": net.fc[0].bias.to(dev),
+        "w1": net.attention[0].weight.to(dev, mm), "b1": net.attention[0].bias.to(dev),
+        "w2": net.attention[2].weight.to(dev)[0], "b2": net.attention[2].bias.to(dev),
+    }  # fmt: skip
+    qnet = None
+    if precision == "int8":
+        from gpfm_core.embed.device import PrecisionFallbackWarning, quantize_int8
+
+        try:
+            qnet = quantize_int8(net)
+            with torch.inference_mode():
+                ok, evidence = _int8_check(model, x, qnet, w)
+        except GpfmError as exc:  # no quantised engine in this torch build
+            ok, evidence = False, str(exc)
+        if ok:
+            check = f"int8: {evidence}"
+        else:
+            warnings.warn(
+                f"int8 is not faithful to fp32 on this slide ({evidence}); applying in fp32",
+                PrecisionFallbackWarning,
+                stacklevel=2,
+            )
+            precision, check, qnet = "fp32", f"fp32 fallback: {evidence}", None
+    # inference mode is entered per chunk, never across a yield: it is thread state, and
+    # the caller's code between chunks must not run in it
+    with torch.inference_mode():
+        attention = torch.empty(n, dtype=torch.float32, device=dev)
+        state = {
+            "m": torch.tensor(-math.inf, dtype=torch.float64, device=dev),
+            "total": torch.zeros((), dtype=torch.float64, device=dev),
+            "pooled": torch.zeros(model.config.hidden, dtype=torch.float64, device=dev),
+        }
+    for start in range(0, n, chunk):
+        with torch.inference_mode():
+            xb = torch.from_numpy(np.ascontiguousarray(x[start : start + chunk], dtype=np.float32))
+            h, a = _layers(xb.to(dev, non_blocking=True), precision, qnet, w)
+            attention[start : start + a.shape[0]] = a
+            # running softmax pooling: rescale what was summed when the maximum grows
+            m_new = torch.maximum(state["m"], a.max().double())
+            scale = torch.exp(state["m"] - m_new)
+            e = torch.exp(a.double() - m_new)
+            state["total"] = state["total"] * scale + e.sum()
+            state["pooled"] = state["pooled"] * scale + (e.float() @ h).double()
+            state["m"] = m_new
+        yield min(start + chunk, n), n
+    pooled = state["pooled"] / state["total"]
+    if not bool(torch.isfinite(attention).all()) or not bool(torch.isfinite(pooled).all()):
+        raise GpfmError("features contain NaN or inf: re-embed the slide or drop those tiles")
+    with torch.inference_mode():
+        w3, b3 = net.classifier.weight.to(dev), net.classifier.bias.to(dev)
+        logits = torch.nn.functional.linear(pooled.float(), w3, b3).cpu().numpy()
+    return _outputs(model, logits, attention.cpu().numpy(), precision, check)
 
 
 def apply_slide_model(
@@ -378,82 +604,16 @@ def apply_slide_model(
 ) -> SlideOutput:
     """Apply a slide model to the tile features of one slide (pure: no state changes).
 
-    The tiles are processed in chunks with a running (log-sum-exp) softmax, so memory stays
-    at ``chunk x hidden`` floats whatever the slide size, and the answer equals the
-    network's full forward pass.
-
-    Cost: two matrix products per tile, ``2 x D x hidden + 2 x hidden x attn_dim`` FLOPs
-    (1.2 MFLOP for D = 1024): 118 GFLOP for a 100,000-tile slide, which takes about a second
-    on two CPU cores in float32 (``benchmarks/bench_eval.py``), a few ms on a GPU.
-
-    Parameters
-    ----------
-    model
-        A trained :class:`SlideModel`.
-    features
-        (N, D) float features of the slide's tiles (the model's encoder and tiling).
-    chunk
-        Tiles per step.
-    precision
-        ``"fp32"`` (exact) or ``"bf16"``: both matrix products in bfloat16 with float32
-        accumulation and softmax — 2-3x faster on CPUs with AVX512-BF16 or AMX and on GPUs;
-        probabilities move by ~1e-3 and attention ranks stay (a test checks both).
-    device
-        ``"cpu"`` or a torch device such as ``"cuda"``.
-
-    Returns
-    -------
-    SlideOutput
-        Attention (N,) and probabilities + prediction, or risk + hazards + survival.
-
-    Raises
-    ------
-    GpfmError
-        Wrong shape or width, no tiles, NaN / inf features, unknown precision.
+    :func:`iter_apply_slide_model` run to the end; the parameters, cost, result and errors
+    are documented there (``precision``: ``"fp32"`` exact, ``"bf16"``, ``"int8"`` checked
+    against fp32 on the slide, ``"auto"``).
     """
-    import torch
-
-    x = np.asarray(features)
-    if x.ndim != 2 or x.shape[0] == 0:
-        raise GpfmError(f"features must be a non-empty (N, D) array, got shape {x.shape}")
-    if x.shape[1] != model.embed_dim:
-        raise GpfmError(
-            f"features are {x.shape[1]}-d but the slide model reads {model.embed_dim}-d: "
-            f"embed the slide with the model's encoder ({model.encoder or 'unknown'})"
-        )
-    if precision not in ("fp32", "bf16"):
-        raise GpfmError(f"precision must be 'fp32' or 'bf16', not {precision!r}")
-    net = model.module()
-    dev = torch.device(device)
-    mm = torch.bfloat16 if precision == "bf16" else torch.float32
-    w0, b0 = net.fc[0].weight.to(dev, mm), net.fc[0].bias.to(dev)
-    w1, b1 = net.attention[0].weight.to(dev, mm), net.attention[0].bias.to(dev)
-    w2, b2 = net.attention[2].weight.to(dev)[0], net.attention[2].bias.to(dev)
-    n = x.shape[0]
-    attention = torch.empty(n, dtype=torch.float32, device=dev)
-    m = torch.tensor(-math.inf, dtype=torch.float64, device=dev)
-    total = torch.zeros((), dtype=torch.float64, device=dev)
-    pooled = torch.zeros(model.config.hidden, dtype=torch.float64, device=dev)
-    with torch.inference_mode():
-        for start in range(0, n, chunk):
-            xb = torch.from_numpy(np.ascontiguousarray(x[start : start + chunk], dtype=np.float32))
-            xb = xb.to(dev, mm, non_blocking=True)
-            h = torch.relu_(torch.nn.functional.linear(xb, w0).float() + b0)
-            t = torch.tanh_(torch.nn.functional.linear(h.to(mm), w1).float() + b1)
-            a = t @ w2 + b2
-            attention[start : start + a.shape[0]] = a
-            # running softmax pooling: rescale what was summed when the maximum grows
-            m_new = torch.maximum(m, a.max().double())
-            scale = torch.exp(m - m_new)
-            e = torch.exp(a.double() - m_new)
-            total = total * scale + e.sum()
-            pooled = pooled * scale + (e.float() @ h).double()
-            m = m_new
-        if not bool(torch.isfinite(attention).all()) or not bool(torch.isfinite(pooled).all()):
-            raise GpfmError("features contain NaN or inf: re-embed the slide or drop those tiles")
-        w3, b3 = net.classifier.weight.to(dev), net.classifier.bias.to(dev)
-        logits = torch.nn.functional.linear((pooled / total).float(), w3, b3).cpu().numpy()
-    return _outputs(model, logits, attention.cpu().numpy())
+    gen = iter_apply_slide_model(model, features, chunk=chunk, precision=precision, device=device)
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value
 
 
 # ------------------------------------------------------------------------------- features

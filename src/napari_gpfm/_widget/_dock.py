@@ -1,4 +1,4 @@
-"""``GpfmDock``: the napari dock widget, four tabs over one :class:`SessionStore`.
+"""``GpfmDock``: the napari dock widget, five tabs over one :class:`SessionStore`.
 
 The dock owns one viewer mouse callback. A click (press and release without dragging) on
 the slide is mapped to level-0 pixels through the slide layer's ``world_to_data`` and to a
@@ -7,7 +7,7 @@ what happens (Explore: highlight the tile's point and cluster; Retrieve: similar
 Dragging keeps panning the view. Clicks off the embedded tiles only set a status message.
 
 Each tab has one overlay per slide (Embed: coverage, Explore: clusters, Retrieve:
-similarity, Probe: prediction). Opening a tab, or a tab producing its result, shows that
+similarity, Probe: prediction, Slide model: attention). Opening a tab, or a tab producing its result, shows that
 overlay of the active slide and hides the slide's other analysis overlays; the eye icons
 still turn any back on, and :data:`TOGGLE_KEY` toggles the current tab's overlay.
 """
@@ -29,6 +29,7 @@ from napari_gpfm._widget._explore_tab import ExploreTab
 from napari_gpfm._widget._probe_tab import ProbeTab
 from napari_gpfm._widget._retrieve_tab import RetrieveTab
 from napari_gpfm._widget._session import SessionStore, SlideSession
+from napari_gpfm._widget._slide_model_tab import SlideModelTab
 from napari_gpfm._widget._workers import notify_error
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ TOGGLE_KEY = "Shift-O"
 
 
 class GpfmDock(QWidget):
-    """GPFM slide analysis: Embed, Explore, Retrieve and Probe tabs.
+    """GPFM slide analysis: Embed, Explore, Retrieve, Probe and Slide model tabs.
 
     Parameters
     ----------
@@ -58,9 +59,11 @@ class GpfmDock(QWidget):
         self.explore_tab = ExploreTab(napari_viewer, self.store)
         self.retrieve_tab = RetrieveTab(napari_viewer, self.store)
         self.probe_tab = ProbeTab(napari_viewer, self.store)
+        self.slide_model_tab = SlideModelTab(napari_viewer, self.store)
         self.tabs = QTabWidget()
         for tab, title in ((self.embed_tab, "Embed"), (self.explore_tab, "Explore"),
-                           (self.retrieve_tab, "Retrieve"), (self.probe_tab, "Probe")):  # fmt: skip
+                           (self.retrieve_tab, "Retrieve"), (self.probe_tab, "Probe"),
+                           (self.slide_model_tab, "Slide model")):  # fmt: skip
             self.tabs.addTab(tab, title)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(2, 2, 2, 2)
@@ -86,6 +89,7 @@ class GpfmDock(QWidget):
         self.store.add(session)
         self.explore_tab.set_session(session)
         self.probe_tab.set_session(session)
+        self.slide_model_tab.set_session(session)
         if self.tabs.currentWidget() is self.probe_tab:
             self.probe_tab.ensure_layers()  # the new slide's own annotation layers
 
@@ -99,6 +103,7 @@ class GpfmDock(QWidget):
             self.explore_tab.set_session(active)
         if self.probe_tab.session is not None and self.probe_tab.session.key == key:
             self.probe_tab.set_session(active)
+        self.slide_model_tab.set_session(active)  # the combo lists the slides left
 
     def _tab_changed(self, _index: int) -> None:
         if self.tabs.currentWidget() is self.probe_tab and self.probe_tab.session is not None:
@@ -113,6 +118,7 @@ class GpfmDock(QWidget):
             self.explore_tab: ov.CLUSTERS,
             self.retrieve_tab: ov.SIMILARITY,
             self.probe_tab: ov.PREDICTION,
+            self.slide_model_tab: ov.ATTENTION,
         }[self.tabs.currentWidget()]
 
     def show_tab_overlay(self) -> Any:
@@ -181,6 +187,7 @@ class GpfmDock(QWidget):
         """Every background job of the dock."""
         return [
             self.embed_tab.job, self.explore_tab.job, self.retrieve_tab.thumbs, self.probe_tab.job,
+            self.slide_model_tab.job, self.slide_model_tab.thumbs,
         ]  # fmt: skip
 
     def _disconnect(self) -> None:

@@ -101,9 +101,13 @@ class TileGallery(QWidget):
 
     tile_clicked = Signal(object)
 
-    def __init__(self, parent: QWidget | None = None, *, columns: int = 3) -> None:
+    def __init__(
+        self, parent: QWidget | None = None, *, columns: int = 3, score_name: str = "similarity"
+    ) -> None:
         super().__init__(parent)
         self.columns = columns
+        #: What a hit's score is, in its tooltip ("similarity", "attention" ...).
+        self.score_name = score_name
         self.hits: list[Hit] = []
         self.buttons: list[QToolButton] = []
         self._pool: list[QToolButton] = []
@@ -140,7 +144,9 @@ class TileGallery(QWidget):
                 b.setText(f"{hit.score:.3f}\n{elide_middle(b, hit.name, THUMB_PX + 8)}")
                 # the full slide name: slides of one study often differ only in the middle
                 where = "\nin the cohort: click to open the slide there" if hit.from_cohort else ""
-                b.setToolTip(f"{hit.name}\ntile {hit.index} · similarity {hit.score:.4f}{where}")
+                b.setToolTip(
+                    f"{hit.name}\ntile {hit.index} · {self.score_name} {hit.score:.4f}{where}"
+                )
                 b.setIcon(blank)
             b.setVisible(i < len(self.hits))
         self.buttons = self._pool[: len(self.hits)]

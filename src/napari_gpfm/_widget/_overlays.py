@@ -51,6 +51,7 @@ SELECTION = "gpfm: selection"
 TISSUE = "gpfm: tissue"
 INK = "gpfm: ink"
 TILE_GRID = "gpfm: tile grid"
+ATTENTION = "gpfm: attention"
 
 #: ``layer.metadata`` key of the dock's provenance dict (see the module docstring).
 META_KEY = "gpfm"
@@ -61,6 +62,7 @@ OVERLAY_GROUPS: dict[str, tuple[str, ...]] = {
     CLUSTERS: ("clusters", "selection"),
     SIMILARITY: ("similarity", "query"),
     PREDICTION: ("prediction",),
+    ATTENTION: ("attention",),
 }
 #: Kinds hidden whenever another analysis overlay of the slide is shown.
 _OVERLAY_KINDS = frozenset(

@@ -37,7 +37,7 @@ from napari_gpfm._widget import _overlays as ov
 from napari_gpfm._widget import _probe_io as pio
 from napari_gpfm._widget._classes import ClassList
 from napari_gpfm._widget._probe_files import ProbeFilesMixin
-from napari_gpfm._widget._session import SessionStore, SlideSession
+from napari_gpfm._widget._session import SessionStore, SlideSession, key_mismatch
 from napari_gpfm._widget._workers import Job, Step, notify_error
 
 if TYPE_CHECKING:
@@ -398,20 +398,9 @@ class ProbeTab(ProbeFilesMixin, QWidget):
         if self.probe is None:
             raise GpfmError("no probe yet: annotate and train, or load a saved probe")
         if self.probe_key is not None:
-            if self.probe_key != session.feature_key:
-                enc, weights, mpp, px, _overlap, _dim = self.probe_key
-                what = [
-                    label for label, a, b in zip(
-                        ("encoder", "weights", "µm/px", "tile size", "overlap", "width"),
-                        self.probe_key, session.feature_key, strict=True,
-                    ) if a != b
-                ]  # fmt: skip
-                raise GpfmError(
-                    f"{session.name} was embedded with another encoder, weights or tiling than "
-                    f"the probe (its {', '.join(what)} differ; the probe's: "
-                    f"{enc or 'unknown encoder'}, weights {str(weights)[:8] or 'unknown'}, "
-                    f"{mpp} µm/px, {px} px tiles): embed it with those"
-                )
+            msg = key_mismatch(session, self.probe_key, "probe")
+            if msg is not None:
+                raise GpfmError(msg)
             return
         if self.probe.embed_dim != session.features.shape[1] or (
             self.probe.encoder and session.encoder and self.probe.encoder != session.encoder

@@ -67,6 +67,25 @@ def feature_key(
     )
 
 
+#: What each entry of :func:`feature_key` is, in words (for messages).
+FEATURE_KEY_FIELDS = ("encoder", "weights", "µm/px", "tile size", "overlap", "width")
+
+
+def key_mismatch(session: SlideSession, key: tuple[Any, ...], what: str) -> str | None:
+    """One line saying how ``session``'s features differ from those ``what`` (a probe, a
+    slide model) was trained on (``key``, a :func:`feature_key`), or None when they match."""
+    have = session.feature_key
+    if tuple(key) == have:
+        return None
+    enc, weights, mpp, px, _overlap, _dim = key
+    differ = [lab for lab, a, b in zip(FEATURE_KEY_FIELDS, key, have, strict=True) if a != b]
+    return (
+        f"{session.name} was embedded with another encoder, weights or tiling than the {what} "
+        f"(its {', '.join(differ)} differ; the {what}'s: {enc or 'unknown encoder'}, weights "
+        f"{str(weights)[:8] or 'unknown'}, {mpp} µm/px, {px} px tiles): embed it with those"
+    )
+
+
 @dataclass
 class SlideSession:
     """State of one embedded slide.
