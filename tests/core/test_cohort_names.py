@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 
 import h5py
+import numpy as np
 import pytest
 
 from gpfm_core.cli import main
@@ -29,8 +30,10 @@ from gpfm_core.cohort import (
     read_table,
     run_cohort,
 )
+from gpfm_core.cohort.index import index_dir_for
 from gpfm_core.cohort.store import CohortError
 from gpfm_core.cohort.table import SupersededWarning, table_path
+from gpfm_core.errors import GpfmError
 from gpfm_core.slide import open_slide
 
 SETTINGS = EmbedSettings(encoder="tiny-vit", mpp=1.0, batch_size=8, device="cpu", workers=1)
@@ -168,3 +171,122 @@ def test_default_slide_ids_are_file_stems_the_other_tools_accept(
     assert _ids_and_files(out) == sorted(
         [("S01", "S01.h5"), (id_b, f"{id_b}.h5"), (id_c, f"{id_c}.h5")]
     )
+
+
+def test_train_mil_finds_a_manifest_cohorts_files_by_their_slide_ids(
+    three_slides: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gpfm_core.embed import load_embeddings
+    from gpfm_core.evaluation.features import find_slide_features
+    from gpfm_core.evaluation.mil import SlideModel
+
+    a, b = _sites(tmp_path, three_slides[0], three_slides[1])
+    c = tmp_path / "siteC" / "T07.svs"
+    c.parent.mkdir()
+    shutil.copyfile(three_slides[2], c)
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(f"path,slide_id\n{a},case-001\n{b},case-002\n{c},case-003\n")
+    out = tmp_path / "out"
+    args = ["embed", str(manifest), "--encoder", "tiny-vit", "--mpp", "1", "--out", str(out)]
+    assert main([*args, "--device", "cpu", "--quiet", "--no-index"]) == 0
+    rows = {r.slide_id: r for r in read_table(out)}
+    assert sorted(rows) == ["case-001", "case-002", "case-003"]
+    (features_dir,) = {r.path_in(out).parent for r in rows.values()}
+    ids = ["case-001", "case-002", "case-003"]
+    # the --out folder or its features folder: each slide_id is the file the table names
+    for folder in (out, features_dir):
+        files = find_slide_features(folder, ids)
+        assert sorted(files) == ids
+        for sid, path in files.items():
+            assert path.resolve() == rows[sid].path_in(out).resolve()
+            with h5py.File(rows[sid].path_in(out), "r") as f:
+                assert load_embeddings(path).attrs["slide_id"] == rows[sid].content_id
+                np.testing.assert_array_equal(load_embeddings(path).features, f["features"][:])
+    # the stem still finds a file no table names by it; an id in neither is one line
+    assert find_slide_features(out, ["T07"])["T07"].name == "T07.h5"
+    with pytest.raises(GpfmError) as info:
+        find_slide_features(out, ["case-001", "case-009"])
+    assert "case-009" in str(info.value) and "\n" not in str(info.value)
+    # gpfm train-mil with the manifest's slide_ids: each bag is the right slide's features
+    labels = tmp_path / "labels.csv"
+    labels.write_text(
+        "slide_id,label,split\ncase-001,low,train\ncase-002,high,train\ncase-003,low,val\n"
+    )
+    model = tmp_path / "model.safetensors"
+    argv = ["train-mil", str(labels), "--features", str(out), "--out", str(model),
+            "--classes", "low,high", "--epochs", "2", "--patience", "1"]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    assert SlideModel.load(model, embed_dim=64).training["n_val"] == 1
+
+
+def _query_files(index_dir: Path) -> tuple[list[Path], set[Path]]:
+    """The index's slide files, and the files of every tile a query of all tiles returns."""
+    from gpfm_core.cohort.index import CohortIndex
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the index itself lists no deleted file
+        idx = CohortIndex.open(index_dir)
+    first = idx.slides[0]
+    hits = idx.search_tile(first.file, 0, k=idx.n_tiles)
+    assert len(hits) == idx.n_tiles - 1  # every other tile: nothing hidden, nothing extra
+    return sorted(r.file for r in idx.slides), {h.file for h in hits}
+
+
+def test_a_superseded_slide_leaves_the_cohort_index_in_the_same_run(
+    three_slides: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a, b = _sites(tmp_path, three_slides[0], three_slides[1])
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(f"path,slide_id\n{a},case-001\n{b},case-002\n")
+    out = tmp_path / "out"
+    argv = ["embed", str(manifest), "--encoder", "tiny-vit", "--mpp", "1", "--out", str(out),
+            "--device", "cpu", "--quiet"]  # fmt: skip
+    assert main(argv) == 0  # a manifest: the index is kept by default
+    old = {r.slide_id: r.path_in(out).resolve() for r in read_table(out)}
+    index_dir = index_dir_for(old["case-001"])
+    assert _query_files(index_dir)[0] == sorted(old.values())
+
+    shutil.copyfile(three_slides[2], b)  # siteB/S01.svs replaced in place by another slide
+    with pytest.warns(SupersededWarning):
+        assert main(argv) == 0
+    assert "1 removed" in capsys.readouterr().out
+    new = {r.slide_id: r.path_in(out).resolve() for r in read_table(out)}
+    assert new["case-002"] != old["case-002"] and not old["case-002"].exists()
+    files, hit_files = _query_files(index_dir)
+    assert files == sorted(new.values())  # the index lists exactly the table's files
+    assert hit_files == set(new.values()) and old["case-002"] not in hit_files
+
+
+def test_an_index_listing_a_deleted_file_leaves_it_out_and_says_how_to_drop_it(
+    three_slides: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gpfm_core.cohort.index import CohortIndex
+
+    out = tmp_path / "out"
+    run_cohort(read_cohort_inputs(three_slides), out_dir=out, settings=SETTINGS, index=True)
+    rows = {r.slide_id: r for r in read_table(out)}
+    index_dir = index_dir_for(rows["src0"].path_in(out))
+    full = CohortIndex.open(index_dir)
+    gone = rows["src1"].path_in(out).resolve()
+    gone.unlink()  # deleted by hand: the index still lists it
+    with pytest.warns(UserWarning, match="gpfm index remove") as caught:
+        idx = CohortIndex.open(index_dir)
+    (msg,) = [str(w.message) for w in caught if "gpfm index remove" in str(w.message)]
+    assert str(gone) in msg and "\n" not in msg
+    assert sorted(r.file for r in idx.slides) == sorted(
+        rows[s].path_in(out).resolve() for s in ("src0", "src2")
+    )
+    assert idx.n_tiles == full.n_tiles - rows["src1"].n_tiles
+    hits = idx.search_tile(idx.slides[0].file, 0, k=full.n_tiles)
+    assert len(hits) == idx.n_tiles - 1 and gone not in {h.file for h in hits}
+    # the open index that saw it before catches up on refresh
+    with pytest.warns(UserWarning, match="gpfm index remove"):
+        full.refresh()
+    assert gone not in {r.file for r in full.slides}
+    # the command the line names drops it from the index itself; then no warning
+    remove = msg.split("drop them with gpfm ")[1].split()
+    assert main(remove) == 0
+    assert "1 removed" in capsys.readouterr().out
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(CohortIndex.open(index_dir).slides) == 2

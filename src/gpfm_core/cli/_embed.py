@@ -281,7 +281,7 @@ def run(args: argparse.Namespace) -> int:
     if result.report_path is not None:
         print(f"report: {result.report_path}")
     for index_dir, up in result.indexes.items():
-        parts = [f"{len(v)} {k}" for k in ("added", "replaced") if (v := getattr(up, k))]
+        parts = [f"{len(v)} {k}" for k in ("added", "replaced", "removed") if (v := getattr(up, k))]
         print(
             f"index: {index_dir} ({', '.join(parts) or 'unchanged'}; "
             f"{up.n_slides} slides, {up.n_tiles} tiles)"

@@ -76,6 +76,7 @@ import os
 import re
 import secrets
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -1001,42 +1002,32 @@ def _twin_notes(twins: Sequence[tuple[IndexedSlide, IndexedSlide]]) -> list[str]
 def _table_slide_ids(files: Iterable[Path]) -> dict[Path, str]:
     """Feature file -> its ``slide_id`` in the cohort table beside it (the manifest's name).
 
-    ``gpfm embed --out COHORT`` writes ``COHORT/cohort.csv`` and the feature files into
-    ``COHORT/<tiling>/features_<encoder>/``: the table is looked for in a file's folder and
-    the two above it (the nearest wins). Files no table names are left out; a table that
-    cannot be read is logged and ignored (the index works without names).
+    :func:`gpfm_core.cohort.table.rows_beside`: files no table names are left out; a
+    table that cannot be read is logged and ignored (the index works without names).
     """
-    from gpfm_core.cohort.table import CohortTableError, read_table, table_path
+    from gpfm_core.cohort.table import rows_beside
 
-    out: dict[Path, str] = {}
-    seen: set[Path] = set()
-    for folder in sorted({Path(f).parent for f in files}):
-        for cand in (folder, *list(folder.parents)[:2]):
-            if cand in seen:
-                continue
-            seen.add(cand)
-            if not table_path(cand).is_file():
-                continue
-            try:
-                rows = read_table(cand)
-            except CohortTableError as exc:
-                log.warning("slide_ids not read: %s", exc)
-                continue
-            for row in rows:
-                out.setdefault(Path(os.path.normpath(cand / row.file)), row.slide_id)
-    return out
+    rows = rows_beside(files, on_error=lambda exc: log.warning("slide_ids not read: %s", exc))
+    return {p: r.slide_id for p, r in rows.items()}
 
 
 def _table_stamps(files: Iterable[Path]) -> tuple[tuple[str, int, int], ...]:
     """(path, mtime, size) of every cohort table :func:`_table_slide_ids` would read."""
-    from gpfm_core.cohort.table import table_path
+    from gpfm_core.cohort.table import table_folders, table_path
 
     out = []
-    for cand in sorted({c for f in files for c in (Path(f).parent, *Path(f).parents[1:3])}):
+    for cand in sorted({c for f in files for c in table_folders(f)}):
         with contextlib.suppress(OSError):
             s = table_path(cand).stat()
             out.append((str(cand), s.st_mtime_ns, s.st_size))
     return tuple(out)
+
+
+def _without(st: _State, keys: Iterable[str]) -> None:
+    """Leave entries out of ``st`` in memory (tiles a remaining twin shares stay counted)."""
+    dropped = [st.slides.pop(k) for k in keys if k in st.slides]
+    kept = {r.num for r in st.slides.values()}
+    st.n_tiles -= sum({r.num: r.n_tiles for r in dropped if r.num not in kept}.values())
 
 
 def _with_table_ids(st: _State, ids: dict[Path, str] | None = None) -> _State:
@@ -1271,6 +1262,33 @@ class IndexFeeder:
                     log.warning("%s", line)
                 self._merge(res)
 
+    def remove(self, feature_files: Iterable[PathLike]) -> None:
+        """Remove deleted feature files from the indexes listing them (others: nothing).
+
+        The ``on_removed`` hook of :func:`gpfm_core.cohort.table.update_table`: a slide
+        superseded in the cohort table loses its old file, and so its index entry, in
+        the same run, so no search returns tiles of a file that is gone.
+        """
+        by_dir: dict[Path, list[Path]] = {}
+        for f in feature_files:
+            by_dir.setdefault(index_dir_for(f), []).append(Path(os.path.abspath(f)))
+        for index_dir, files in by_dir.items():
+            if index_dir in self.errors or not (index_dir / MANIFEST).is_file():
+                continue
+            try:
+                st = _read_state(index_dir.resolve())
+                listed = st.slides if st is not None else {}
+                todo = [str(f.resolve()) for f in files if str(f.resolve()) in listed]
+                if not todo:
+                    continue
+                res = remove_from_index(index_dir, todo)
+            except GpfmError as exc:
+                self._failed(index_dir, str(exc))
+            except OSError as exc:
+                self._failed(index_dir, f"{type(exc).__name__}: {exc}")
+            else:
+                self._merge(res)
+
     def _failed(self, index_dir: Path, error: str) -> None:
         line = error.strip().splitlines()[0] if error.strip() else "failed"
         self.errors[index_dir] = line
@@ -1284,6 +1302,7 @@ class IndexFeeder:
                 added=old.added + res.added,
                 replaced=old.replaced + res.replaced,
                 skipped=old.skipped + res.skipped,
+                removed=old.removed + res.removed,
                 notes=old.notes + res.notes,
                 trained=old.trained or res.trained,
                 seconds=old.seconds + res.seconds,
@@ -1378,7 +1397,7 @@ def _resolve(st: _State, ref: str | PathLike, *, same_tiles: bool = False) -> In
     p = Path(key)
     if key in st.slides:
         return st.slides[key]
-    if p.suffix == FEATURE_SUFFIX and p.exists():
+    if p.suffix == FEATURE_SUFFIX:  # also a file deleted since (to remove its entry)
         hit = st.slides.get(str(p.resolve()))
         if hit is not None:
             return hit
@@ -1436,6 +1455,8 @@ class CohortIndex:
         self._by_num: dict[int, list[IndexedSlide]] = {}
         self._ids: dict[Path, str] = {}  # feature file -> cohort table slide_id
         self._stamps: tuple[tuple[str, int, int], ...] | None = None  # of those tables
+        self._listed: frozenset[str] = frozenset()  # the manifest's entries at the last refresh
+        self._vanished: frozenset[str] = frozenset()  # of those, files deleted since
 
     # -- opening and keeping current -------------------------------------------------------
 
@@ -1457,7 +1478,13 @@ class CohortIndex:
 
         Only the difference is applied: new slides' codes are added, removed slides' ids
         dropped. The slides' cohort slide_ids are re-read when a cohort table beside the
-        feature files changed. Returns True when something changed.
+        feature files changed.
+
+        A listed feature file that no longer exists (deleted by hand, or superseded by a
+        run that did not keep this index) is left out of this view: not in :attr:`slides`,
+        never in a search, its tiles not counted (one warning, when first seen, naming it
+        and ``gpfm index remove``, which drops it from the index itself); a ``stat`` per
+        slide. Returns True when something changed.
         """
         with _locked(self.index_dir):
             st = _read_state(self.index_dir)
@@ -1465,11 +1492,17 @@ class CohortIndex:
             old = self._st
             files = [r.file for r in st.slides.values()]
             stamps = _table_stamps(files)
-            if stamps != self._stamps or old is None or set(old.slides) != set(st.slides):
+            if stamps != self._stamps or old is None or set(st.slides) != self._listed:
                 self._ids = _table_slide_ids(files)
-            renamed = stamps != self._stamps
+            self._listed = frozenset(st.slides)
+            vanished = frozenset(k for k, r in st.slides.items() if not r.file.is_file())
+            if vanished - self._vanished:
+                self._warn_vanished(st, vanished - self._vanished)
+            renamed = stamps != self._stamps or vanished != self._vanished
+            self._vanished = vanished
             self._stamps = stamps
             _with_table_ids(st, self._ids)
+            _without(st, self._vanished)
             by_num: dict[int, list[IndexedSlide]] = {}
             for r in st.slides.values():
                 by_num.setdefault(r.num, []).append(r)
@@ -1495,6 +1528,15 @@ class CohortIndex:
             for recs in by_num.values():
                 self._load_slide(st, recs[0])
             return True
+
+    def _warn_vanished(self, st: _State, vanished: frozenset[str]) -> None:
+        first = st.slides[min(vanished)]
+        warnings.warn(
+            f"index {self.index_dir} lists {len(vanished)} feature file(s) that no longer "
+            f"exist (e.g. {first.file}): left out of its searches; drop them with "
+            f"gpfm index remove {first.file.parent} {first.file}",
+            stacklevel=3,
+        )
 
     def _empty_ann(self, st: _State) -> faiss.Index:
         faiss = _faiss()

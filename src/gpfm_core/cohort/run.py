@@ -681,11 +681,13 @@ class _Collector:
         flush_s: float,
         on_result: Callable[[SlideReport], None] | None,
         on_slide_done: Callable[[Path], None] | None,
+        on_removed: Callable[[list[Path]], None] | None = None,
     ) -> None:
         self.out_dir = out_dir
         self.flush_s = flush_s
         self.on_result = on_result
         self.on_slide_done = on_slide_done
+        self.on_removed = on_removed
         self.final: dict[str, SlideReport] = {}
         self.pending: list[TableRow] = []
         self.last_flush = time.monotonic()
@@ -706,7 +708,7 @@ class _Collector:
         if not self.pending:
             return None
         rows, self.pending = self.pending, []
-        return update_table(self.out_dir, rows)
+        return update_table(self.out_dir, rows, on_removed=self.on_removed)
 
 
 def _encoder_for_plan(
@@ -790,9 +792,10 @@ def run_cohort(
         Keep the cohort's similarity index current as slides finish
         (:class:`~gpfm_core.cohort.index.IndexFeeder`: each feature file is added to the
         ``gpfm_index`` of its feature folder, in this process, one slide at a time; slides
-        skipped as done are added at the end when the index lacks them). A slide already
-        indexed as it is costs one ``stat``: a rerun writes nothing. An index that cannot
-        be updated is reported in :attr:`CohortRun.index_errors`; embedding goes on.
+        skipped as done are added at the end when the index lacks them; the old file of a
+        slide superseded in the cohort table is removed from it as the table is written).
+        A slide already indexed as it is costs one ``stat``: a rerun writes nothing. An
+        index that cannot be updated is reported in :attr:`CohortRun.index_errors`; embedding goes on.
 
     Returns
     -------
@@ -833,7 +836,12 @@ def run_cohort(
                 on_slide_done(path)
 
     collector = _Collector(
-        folder, flush_s=table_flush_s, on_result=on_result, on_slide_done=slide_done
+        folder,
+        flush_s=table_flush_s,
+        on_result=on_result,
+        on_slide_done=slide_done,
+        # a superseded slide's old file is deleted with its row: its index entry goes too
+        on_removed=feeder.remove if feeder is not None else None,
     )
     for report in plan.settled:
         collector.settle(report)

@@ -36,8 +36,10 @@ A ``slide_id`` has one row per feature set (encoder, weights, tiling): a new row
 another slide, so its content id and feature file changed, or a manifest gave the name to
 another file). The old feature file is removed (unless another row still names it): it holds
 features of a slide the cohort no longer has, which tools reading the folder
-(``gpfm train-mil --features``, ``gpfm index``) would otherwise pick up. Each superseded row
-is a one-line :class:`SupersededWarning` naming the old file.
+(``gpfm train-mil --features``, ``gpfm index``) would otherwise pick up; a run that keeps
+the cohort index current (``gpfm embed``) removes it from the index in the same run
+(``update_table(on_removed=...)``). Each superseded row is a one-line
+:class:`SupersededWarning` naming the old file.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -68,7 +70,9 @@ __all__ = [
     "file_sha256",
     "read_table",
     "row_for_file",
+    "rows_beside",
     "settings_hash",
+    "table_folders",
     "table_path",
     "update_table",
 ]
@@ -144,6 +148,67 @@ def table_path(folder: PathLike) -> Path:
     return Path(folder) / TABLE_NAME
 
 
+def table_folders(feature_file: PathLike) -> tuple[Path, ...]:
+    """Where a cohort table naming ``feature_file`` may lie, nearest first.
+
+    ``gpfm embed --out COHORT`` writes ``COHORT/cohort.csv`` and the feature files into
+    ``COHORT/<tiling>/features_<encoder>/``: the file's folder and the two above it.
+    """
+    p = Path(feature_file)
+    return (p.parent, *p.parents[1:3])
+
+
+def rows_beside(
+    files: Iterable[PathLike],
+    *,
+    on_error: Callable[[CohortTableError], None] | None = None,
+) -> dict[Path, TableRow]:
+    """Feature file -> the row of the cohort table beside it that names it.
+
+    The table is looked for in :func:`table_folders` of each file (the nearest naming the
+    file wins). This is how tools that are given a folder of feature files (``gpfm index``,
+    ``gpfm train-mil`` / ``gpfm eval``) learn a file's ``slide_id`` (the manifest's name).
+
+    Parameters
+    ----------
+    files
+        Feature files (paths are normalised, not resolved: give them as the caller will
+        look them up).
+    on_error
+        Called with a table that cannot be read, which is then ignored; default: raise.
+
+    Returns
+    -------
+    dict
+        ``Path(os.path.normpath(file))`` -> :class:`TableRow`, for the files a table names
+        (others are left out).
+
+    Raises
+    ------
+    CohortTableError
+        A table cannot be read and ``on_error`` is None.
+    """
+    out: dict[Path, TableRow] = {}
+    seen: set[Path] = set()
+    for folder in sorted({Path(f).parent for f in files}):
+        for cand in table_folders(folder / "_"):
+            if cand in seen:
+                continue
+            seen.add(cand)
+            if not table_path(cand).is_file():
+                continue
+            try:
+                rows = read_table(cand)
+            except CohortTableError as exc:
+                if on_error is None:
+                    raise
+                on_error(exc)
+                continue
+            for row in rows:
+                out.setdefault(Path(os.path.normpath(cand / row.file)), row)
+    return out
+
+
 def settings_hash(key: Mapping[str, Any]) -> str:
     """16 hex characters naming a reuse key (:func:`gpfm_core.embed._attrs.reuse_key`)."""
     text = json.dumps(dict(key), sort_keys=True, default=str)
@@ -199,7 +264,13 @@ def _write(folder: Path, rows: Iterable[TableRow]) -> Path:
     return write_atomic(table_path(folder), buf.getvalue())
 
 
-def update_table(folder: PathLike, rows: Iterable[TableRow], *, drop_missing: bool = True) -> Path:
+def update_table(
+    folder: PathLike,
+    rows: Iterable[TableRow],
+    *,
+    drop_missing: bool = True,
+    on_removed: Callable[[list[Path]], None] | None = None,
+) -> Path:
     """Merge ``rows`` into the cohort table (by ``file``) and write it atomically, under its lock.
 
     Parameters
@@ -213,6 +284,10 @@ def update_table(folder: PathLike, rows: Iterable[TableRow], *, drop_missing: bo
         :class:`SupersededWarning` each).
     drop_missing
         Drop rows whose feature file no longer exists.
+    on_removed
+        Called, once the table is written and its lock released, with the feature files
+        removed as superseded (absolute paths; not called when none was), e.g. to drop
+        them from the cohort index (:meth:`gpfm_core.cohort.index.IndexFeeder.remove`).
 
     Returns
     -------
@@ -232,11 +307,13 @@ def update_table(folder: PathLike, rows: Iterable[TableRow], *, drop_missing: bo
             del merged[r.file]
         merged.update(new)
         named = {r.file for r in merged.values()}
+        removed_files: list[Path] = []
         for old in gone:
             by = owner[_identity(old)]
             removed = old.file not in named
             if removed:
                 old.path_in(folder).unlink(missing_ok=True)
+                removed_files.append(Path(os.path.abspath(old.path_in(folder))))
             warnings.warn(
                 f"slide {old.slide_id!r} is now {by.slide_path} (content id {by.content_id}, "
                 f"{by.file}); its old row {old.file} (content id {old.content_id}) is superseded"
@@ -250,7 +327,10 @@ def update_table(folder: PathLike, rows: Iterable[TableRow], *, drop_missing: bo
             if r.file in new or not drop_missing or r.path_in(folder).is_file()
         ]
         kept.sort(key=lambda r: (r.tiling, r.encoder, r.weights_hash, r.slide_id, r.file))
-        return _write(folder, kept)
+        written = _write(folder, kept)
+    if removed_files and on_removed is not None:
+        on_removed(removed_files)
+    return written
 
 
 def _identity(row: TableRow) -> tuple[str, str, str, str]:

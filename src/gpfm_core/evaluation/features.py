@@ -3,10 +3,11 @@
 * :func:`embed_images` — runs an encoder over labelled image files (CRC-100K style) and
   keeps the result in one HDF5 cache per encoder; an image is embedded again only when its
   bytes, the encoder or its weights change.
-* :func:`find_slide_features` — the ``<slide>.h5`` file of every slide id under a folder,
+* :func:`find_slide_features` — the features file of every slide id under a folder,
   searched recursively (so a folder per encoder and tiling, TRIDENT's
   ``<job>/<mag>x_<px>px_<overlap>px_overlap/features_<encoder>/``, or a flat folder all
-  work). When a slide has several files, the one whose ``encoder`` attribute matches wins.
+  work): the file a cohort table beside it names by that slide_id, else ``<slide>.h5``.
+  When a slide has several files, the one whose ``encoder`` attribute matches wins.
 * :func:`slide_tile_features` — the rows of embedded slides at labelled level-0 ``(x, y)``.
 """
 
@@ -223,7 +224,11 @@ def find_slide_features(
     folder
         Where the ``<slide>.h5`` files lie (any depth).
     slide_ids
-        Ids from the task CSV; a slide-file suffix (``.svs`` ...) is ignored.
+        Ids from the task CSV. Where a cohort table lies with the files (``cohort.csv`` of
+        ``gpfm embed --out``, in a file's folder or the two above:
+        :func:`gpfm_core.cohort.table.rows_beside`), an id is first the table's
+        ``slide_id`` (the manifest's, e.g. ``case-002`` for ``siteB/S01.tif``); else the
+        file's stem, a slide-file suffix (``.svs`` ...) ignored.
     encoder
         When a slide has several files, keep those whose ``encoder`` attribute is this.
     missing
@@ -238,8 +243,10 @@ def find_slide_features(
     Raises
     ------
     GpfmError
-        Missing folder; missing files (``missing="error"``); several matching files.
+        Missing folder; missing files (``missing="error"``); several matching files; a
+        cohort table that cannot be read.
     """
+    from gpfm_core.cohort.table import rows_beside
     from gpfm_core.embed import read_attrs
 
     root = Path(folder)
@@ -247,13 +254,20 @@ def find_slide_features(
         raise GpfmError(
             f"features folder {root} not found: embed the slides first (gpfm embed --out {root})"
         )
+    files = sorted(Path(os.path.normpath(p)) for p in root.rglob("*.h5"))
     index: dict[str, list[Path]] = defaultdict(list)
-    for p in sorted(root.rglob("*.h5")):
+    for p in files:
         index[p.stem].append(p)
+    # a cohort table beside the files (gpfm embed --out) names them by the manifest's slide_id
+    named: dict[str, list[Path]] = defaultdict(list)
+    for p, row in rows_beside(files).items():
+        if p in index.get(p.stem, ()):
+            named[row.slide_id].append(p)
     found: dict[str, Path] = {}
     absent: list[str] = []
     for sid in slide_ids:
-        cands = index.get(strip_slide_suffix(sid), [])
+        key = str(sid).strip()
+        cands = named.get(key) or index.get(strip_slide_suffix(key), [])
         if len(cands) > 1 and encoder is not None:
             cands = [p for p in cands if str(read_attrs(p).get("encoder", "")) == encoder] or cands
         if len(cands) > 1:
@@ -267,7 +281,8 @@ def find_slide_features(
             absent.append(sid)
     if absent:
         msg = (
-            f"{len(absent)} of {len(slide_ids)} slide(s) have no <slide>.h5 under {root} "
+            f"{len(absent)} of {len(slide_ids)} slide(s) have no features file under {root} "
+            "(by a cohort table's slide_id, or <slide>.h5) "
             f"(e.g. {absent[0]})"
         )
         if missing == "error":
