@@ -26,7 +26,7 @@ from _dock_support import (
 )
 
 from napari_gpfm._widget import _overlays as ov
-from napari_gpfm._widget._retrieve_tab import QUERY
+from napari_gpfm._widget._retrieve_tab import QUERY, query_layer
 from napari_gpfm._widget._session import SlideSession
 
 pytest_plugins = ["_dock_support"]
@@ -76,7 +76,8 @@ def test_every_overlay_of_a_nonsquare_slide_lands_on_its_tiles(
     click(viewer, tile_world_centre(session, query))
     assert session.query_index == query
     _assert_on_tiles(ov.find(viewer, ov.SIMILARITY, session), slide, session, tiles)
-    marker = viewer.layers[QUERY]
+    marker = viewer.layers[ov.layer_name(QUERY, session.name)]
+    assert query_layer(viewer) is marker
     corners = np.asarray(marker.data[0])[[0, 2]]
     outline = [slide.world_to_data(marker.data_to_world(p))[-2:] for p in corners]
     (x0, y0) = session.coords[query]

@@ -15,7 +15,7 @@ from qtpy.QtCore import Qt
 from napari_gpfm._layers import viewer_camera
 from napari_gpfm._widget import _overlays as ov
 from napari_gpfm._widget._demo_hook import populate_demo
-from napari_gpfm._widget._retrieve_tab import QUERY
+from napari_gpfm._widget._retrieve_tab import QUERY, query_layer
 
 pytest_plugins = ["_dock_support"]
 
@@ -56,7 +56,10 @@ def test_click_query_heatmap_gallery_and_navigation(
     np.testing.assert_allclose(sim.contrast_limits, [np.percentile(rest, 2), rest.max()], atol=1e-5)
     assert expected.min() < 0 < rest.max() < 1  # readable: unlike tissue scores below zero
     # the query tile is outlined on the slide
-    marker, slide = viewer.layers[QUERY], viewer.layers[cmu.name]
+    marker, slide = viewer.layers[ov.layer_name(QUERY, cmu.name)], viewer.layers[cmu.name]
+    assert query_layer(viewer) is marker
+    # in the slide's units (µm), as every layer: napari then keeps its scale bar in µm
+    assert marker.units == slide.units
 
     def outline_on_slide() -> np.ndarray:  # the outline's corners in slide pixel coordinates
         corners = np.asarray(marker.data[0])[[0, 2]]
@@ -65,7 +68,7 @@ def test_click_query_heatmap_gallery_and_navigation(
     (x0, y0), t = cmu.coords[query], cmu.tile_size
     expected_outline = [[y0 - 0.5, x0 - 0.5], [y0 + t - 0.5, x0 + t - 0.5]]
     np.testing.assert_allclose(outline_on_slide(), expected_outline, atol=1e-3)
-    assert marker.metadata["gpfm"] == {"slide_id": cmu.key, "kind": "query"}
+    assert marker.metadata["gpfm"] == {"kind": "query", **cmu.provenance()}
 
     # top-k over both slides, query excluded, best first. Compared by score, not by rank: two
     # tiles closer than float32 rounding (the app) vs float64 (this reference) may swap places
@@ -119,6 +122,14 @@ def test_click_query_heatmap_gallery_and_navigation(
     click(viewer, world_of(cmu, -300.0, 10.0))
     assert "No embedded tile" in tab.status.text()
     np.testing.assert_array_equal(sim.data, before)
+
+    # a query on the other slide moves the one outline there, renamed and re-tagged
+    tab.query_tile(other, 0, thumbnails=False)
+    assert query_layer(viewer) is marker and marker.name == ov.layer_name(QUERY, other.name)
+    assert marker.metadata["gpfm"] == {"kind": "query", **other.provenance()}
+    assert sum(ov.info(layer).get("kind") == "query" for layer in viewer.layers) == 1
+    tab.query_tile(cmu, query, thumbnails=False)
+    assert marker.name == ov.layer_name(QUERY, cmu.name)
 
     # disarmed: clicks do nothing
     tab.arm_btn.setChecked(False)

@@ -135,7 +135,7 @@ def slide_placement(
     return scale, translate
 
 
-def _units(slide_layer: Layer | None) -> dict[str, Any]:
+def units_of(slide_layer: Layer | None) -> dict[str, Any]:
     """``units=`` of the slide layer (µm), so napari keeps one unit across layers."""
     return {} if slide_layer is None else {"units": tuple(str(u) for u in slide_layer.units)}
 
@@ -283,7 +283,7 @@ def upsert_boxes(
                 list(rects) if len(rects) else None, shape_type="rectangle",
                 name=layer_name(name, session.name), face_color=colours if len(rects) else "transparent",
                 edge_width=0, edge_color="transparent", opacity=opacity, visible=visible,
-                scale=scale, translate=translate, **_units(slide_layer),
+                scale=scale, translate=translate, **units_of(slide_layer),
             )  # fmt: skip
         layer.editable = False
     elif len(colours):
@@ -331,7 +331,7 @@ def upsert_labels(
                 scale=scale,
                 translate=translate,
                 opacity=opacity,
-                **_units(slide_layer),
+                **units_of(slide_layer),
             )
         layer.editable = False
     else:
@@ -402,7 +402,7 @@ def upsert_image(
                 blending="translucent",
                 interpolation2d="nearest",
                 visible=visible,
-                **_units(slide_layer),
+                **units_of(slide_layer),
             )
         layer.contrast_limits_range = contrast_range
     else:
@@ -461,7 +461,7 @@ def upsert_tiles(
                 size=max(min(session.stride_xy) // 4, 1),
                 face_color="white",
                 visible=False,
-                **_units(slide_layer),
+                **units_of(slide_layer),
             )
         _tag_from(layer, session, TILES)
     assert isinstance(layer, Points)
@@ -480,7 +480,7 @@ def upsert_shapes(
     scale, translate = slide_placement(session, slide_layer)
     layer = viewer.add_shapes(
         name=layer_name(name, session.name), scale=scale, translate=translate, edge_width=max(min(session.stride_xy) / 16, 2.0),
-        face_color=[0, 0, 0, 0], features={"class": np.empty(0, dtype=int)}, ndim=2, **_units(slide_layer),
+        face_color=[0, 0, 0, 0], features={"class": np.empty(0, dtype=int)}, ndim=2, **units_of(slide_layer),
     )  # fmt: skip
     tag(layer, slide_id=session.key, kind=kind_of(name))
     return layer
@@ -496,7 +496,7 @@ def upsert_points(
     scale, translate = slide_placement(session, slide_layer)
     layer = viewer.add_points(
         name=layer_name(name, session.name), scale=scale, translate=translate, size=max(min(session.stride_xy) / 2, 4.0),
-        features={"class": np.empty(0, dtype=int)}, ndim=2, **_units(slide_layer),
+        features={"class": np.empty(0, dtype=int)}, ndim=2, **units_of(slide_layer),
     )  # fmt: skip
     tag(layer, slide_id=session.key, kind=kind_of(name))
     return layer

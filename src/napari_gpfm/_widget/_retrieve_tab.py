@@ -69,6 +69,14 @@ _FILL = -2.0  # below any cosine: drawn with the transparent bottom colour
 QUERY = "gpfm: query"
 
 
+def query_layer(viewer: Any) -> Any:
+    """The ``gpfm: query (<slide>)`` outline of the last query (one per viewer), or None."""
+    for layer in viewer.layers:
+        if ov.info(layer).get("kind") == ov.kind_of(QUERY):
+            return layer
+    return None
+
+
 #: (slide path, level-0 x, y, level-0 (width, height)) of one gallery tile
 ThumbItem = tuple[str, int, int, tuple[int, int]]
 
@@ -427,15 +435,17 @@ class RetrieveTab(QWidget):
         ~20 ms a click).
         """
         origin, rect = query_outline(session, query)
-        scale, translate = ov.slide_placement(session, ov.find(self.viewer, session.name))
+        slide_layer = ov.find(self.viewer, session.name)
+        scale, translate = ov.slide_placement(session, slide_layer)
         translate = translate + origin * scale
-        layer = ov.find(self.viewer, QUERY)
+        name = ov.layer_name(QUERY, session.name)
+        layer = query_layer(self.viewer)
         if layer is None:
             with ov.keep_active(self.viewer):
                 layer = self.viewer.add_shapes(
-                    [rect], shape_type="rectangle", name=QUERY, edge_color="cyan",
+                    [rect], shape_type="rectangle", name=name, edge_color="cyan",
                     face_color=[0, 0, 0, 0], edge_width=max(min(session.stride_xy) / 12, 2.0),
-                    scale=scale, translate=translate,
+                    scale=scale, translate=translate, **ov.units_of(slide_layer),
                 )  # fmt: skip
             layer.editable = False
         else:
@@ -445,9 +455,14 @@ class RetrieveTab(QWidget):
             if not np.allclose(layer.scale, scale):
                 layer.scale = scale
             layer.translate = translate
+            if layer.name != name:  # the query moved to another slide
+                layer.name = name
             if not layer.visible:
                 layer.visible = True
-        layer.metadata["gpfm"] = {"slide_id": session.key, "kind": "query"}
+        # one outline for the whole viewer (one query at a time), owned by the queried slide
+        want = {"kind": ov.kind_of(QUERY), **session.provenance()}
+        if dict(ov.info(layer)) != want:
+            ov.tag(layer, **want)
 
     def _load_thumbnails(self, *, sync: bool) -> None:
         items: list[ThumbItem] = []
