@@ -203,7 +203,8 @@ def test_qupath_holes_survive_import_labelling_edit_and_export(
     path.write_text(json.dumps(doc))
 
     assert tab.import_geojson(path) == 2
-    assert "Negative" not in tab.classes.names  # the cell is not a class
+    # nothing was drawn with the starting classes: the file's classes replace them
+    assert tab.classes.names == ["Tumor", "Stroma"]  # the cell's "Negative" is not a class
     message = notes()[-1]
     assert "1 cell(s) left out" in message and "'Lost ROI' (no geometry)" in message
     assert "1 hole(s) kept" in message
@@ -294,3 +295,23 @@ def test_probe_files_know_the_weights_and_tiling_they_were_trained_on(
     tab.check_probe_fits(other_tiling)  # only the name and width can be checked
     with pytest.raises(GpfmError, match="another encoder"):
         tab.check_probe_fits(replace(session, key="z", encoder="uni"))
+
+
+def test_imported_classes_join_classes_in_use(embedded: Any, tmp_path: Path) -> None:
+    """Classes the user has made or drawn with stay; the file's new ones are added."""
+    import json
+
+    _, dock, session = embedded
+    tab = dock.probe_tab
+    tab.classes.add_class("necrosis")
+    x, y = (float(v) for v in session.coords[0])
+    t = float(session.tile_size)
+    doc = {"type": "FeatureCollection", "features": [
+        {"type": "Feature",
+         "geometry": {"type": "Polygon", "coordinates": [_box(x + 1, y + 1, x + t - 1, y + t - 1)]},
+         "properties": {"objectType": "annotation", "classification": {"name": "Tumor"}}},
+    ]}  # fmt: skip
+    path = tmp_path / "one.geojson"
+    path.write_text(json.dumps(doc))
+    assert tab.import_geojson(path) == 1
+    assert tab.classes.names == ["tumour", "stroma", "necrosis", "Tumor"]

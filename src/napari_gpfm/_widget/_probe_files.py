@@ -11,7 +11,9 @@ from napari.utils.notifications import show_info
 from qtpy.QtWidgets import QFileDialog
 
 from gpfm_core.errors import GpfmError
+from napari_gpfm._widget import _overlays as ov
 from napari_gpfm._widget import _probe_io as pio
+from napari_gpfm._widget._classes import DEFAULT_CLASSES
 from napari_gpfm._widget._session import SlideSession
 from napari_gpfm._widget._workers import notify_error
 
@@ -122,6 +124,11 @@ class ProbeFilesMixin:
         """
         self._need_session()
         imported = pio.import_geojson(path)
+        names = list(dict.fromkeys([*imported.shape_classes, *imported.point_classes]))
+        if names and self.classes.names == list(DEFAULT_CLASSES) and not self._any_annotation():
+            # nothing drawn with the starting classes yet: the file's classes (QuPath's
+            # "Tumor", "Stroma" ...) replace them rather than sit beside two empty ones
+            self.classes.set_classes(names)
         shapes, points = self.ensure_layers()
 
         def index_of(name: str) -> int:
@@ -144,6 +151,13 @@ class ProbeFilesMixin:
         holes = f"; {imported.n_holes} hole(s) kept (not drawn by napari)" if imported.n_holes else ""
         show_info(imported.message + holes)
         return added
+
+    def _any_annotation(self) -> bool:
+        """Whether any slide has an annotation shape or point in the viewer."""
+        kinds = (ov.kind_of(ov.ANNOTATIONS), ov.kind_of(ov.ANNOTATION_POINTS))
+        return any(
+            ov.info(layer).get("kind") in kinds and len(layer.data) > 0 for layer in self.viewer.layers
+        )
 
     def _prediction_names(self) -> list[str]:
         return list(self.probe.class_names) if self.probe is not None else self.classes.names
