@@ -134,3 +134,19 @@ def test_clam_downsample_gives_each_axis_its_size() -> None:
     geom, rc = tile_geometry(coords, attrs)
     assert geom.tile_size_level0_xy == (1024, 512) and geom.stride_level0_xy == (1024, 512)
     assert geom.exact and rc.tolist() == [[0, 0], [0, 1], [1, 0]]
+
+
+def test_gpfm_tiles_prints_both_sides_of_a_nonsquare_tile(
+    nonsquare_tif: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """0.2495 x 0.499 µm pixels: a 224 px tile at 0.5 µm/px is about 449 x 224 level-0 px."""
+    from gpfm_core.cli import main
+    from gpfm_core.slide import open_slide
+    from gpfm_core.tiling import make_tile_grid
+
+    assert main(["tiles", str(nonsquare_tif), "--mpp", "0.5", "--tile-px", "224"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("geometry"))
+    with open_slide(nonsquare_tif) as slide:
+        grid = make_tile_grid(slide, mpp=0.5, tile_px=224)
+    w, h = grid.tile_size_level0, grid.tile_size_level0_y
+    assert w != h and f"= {w} x {h} level-0 px, stride {w} x {h}," in line

@@ -254,10 +254,14 @@ def run(args: argparse.Namespace) -> int:
     if mask is not None and mask.ink is not None and mask.ink.any():
         kept = "kept as tissue (--keep-ink)" if args.keep_ink else "left out of the tissue"
         print(f"ink        {mask.ink.mean():.1%} of the slide {kept}; {inked} tile(s) > {INKED:.0%} ink")
+    def xy(x: int, y: int | None) -> str:  # "448" for square pixels, "448 x 224" otherwise
+        return str(x) if y is None or y == x else f"{x} x {y}"
+
     print(
-        f"geometry   {grid.tile_px} px @ {grid.effective_mpp:.4g} µm/px = {grid.tile_size_level0} "
-        f"level-0 px, stride {grid.stride_level0}, read level {grid.read_level} "
-        f"({grid.read_size} px)"
+        f"geometry   {grid.tile_px} px @ {grid.effective_mpp:.4g} µm/px = "
+        f"{xy(grid.tile_size_level0, grid.tile_size_level0_y)} level-0 px, stride "
+        f"{xy(grid.stride_level0, grid.stride_level0_y)}, read level {grid.read_level} "
+        f"({xy(grid.read_size, grid.read_size_y)} px)"
     )
     if args.out is not None:
         print(f"wrote      {summary['out']}")
