@@ -56,16 +56,25 @@ lint: setup
 manifest: setup
 	$(PY) scripts/sync_napari_manifest.py
 
-# Every benchmark at its default size (the 100k x 100k slide is generated once into
-# bench_out/, about 9 minutes). Figures and machine details go to BENCHMARKS.md.
+# Every benchmark at its default size (the 100k x 100k slide and the 1M-tile cohorts are
+# generated once into bench_out/; the whole run takes hours on 2 cores). LazySlide's
+# comparison runs when .venv-lazyslide exists (see bench_cpu_path.py). Figures and machine
+# details go to BENCHMARKS.md.
 bench: sysdeps-test setup
 	$(PY) benchmarks/bench_slides.py
+	$(PY) benchmarks/bench_tissue.py
 	xvfb-run -a $(PY) benchmarks/bench_napari_open.py
 	$(PY) benchmarks/bench_embed.py
+	$(PY) benchmarks/bench_cpu_path.py
 	$(PY) benchmarks/bench_analysis.py
 	xvfb-run -a $(PY) benchmarks/bench_dock.py
+	$(PY) benchmarks/bench_cohort.py
+	$(PY) benchmarks/bench_index.py
 	xvfb-run -a $(PY) benchmarks/bench_cohort_dock.py
+	$(PY) benchmarks/bench_eval.py
+	xvfb-run -a $(PY) benchmarks/bench_slide_model.py --viewer
 	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_train_data.py
 
 clean:
 	rm -rf $(VENV) .cache demo_out bench_out
