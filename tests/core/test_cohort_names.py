@@ -290,3 +290,23 @@ def test_an_index_listing_a_deleted_file_leaves_it_out_and_says_how_to_drop_it(
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert len(CohortIndex.open(index_dir).slides) == 2
+
+
+def test_a_moved_slide_keeps_its_name_and_file(three_slides: list[Path], tmp_path: Path) -> None:
+    """The same slide by another path (moved, copied) is not a new slide: no S01-<id8>."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    shutil.copy(three_slides[0], a / "S01.svs")
+    out = tmp_path / "out"
+    first = run_cohort(read_cohort_inputs([a / "S01.svs"]), out_dir=out, settings=SETTINGS)
+    (file,) = [r.file for r in first.reports]
+    shutil.move(a / "S01.svs", b / "S01.svs")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SupersededWarning)  # nothing superseded
+        second = run_cohort(read_cohort_inputs([b / "S01.svs"]), out_dir=out, settings=SETTINGS)
+    (report,) = second.reports
+    assert report.slide_id == "S01" and report.file == file and report.status == "reused"
+    (row,) = read_table(out)
+    assert (row.slide_id, Path(row.file).name) == ("S01", "S01.h5")
+    assert row.slide_path == str((b / "S01.svs").resolve())

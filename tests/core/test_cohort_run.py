@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import h5py
@@ -24,6 +25,7 @@ import pytest
 from gpfm_core.cli import main
 from gpfm_core.cohort import EmbedSettings, read_cohort_inputs, read_table, run_cohort
 from gpfm_core.cohort.run import read_report
+from gpfm_core.tiling import NoTissueWarning
 
 distributed = pytest.importorskip("distributed")  # a core dependency: present in CI
 
@@ -211,6 +213,10 @@ def test_two_concurrent_runs_on_one_cohort_embed_each_slide_once(
     _assert_complete(out)
     table = read_table(out)
     assert sorted(r.slide_id for r in table) == sorted(f"id-{s.stem}" for s in cohort_slides)
+    # the CLIs' "quiet about empty slides" ran on worker threads of *this* process: it must
+    # not have silenced this process's tissue log or warnings for good
+    assert logging.getLogger("gpfm_core.tissue").filters == []
+    assert not any(f[0] == "ignore" and f[2] is NoTissueWarning for f in warnings.filters)
 
 
 def _index_state(index_dir: Path) -> dict[str, tuple[int, int]]:

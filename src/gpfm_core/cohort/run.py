@@ -421,17 +421,35 @@ def _rename_defaults(
     from gpfm_core.cohort.manifest import unique_slide_id
 
     taken = {
-        r.slide_id: r.slide_path
+        r.slide_id: r
         for r in rows
         if r.encoder == str(meta.name) and r.weights_hash == weights_hash
     }
     out = []
     for e in entries:
         other = taken.get(e.slide_id)
-        if e.default_id and other is not None and other != os.path.abspath(e.path):
+        if (
+            e.default_id
+            and other is not None
+            and other.slide_path != os.path.abspath(e.path)
+            # the same slide by another path (moved, or a DICOM series by its folder or
+            # another of its files) keeps its name; only other contents are renamed
+            and _content_id(e.path) != other.content_id
+        ):
             e = dataclasses.replace(e, slide_id=unique_slide_id(e.path), unique_name=True)
         out.append(e)
     return out
+
+
+def _content_id(path: PathLike) -> str | None:
+    """The slide's content id (:attr:`SlideInfo.slide_id`), None when it cannot be opened."""
+    from gpfm_core.slide import open_slide
+
+    try:
+        with open_slide(path) as slide:
+            return str(slide.info.slide_id)
+    except (GpfmError, OSError):
+        return None
 
 
 def _row_current(row: TableRow, file: str, slide_stat: os.stat_result) -> bool:
@@ -519,10 +537,15 @@ def quiet_no_tissue() -> Iterator[None]:
 def _quiet_worker() -> None:
     """:func:`quiet_no_tissue` for the rest of this (dask worker) process; once."""
     global _QUIET
+    import multiprocessing
     import warnings
 
     from gpfm_core.tiling import NoTissueWarning
 
+    if multiprocessing.parent_process() is None:
+        # a threads-only cluster in the caller's own process (LocalCluster(processes=False)):
+        # its filters would outlive the run there; quiet_no_tissue covers the caller's run
+        return
     with _QUIET_LOCK:
         if not _QUIET:
             warnings.filterwarnings("ignore", category=NoTissueWarning)
