@@ -217,3 +217,16 @@ def test_cli_int8(cmu_svs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[s
     (h5,) = tmp_path.rglob("cmu_small_region.h5")  # TRIDENT-style subfolders
     a = load_embeddings(h5).attrs
     assert a["compute_precision"] == "int8" and a["precision_requested"] == "int8"
+
+
+def test_force_recomputes_an_int8_file_in_fp32(cmu_svs: Path, tmp_path: Path) -> None:
+    """Precision is not in the reuse key: fp32 reuses an int8 file; --force recomputes it."""
+    args = ["embed", str(cmu_svs), "--encoder", "tiny-vit", "--mpp", "0.5", "--out", str(tmp_path)]
+    assert main([*args, "--device", "cpu", "--precision", "int8", "--quiet"]) == 0
+    (h5,) = tmp_path.rglob("cmu_small_region.h5")
+    assert load_embeddings(h5).attrs["compute_precision"] == "int8"
+    assert main([*args, "--device", "cpu", "--precision", "fp32", "--quiet"]) == 0
+    assert load_embeddings(h5).attrs["compute_precision"] == "int8"  # reused
+    assert main([*args, "--device", "cpu", "--precision", "fp32", "--quiet", "--force"]) == 0
+    (again,) = tmp_path.rglob("cmu_small_region.h5")
+    assert again == h5 and load_embeddings(h5).attrs["compute_precision"] == "fp32"

@@ -135,7 +135,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--force",
         action="store_true",
-        help="replace a slide's file made with other settings (tissue detector, min tissue ...)",
+        help="recompute every slide and replace its file, also one made with other settings "
+        "(tissue detector, min tissue ...) or in another precision",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p

@@ -142,7 +142,9 @@ class EmbedSettings:
             "workers": self.workers,
             "dtype": self.dtype,
             "compile": self.compile,
-            "reuse": self.reuse,
+            # force: every slide is redone, also a file of the same settings (e.g. computed
+            # in int8 where fp32 is now wanted: precision is not part of the reuse key)
+            "reuse": self.reuse and not self.force,
             "force": self.force,
         }
 
