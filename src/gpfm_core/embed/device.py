@@ -174,6 +174,9 @@ def linear_flop_share(model: Any, x: torch.Tensor) -> float:
     convolutions) and forward hooks on the linear layers. Dynamic int8 speeds up only those.
     """
     import torch
+
+    # its "triton not found" warning is about GPU kernels this CPU count never meets
+    logging.getLogger("torch.utils.flop_counter").setLevel(logging.ERROR)
     from torch.utils.flop_counter import FlopCounterMode
 
     linear = [0]
