@@ -410,7 +410,10 @@ def _rename_defaults(
     meta: EncoderMeta,
     weights_hash: str,
 ) -> list[CohortEntry]:
-    """Default-named slides whose name the table gives another slide file: ``<stem>-<id8>``.
+    """Default-named slides whose name the table gives another slide: ``<stem>-<id8>``.
+
+    Another slide means other contents at another path; the same contents at another path
+    (a moved file, a DICOM series given by its folder or by one of its files) keep the name.
 
     ``gpfm embed site-a/S01.svs`` then ``gpfm embed site-b/S01.svs`` into one folder: the
     second is another slide, not a new version of the first, so it must not take over (and
