@@ -188,20 +188,30 @@ def slide_stem(path: PathLike) -> str:
     return stem(path)
 
 
-def unique_slide_id(path: PathLike) -> str:
-    """``<stem>-<id8>``: the default name of a slide whose stem an earlier slide has.
-
-    ``<id8>`` is the first 8 hex digits of the slide's content id (it is opened to read it),
-    as its feature file is named (:func:`gpfm_core.embed.layout.slide_file_names`). A slide
-    that cannot be opened (it will fail to embed anyway) gets ``<stem>-<folder>``.
-    """
-    from gpfm_core.embed.layout import slide_file_names
+def slide_content_id(path: PathLike) -> str | None:
+    """The slide's content id (:attr:`SlideInfo.slide_id`, the slide is opened to read it);
+    None when it cannot be opened (it will fail to embed anyway)."""
     from gpfm_core.slide import open_slide
 
     try:
         with open_slide(path) as slide:
-            content_id = slide.info.slide_id
+            return str(slide.info.slide_id)
     except (GpfmError, OSError):
+        return None
+
+
+def unique_slide_id(path: PathLike, content_id: str | None = None) -> str:
+    """``<stem>-<id8>``: the default name of a slide whose stem an earlier slide has.
+
+    ``<id8>`` is the first 8 hex digits of the slide's content id (``content_id``, else read
+    with :func:`slide_content_id`), as its feature file is named
+    (:func:`gpfm_core.embed.layout.slide_file_names`). A slide that cannot be opened gets
+    ``<stem>-<folder>``.
+    """
+    from gpfm_core.embed.layout import slide_file_names
+
+    content_id = content_id if content_id is not None else slide_content_id(path)
+    if content_id is None:
         return f"{slide_stem(path)}-{Path(path).parent.name}"
     return Path(slide_file_names(path, content_id)[1]).stem
 

@@ -423,7 +423,7 @@ def _rename_defaults(
     """
     import dataclasses
 
-    from gpfm_core.cohort.manifest import unique_slide_id
+    from gpfm_core.cohort.manifest import slide_content_id, unique_slide_id
 
     taken = {
         r.slide_id: r
@@ -433,28 +433,16 @@ def _rename_defaults(
     out = []
     for e in entries:
         other = taken.get(e.slide_id)
-        if (
-            e.default_id
-            and other is not None
-            and other.slide_path != os.path.abspath(e.path)
+        if e.default_id and other is not None and other.slide_path != os.path.abspath(e.path):
             # the same slide by another path (moved, or a DICOM series by its folder or
             # another of its files) keeps its name; only other contents are renamed
-            and _content_id(e.path) != other.content_id
-        ):
-            e = dataclasses.replace(e, slide_id=unique_slide_id(e.path), unique_name=True)
+            content_id = slide_content_id(e.path)
+            if content_id is None or content_id != other.content_id:
+                e = dataclasses.replace(
+                    e, slide_id=unique_slide_id(e.path, content_id), unique_name=True
+                )
         out.append(e)
     return out
-
-
-def _content_id(path: PathLike) -> str | None:
-    """The slide's content id (:attr:`SlideInfo.slide_id`), None when it cannot be opened."""
-    from gpfm_core.slide import open_slide
-
-    try:
-        with open_slide(path) as slide:
-            return str(slide.info.slide_id)
-    except (GpfmError, OSError):
-        return None
 
 
 def _row_current(row: TableRow, file: str, slide_stat: os.stat_result) -> bool:
