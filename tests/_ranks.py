@@ -32,6 +32,8 @@ def launch_ranks(
             "RANK": str(rank),
             "LOCAL_RANK": str(rank),
             "OMP_NUM_THREADS": "1",
+            # a rank that aborts (SIGABRT, SIGSEGV) prints where, in Python, it was
+            "PYTHONFAULTHANDLER": "1",
         }
         procs.append(
             subprocess.Popen(
@@ -40,3 +42,10 @@ def launch_ranks(
         )
     errors = [p.communicate(timeout=timeout)[1] for p in procs]
     return [(p.returncode, err) for p, err in zip(procs, errors, strict=True)]
+
+
+def describe(ranks: Sequence[tuple[int, str]], tail: int = 2000) -> str:
+    """Each failed rank's return code (a negative one is the signal) and the end of its log."""
+    return "\n".join(
+        f"--- rank {r}: exit {rc}\n{err[-tail:]}" for r, (rc, err) in enumerate(ranks) if rc
+    )

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _ranks import launch_ranks
+from _ranks import describe, launch_ranks
 from gpfm_core.train.data import sample_indices
 
 SCRIPT = """
@@ -40,6 +40,7 @@ if state.dist.rank == 0:
                f"{out}/result.pt")
 if strategy == "ddp":
     torch.save({"init": init, "after": state.model.state_dict()}, f"{out}/rank{state.dist.rank}.pt")
+del state, data  # the DDP/FSDP model holds the process group
 shutdown_distributed()
 """
 
@@ -47,14 +48,14 @@ shutdown_distributed()
 def _run(
     script: Path, out: Path, he_png: Path, strategy: str, steps: int, resume: bool
 ) -> dict | str:
-    """Two ranks; their result, or (when they fail) rank 0's last error line."""
+    """Two ranks; their result, or (when they fail) rank 0's last error line, or every failed rank's exit code and log."""
     out.mkdir(exist_ok=True)
     args = [str(out), str(he_png), strategy, str(steps), "1" if resume else "0"]
     ranks = launch_ranks(script, args)
     errors = [err for _, err in ranks]
     if any(rc for rc, _ in ranks):
         lines = [ln for ln in errors[0].splitlines() if "Error:" in ln]
-        return lines[-1] if lines else errors[0][-2000:]
+        return lines[-1] if lines else describe(ranks)
     return torch.load(out / "result.pt", weights_only=True)
 
 

@@ -65,8 +65,12 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         state = train(cfg, args.out, resume=args.resume)
-    finally:
-        shutdown_distributed()
-    if state.dist.is_main:
-        print(f"trained {state.step} steps: {state.last_checkpoint}")
+    except BaseException:
+        shutdown_distributed(wait=False)  # other ranks may never reach a barrier
+        raise
+    main, step, checkpoint = state.dist.is_main, state.step, state.last_checkpoint
+    del state  # the DDP/FSDP model holds the process group: release it before leaving
+    shutdown_distributed()
+    if main:
+        print(f"trained {step} steps: {checkpoint}")
     return 0

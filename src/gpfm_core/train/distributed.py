@@ -3,6 +3,7 @@ data-parallel strategies: DDP (replicated model) and FSDP (``fully_shard``, shar
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from dataclasses import dataclass
@@ -70,10 +71,27 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
 
 
-def shutdown_distributed() -> None:
-    """Leave the process group if one was joined."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown_distributed(*, wait: bool = True) -> None:
+    """Leave the process group if one was joined.
+
+    Drop every DDP/FSDP-wrapped model (a finished :class:`~gpfm_core.train.loop.TrainState`)
+    first: a wrapper holds the group, and a gloo group still held at interpreter exit joins
+    its worker threads during finalisation, which can abort a run that had finished
+    ("terminate called without an active exception").
+
+    Parameters
+    ----------
+    wait : bool
+        First wait for every rank (a barrier), so that rank 0, which hosts the rendezvous
+        store, does not leave while another rank still uses it. A collective: pass ``False``
+        after an error, when other ranks may never arrive.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if wait:
+        dist.barrier()
+    gc.collect()  # wrappers caught in reference cycles release the group now, not at exit
+    dist.destroy_process_group()
 
 
 def shard_model(model: torch.nn.Module) -> None:
