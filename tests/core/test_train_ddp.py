@@ -48,7 +48,8 @@ shutdown_distributed()
 def _run(
     script: Path, out: Path, he_png: Path, strategy: str, steps: int, resume: bool
 ) -> dict | str:
-    """Two ranks; their result, or (when they fail) rank 0's last error line, or every failed rank's exit code and log."""
+    """Two ranks; their result, or (when they fail) rank 0's last error line, else every
+    failed rank's exit code and log."""
     out.mkdir(exist_ok=True)
     args = [str(out), str(he_png), strategy, str(steps), "1" if resume else "0"]
     ranks = launch_ranks(script, args)
