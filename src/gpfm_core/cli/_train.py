@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         shutdown_distributed(wait=False)  # other ranks may never reach a barrier
         raise
     main, step, checkpoint = state.dist.is_main, state.step, state.last_checkpoint
-    del state  # the DDP/FSDP model holds the process group: release it before leaving
+    del state  # the DDP/FSDP model holds the process group: free it before the group goes
     shutdown_distributed()
     if main:
         print(f"trained {step} steps: {checkpoint}")

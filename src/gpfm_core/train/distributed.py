@@ -74,17 +74,17 @@ def init_distributed(device: str = "auto") -> DistInfo:
 def shutdown_distributed(*, wait: bool = True) -> None:
     """Leave the process group if one was joined.
 
-    Drop every DDP/FSDP-wrapped model (a finished :class:`~gpfm_core.train.loop.TrainState`)
-    first: a wrapper holds the group, and a gloo group still held at interpreter exit joins
-    its worker threads during finalisation, which can abort a run that had finished
-    ("terminate called without an active exception").
+    Without the barrier, a finished two-rank gloo run aborted at exit in 4 of 40 runs here
+    ("terminate called without an active exception", SIGABRT after the script's last line);
+    with it, in 0 of 40. Dropping the DDP models before leaving, without the barrier, did not
+    help (4 of 40). ``benchmarks/check_gloo_exit.py`` measures it; figures in BENCHMARKS.md.
 
     Parameters
     ----------
     wait : bool
-        First wait for every rank (a barrier), so that rank 0, which hosts the rendezvous
-        store, does not leave while another rank still uses it. A collective: pass ``False``
-        after an error, when other ranks may never arrive.
+        First wait for every rank (a barrier), so that no rank destroys the group while
+        another still uses it. A collective: pass ``False`` after an error, when other ranks
+        may never arrive.
     """
     if not (dist.is_available() and dist.is_initialized()):
         return
