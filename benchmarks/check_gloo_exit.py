@@ -7,8 +7,8 @@ one object, and then leave the group in one of four ways:
 
 - ``neither``: ``destroy_process_group()`` with the DDP models alive (what the CI test and
   ``gpfm train`` did before 2026-11-30);
-- ``barrier``: :func:`gpfm_core.train.distributed.shutdown_distributed` (a barrier, then the
-  group destroyed) with the models alive;
+- ``barrier``: :func:`gpfm_core.train.distributed.shutdown_distributed` (a barrier, a
+  garbage collection, then the group destroyed) with the models alive;
 - ``drop``: the models dropped, then ``destroy_process_group()``;
 - ``both``: the models dropped, then ``shutdown_distributed()`` (what ``gpfm train`` does).
 

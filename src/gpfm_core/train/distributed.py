@@ -74,10 +74,12 @@ def init_distributed(device: str = "auto") -> DistInfo:
 def shutdown_distributed(*, wait: bool = True) -> None:
     """Leave the process group if one was joined.
 
-    Without the barrier, a finished two-rank gloo run aborted at exit in 4 of 40 runs here
+    Without the barrier, a finished two-rank gloo run aborted at exit in 4–8 of 40 runs here
     ("terminate called without an active exception", SIGABRT after the script's last line);
-    with it, in 0 of 40. Dropping the DDP models before leaving, without the barrier, did not
-    help (4 of 40). ``benchmarks/check_gloo_exit.py`` measures it; figures in BENCHMARKS.md.
+    with the barrier and the garbage collection after it, in 0 of 40 (twice). The barrier
+    without the collection still let 3 of 40 abort, and dropping the DDP models without the
+    barrier 2–4 of 40. ``benchmarks/check_gloo_exit.py`` measures it; figures in
+    BENCHMARKS.md.
 
     Parameters
     ----------
@@ -90,7 +92,7 @@ def shutdown_distributed(*, wait: bool = True) -> None:
         return
     if wait:
         dist.barrier()
-    gc.collect()  # wrappers caught in reference cycles release the group now, not at exit
+    gc.collect()  # measured: without it the barrier alone still let 3 of 40 runs abort
     dist.destroy_process_group()
 
 
